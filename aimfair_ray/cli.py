@@ -1,0 +1,177 @@
+"""The ``aimfair`` command line: one command per stage, and ``demo`` for the whole chain."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from aimfair_ray import AimfairError
+from aimfair_ray.config import Config, list_presets, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets as Parquet splits.")
+train_app = typer.Typer(no_args_is_help=True, help="Train models on Ray Train.")
+config_app = typer.Typer(no_args_is_help=True, help="Show presets and resolved configs.")
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+app.add_typer(config_app, name="config")
+# Wide enough for the audit table when output is a pipe or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
+
+PresetOpt = typer.Option("cmnist", "--preset", "-p", help="config preset shipped with the package")
+ConfigOpt = typer.Option(None, "--config", "-c", help="a YAML file merged over the preset")
+SetOpt = typer.Option(None, "--set", "-s", help="override a value: --set train.epochs=3 (repeatable)")
+ForceOpt = typer.Option(False, "--force", help="redo the stage even if its outputs exist")
+
+
+def _cfg(preset: str, config: Optional[str], overrides: Optional[List[str]], wandb: bool = False) -> Config:
+    cfg = load_config(preset, config, overrides or [])
+    if wandb:
+        cfg.train.wandb = True
+    return cfg
+
+
+def _run(fn):
+    """Run a command body; user errors print their message and exit 2."""
+    try:
+        return fn()
+    except AimfairError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2)
+
+
+def log(msg: str) -> None:
+    console.print(f"[cyan]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
+
+
+# ---- stages ------------------------------------------------------------------------------
+def do_prepare(cfg: Config, force: bool = False) -> dict:
+    from aimfair_ray.data.prepare import prepare_data
+    from aimfair_ray.runtime import ensure_ray
+
+    ensure_ray(cfg.ray)
+    log(f"data: preparing {cfg.data.dataset} -> {cfg.data_dir}")
+    return prepare_data(cfg, force=force, log=log)
+
+
+def do_train(cfg: Config, force: bool = False) -> dict:
+    from aimfair_ray.train.baseline import train_baseline
+
+    log(f"train: baseline {cfg.model.backbone} on {cfg.train.num_workers} Ray Train worker(s)")
+    return train_baseline(cfg, force=force, log=log)
+
+
+def do_audit(cfg: Config, checkpoint: Optional[str], split: Optional[str], out: Optional[str], title: str) -> dict:
+    from aimfair_ray.data.prepare import split_dir
+    from aimfair_ray.evaluate import audit
+    from aimfair_ray.runtime import ensure_ray
+
+    ensure_ray(cfg.ray)
+    model_dir = checkpoint or f"{cfg.stage_dir('baseline')}/model"
+    sdir = split_dir(cfg, split or cfg.audit.split)
+    out_dir = out or f"{os.path.dirname(model_dir.rstrip('/'))}/audit"
+    log(f"audit: {model_dir} on {sdir}")
+    rep = audit(model_dir, sdir, out_dir, cfg.audit.batch_size, title=title)
+    cfg.save(out_dir)
+    log(f"audit: wrote {out_dir}/audit.json and {out_dir}/group_acc.png")
+    return rep
+
+
+def _wandb(cfg: Config, result: dict, report: Optional[dict]) -> None:
+    if not cfg.train.wandb:
+        return
+    from aimfair_ray.tracking import log_run
+
+    stage = cfg.stage_dir("baseline")
+    d = log_run(cfg, "baseline", result["history"], report, f"{stage}/audit/group_acc.png" if report else None, stage)
+    log(f"wandb: logged to {d} (mode {os.environ.get('WANDB_MODE')})")
+
+
+def _headline(name: str, r: dict) -> None:
+    console.print(f"[bold]{name}[/]: ACC {r['acc']:.4f}  WST {r['wst']:.4f}  STD {r['std']:.4f}  EO {r['eo']:.4f}",
+                  highlight=False)
+
+
+# ---- commands ------------------------------------------------------------------------------
+@data_app.command("prepare")
+def data_prepare(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                 force: bool = ForceOpt):
+    """Build the dataset's Parquet splits (train/val/test, and generator for Colored MNIST)."""
+    _run(lambda: do_prepare(_cfg(preset, config, set_), force))
+
+
+@train_app.command("baseline")
+def train_baseline_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                       force: bool = ForceOpt, wandb: bool = typer.Option(False, "--wandb", help="log to W&B (offline by default)")):
+    """Train the biased (ERM) baseline on Ray Train; an interrupted run resumes."""
+
+    def body():
+        cfg = _cfg(preset, config, set_, wandb)
+        res = do_train(cfg, force)
+        rep = do_audit(cfg, None, None, None, "baseline (ERM)") if cfg.train.wandb else None
+        _wandb(cfg, res, rep)
+
+    _run(body)
+
+
+@app.command("audit")
+def audit_cmd(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="model folder; default: the run's baseline"),
+              split: Optional[str] = typer.Option(None, "--split", help="split name (test, val, ...) or a split folder"),
+              out: Optional[str] = typer.Option(None, "--out", help="output folder; default: beside the model"),
+              preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Audit a checkpoint on a labeled split: JSON report, PNG chart and a table."""
+    from aimfair_ray.evaluate import table
+
+    def body():
+        cfg = _cfg(preset, config, set_)
+        rep = do_audit(cfg, checkpoint, split, out, f"audit: {checkpoint or 'baseline'}")
+        console.print(table({checkpoint or "baseline": rep}))
+        _headline(checkpoint or "baseline", rep)
+
+    _run(body)
+
+
+@app.command("demo")
+def demo(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+         wandb: bool = typer.Option(False, "--wandb", help="log to W&B (offline by default)")):
+    """The whole chain on the embedded default: data -> biased baseline -> audit."""
+    from aimfair_ray.evaluate import table
+
+    def body():
+        t0 = time.time()
+        cfg = _cfg(preset, config, set_, wandb)
+        do_prepare(cfg)
+        res = do_train(cfg)
+        rep = do_audit(cfg, None, None, None, "biased baseline (ERM)")
+        _wandb(cfg, res, rep)
+        console.print(table({"baseline (ERM)": rep}))
+        _headline("biased baseline on the test set", rep)
+        log(f"demo: done in {time.time() - t0:.0f}s; outputs under {cfg.run_dir}")
+
+    _run(body)
+
+
+@config_app.command("show")
+def config_show(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Print the resolved config."""
+    _run(lambda: console.print(_cfg(preset, config, set_).to_yaml(), highlight=False))
+
+
+@config_app.command("presets")
+def config_presets():
+    """List the shipped presets."""
+    for p in list_presets():
+        console.print(p)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,244 @@
+"""Typed run configuration: YAML presets shipped in the package, a user YAML, and
+``--set a.b=value`` overrides, validated by pydantic and saved next to every run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aimfair_ray import AimfairError
+from aimfair_ray.storage import atomic_write_text, is_uri
+
+PRESET_DIR = Path(__file__).parent / "presets"
+BACKBONES = ("small_cnn", "resnet18", "efficientnet_lite0")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    dataset: Literal["colored_mnist", "celeba", "utkface", "manifest"] = "colored_mnist"
+    root: Optional[str] = Field(None, description="dataset folder (CelebA, UTKFace) or manifest file")
+    target: str = "digit_ge5"
+    sensitive: str = "color"
+    image_size: int = Field(32, ge=8, le=1024)
+    bias: Optional[float] = Field(1 / 9, gt=0, le=1, description="bias degree b of the train draw; null keeps the natural distribution")
+    val_bias: Optional[float] = Field(None, gt=0, le=1, description="bias of val; null: same as train")
+    n_train: Optional[int] = Field(2500, ge=4, description="size of the biased train set; null: the largest the pool allows")
+    n_val: int = Field(500, ge=4)
+    n_test_per_cell: int = Field(250, ge=1, description="Colored MNIST: test images per (target, group) cell")
+    n_generator: int = Field(1000, ge=0, description="Colored MNIST: generator split with uniform colours")
+    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    age_bins: list[int] = Field([20, 40, 60], description="UTKFace age_bin edges")
+    colors: list[tuple[int, int, int]] = [(230, 40, 40), (40, 200, 40)]
+    color_jitter: int = Field(20, ge=0, le=60)
+    skip_bad_images: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.dataset == "colored_mnist":
+            if self.target != "digit_ge5" or self.sensitive != "color":
+                raise ValueError("colored_mnist has target 'digit_ge5' and sensitive 'color' only")
+            if len(self.colors) < 2:
+                raise ValueError("colored_mnist needs at least 2 colors")
+        elif not self.root:
+            raise ValueError(f"dataset {self.dataset!r} needs data.root (the dataset folder or manifest file)")
+        if abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ValueError("split_fractions must add up to 1")
+        return self
+
+
+class ModelConfig(_Strict):
+    backbone: str = Field("small_cnn", description=f"one of {BACKBONES}, or torchvision:<name> / timm:<name>")
+    pretrained: bool = True
+    width: int = Field(32, ge=4, description="small_cnn channel width")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v in BACKBONES or v.startswith(("torchvision:", "timm:")):
+            return v
+        raise ValueError(f"unknown backbone {v!r}; allowed: {', '.join(BACKBONES)}, torchvision:<name>, timm:<name>")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    num_workers: int = Field(2, ge=1, description="Ray Train workers")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per CPU worker")
+    storage_path: Optional[str] = Field(None, description="Ray Train storage: local dir, s3:// or gs://; null: <output_dir>/<name>/ray")
+    max_failures: int = Field(1, ge=-1)
+    keep_checkpoints: int = Field(2, ge=1)
+    select_metric: Literal["val_acc", "val_loss"] = "val_acc"
+    seed: int = 0
+    wandb: bool = False
+    wandb_project: str = "aimfair-ray"
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = Field(None, description="cluster address; RAY_ADDRESS wins; null starts a local cluster")
+    num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local cluster; null: max(cores, 4)")
+    temp_dir: str = Field("/tmp/aimfair-ray", description="kept short: AF_UNIX socket paths must stay under 107 bytes")
+
+
+class AuditConfig(_Strict):
+    split: str = "test"
+    batch_size: int = Field(256, ge=1)
+
+
+class Config(_Strict):
+    name: str = Field("cmnist", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+    audit: AuditConfig = AuditConfig()
+
+    # ---- derived paths -------------------------------------------------------------
+    @property
+    def run_dir(self) -> str:
+        base = self.output_dir if is_uri(self.output_dir) else str(Path(self.output_dir).absolute())
+        return f"{base.rstrip('/')}/{self.name}"
+
+    @property
+    def data_dir(self) -> str:
+        return f"{self.run_dir}/data"
+
+    def stage_dir(self, stage: str) -> str:
+        return f"{self.run_dir}/{stage}"
+
+    @property
+    def ray_storage(self) -> str:
+        sp = self.train.storage_path
+        if sp is None:
+            return f"{self.run_dir}/ray"
+        return sp if is_uri(sp) else str(Path(sp).absolute())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, directory: str | Path) -> str:
+        """Write the resolved config as ``config.yaml`` into ``directory`` (atomically)."""
+        path = f"{str(directory).rstrip('/')}/config.yaml"
+        atomic_write_text(path, self.to_yaml())
+        return path
+
+
+# ---- loading ---------------------------------------------------------------------------
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise AimfairError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise AimfairError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _fields(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
+    for key in path:
+        field = model.model_fields.get(key)
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def apply_override(raw: dict, item: str) -> dict:
+    """Apply one ``a.b=value`` override; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise AimfairError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+    key, _, text = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise AimfairError(f"--set {item!r}: empty key")
+    for depth in range(len(parts)):
+        model = _fields(Config, parts[:depth])
+        if model is None:
+            raise AimfairError(f"--set {key}: {'.'.join(parts[:depth])} is not a section")
+        if parts[depth] not in model.model_fields:
+            where = ".".join(parts[:depth]) or "top level"
+            raise AimfairError(
+                f"--set {key}: unknown field {parts[depth]!r} in {where}; "
+                f"allowed: {', '.join(model.model_fields)}"
+            )
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise AimfairError(f"--set {item!r}: cannot parse value ({e})") from e
+    out = _merge(raw, {})
+    node = out
+    for p in parts[:-1]:
+        node[p] = dict(node.get(p) or {})
+        node = node[p]
+    node[parts[-1]] = value
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    lines = [f"invalid {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            model = _fields(Config, [str(x) for x in e["loc"][:-1]])
+            if model is not None:
+                msg = f"unknown field; allowed: {', '.join(model.model_fields)}"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) or e["type"] == "extra_forbidden" else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def load_config(preset: str = "cmnist", config_file: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Preset YAML, then a user YAML file, then ``--set`` overrides; validated."""
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise AimfairError(f"unknown preset {preset!r}; available presets: {', '.join(list_presets())}")
+    raw = _read_yaml(path)
+    if config_file:
+        cf = Path(config_file)
+        if not cf.is_file():
+            raise AimfairError(f"config file {config_file} does not exist")
+        raw = _merge(raw, _read_yaml(cf))
+    for item in overrides or []:
+        raw = apply_override(raw, item)
+    if os.environ.get("RAY_ADDRESS"):
+        raw = _merge(raw, {"ray": {"address": os.environ["RAY_ADDRESS"]}})
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise AimfairError(format_validation_error(e)) from None
+
+
+def load_saved(path: str | Path) -> Config:
+    """Load a ``config.yaml`` that a run wrote."""
+    try:
+        return Config.model_validate(_read_yaml(Path(path)))
+    except ValidationError as e:
+        raise AimfairError(format_validation_error(e, str(path))) from None

@@ -1,0 +1,85 @@
+"""One Parquet schema for all image data, real or synthetic, read and written through
+Ray Data as directories of shards. A split directory is published atomically and holds
+a ``_COMPLETE`` marker; readers refuse a directory without it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from aimfair_ray import AimfairError
+from aimfair_ray.storage import atomic_dir, exists, is_complete
+
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # PNG bytes
+        pa.field("target", pa.int64(), nullable=False),
+        pa.field("group", pa.int64(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # "real" | "synthetic"
+        pa.field("prompt", pa.string(), nullable=True),
+        pa.field("generator", pa.string(), nullable=True),  # JSON metadata of the generator
+    ]
+)
+SOURCES = ("real", "synthetic")
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """uint8 HxWx3 array -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8), mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG (or any PIL-readable) bytes -> uint8 HxWx3 array."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def make_table(columns: dict) -> pa.Table:
+    """Build a table in the shared schema; optional columns default to null."""
+    n = len(columns["id"])
+    cols = {f.name: columns.get(f.name, [None] * n) for f in SCHEMA}
+    bad = set(columns) - set(SCHEMA.names)
+    if bad:
+        raise ValueError(f"columns not in the image schema: {sorted(bad)}; schema: {SCHEMA.names}")
+    if any(s not in SOURCES for s in set(cols["source"])):
+        raise ValueError(f"source must be one of {SOURCES}")
+    return pa.Table.from_pydict(cols, schema=SCHEMA)
+
+
+def write_split(ds, directory: str, rows_per_file: int = 2048) -> str:
+    """Write a Ray Dataset (or a pyarrow Table) as Parquet shards, atomically."""
+    import ray
+
+    if isinstance(ds, pa.Table):
+        ds = ray.data.from_arrow(ds.cast(SCHEMA))
+    with atomic_dir(directory) as tmp:
+        ds.write_parquet(tmp, min_rows_per_file=rows_per_file)
+    return directory
+
+
+def read_split(directory: str):
+    """A Ray Dataset over a complete split directory in the shared schema."""
+    import ray
+
+    if not exists(directory):
+        raise AimfairError(f"no data at {directory}: run `aimfair data prepare` first (or check the path)")
+    if not is_complete(directory):
+        raise AimfairError(f"{directory} is incomplete (no _COMPLETE marker): a write was interrupted; rerun the stage")
+    ds = ray.data.read_parquet(directory, file_extensions=["parquet"])
+    missing = set(SCHEMA.names) - set(ds.schema().names)
+    if missing:
+        raise AimfairError(f"{directory}: not in the aimfair image schema, missing columns {sorted(missing)}")
+    return ds
+
+
+def decode_batch(batch: dict) -> dict:
+    """Ray Data UDF: PNG bytes -> uint8 NCHW images, keeping target and group."""
+    imgs = np.stack([decode_png(b) for b in batch["image"]]).transpose(0, 3, 1, 2)
+    return {"image": imgs, "target": batch["target"].astype(np.int64), "group": batch["group"].astype(np.int64)}

@@ -1,0 +1,165 @@
+"""The data stage: real data in -> Parquet splits in the shared schema + ``dataset.json``.
+
+``dataset.json`` is written last, so its presence means the stage finished. A rerun
+with the same data config reuses the splits; a changed config rebuilds them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+from aimfair_ray import AimfairError
+from aimfair_ray.data import cmnist
+from aimfair_ray.data.bias import counts_dict, draw_biased_subset
+from aimfair_ray.data.io import decode_png, encode_png, write_split
+from aimfair_ray.data.readers import check_files, read_dataset
+from aimfair_ray.storage import exists, read_json, write_json
+
+SPLITS = ("train", "val", "test")
+
+
+def load_meta(data_dir: str) -> dict:
+    path = f"{data_dir}/dataset.json"
+    if not exists(path):
+        raise AimfairError(f"no prepared data in {data_dir}: run `aimfair data prepare` first")
+    return read_json(path)
+
+
+class EncodeImages:
+    """Ray Data UDF: file paths -> square-cropped, resized PNG bytes in the image schema."""
+
+    def __init__(self, size: int, skip_bad: bool):
+        self.size, self.skip_bad = size, skip_bad
+
+    def _load(self, path: str) -> bytes:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            return encode_png(np.asarray(im.resize((self.size, self.size), Image.BILINEAR)))
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        images, keep = [], []
+        for path in batch["path"]:
+            try:
+                images.append(self._load(path))
+                keep.append(True)
+            except Exception as e:  # noqa: BLE001 - reported by path
+                if not self.skip_bad:
+                    raise ValueError(f"corrupt or unreadable image {path}: {e}. Fix or remove it, "
+                                     "or set data.skip_bad_images=true to skip such files") from None
+                print(f"[aimfair] skipping corrupt image {path}: {e}")
+                keep.append(False)
+        out = batch[keep].drop(columns=["path"]).copy()
+        out["image"] = images
+        out["source"], out["prompt"], out["generator"] = "real", None, None
+        return out
+
+
+def _assign_splits(df: pd.DataFrame, fractions, seed: int) -> pd.DataFrame:
+    if "split" in df.columns:
+        return df
+    rng = np.random.default_rng(seed)
+    u = rng.random(len(df))
+    cut = np.cumsum(fractions)
+    df = df.copy()
+    df["split"] = np.where(u < cut[0], "train", np.where(u < cut[1], "val", "test"))
+    return df
+
+
+def _real_tables(cfg) -> dict:
+    import ray
+
+    d = cfg.data
+    lab = read_dataset(d)
+    df = _assign_splits(lab.frame, d.split_fractions, d.seed)
+    C, G = len(lab.target_names), len(lab.group_names)
+    parts, counts = {}, {}
+    for split in SPLITS:
+        part = df[df["split"] == split].reset_index(drop=True)
+        b = d.bias if split == "train" else (d.val_bias or d.bias) if split == "val" else None
+        if b is not None and len(part):
+            n = d.n_train if split == "train" else min(d.n_val, len(part))
+            try:
+                idx, _ = draw_biased_subset(part["target"], part["group"], n, b, d.seed, C, G)
+            except AimfairError:
+                if split != "val":
+                    raise
+                idx, _ = draw_biased_subset(part["target"], part["group"], None, b, d.seed, C, G)
+            part = part.iloc[idx].reset_index(drop=True)
+        parts[split] = part
+        counts[split] = counts_dict(np.array([[int(((part.target == y) & (part.group == s)).sum())
+                                               for s in range(G)] for y in range(C)]))
+    check_files([p for part in parts.values() for p in part["path"]])
+    enc = EncodeImages(d.image_size, d.skip_bad_images)
+    tables = {}
+    for split, part in parts.items():
+        ds = ray.data.from_pandas(part[["id", "path", "target", "group", "split"]])
+        tables[split] = ds.map_batches(enc, batch_format="pandas", batch_size=256)
+    return {"tables": tables, "cell_counts": counts, "target_names": lab.target_names,
+            "group_names": lab.group_names, "skipped_files": lab.skipped}
+
+
+def _written_counts(directory: str, planned: dict) -> dict:
+    from aimfair_ray.data.io import read_split
+
+    df = read_split(directory).select_columns(["target", "group"]).to_pandas()
+    return {k: int(((df.target == int(k[1:k.index("_")])) & (df.group == int(k[k.index("_s") + 2:]))).sum())
+            for k in planned}
+
+
+def prepare_data(cfg, force: bool = False, log=print) -> dict:
+    """Build and write every split of ``cfg.data``; returns the dataset metadata."""
+    data_dir = cfg.data_dir
+    wanted = cfg.data.model_dump(mode="json")
+    if not force and exists(f"{data_dir}/dataset.json"):
+        meta = read_json(f"{data_dir}/dataset.json")
+        if meta.get("config") == wanted:
+            log(f"data: reusing {data_dir} (same data config; --force rebuilds it)")
+            return meta
+        log("data: config changed, rebuilding")
+    if cfg.data.dataset == "colored_mnist":
+        built = cmnist.build(cfg.data)
+    else:
+        built = _real_tables(cfg)
+    for split, table in built["tables"].items():
+        try:
+            write_split(table, f"{data_dir}/{split}")
+        except Exception as e:  # noqa: BLE001
+            found = re.findall(r"(corrupt or unreadable image [^{].*)", str(e))
+            if found:
+                raise AimfairError(found[-1].strip()) from None
+            raise
+        if cfg.data.dataset != "colored_mnist":  # count what was written (bad images may be skipped)
+            built["cell_counts"][split] = _written_counts(f"{data_dir}/{split}", built["cell_counts"][split])
+        log(f"data: wrote {split} -> {data_dir}/{split}  cells {built['cell_counts'][split]}")
+    meta = {
+        "dataset": cfg.data.dataset,
+        "target": cfg.data.target,
+        "sensitive": cfg.data.sensitive,
+        "target_names": built["target_names"],
+        "group_names": built["group_names"],
+        "image_size": cfg.data.image_size,
+        "splits": {s: {"n": int(sum(c.values())), "cell_counts": c} for s, c in built["cell_counts"].items()},
+        "skipped_files": built.get("skipped_files", []),
+        "config": wanted,
+    }
+    cfg.save(data_dir)
+    write_json(f"{data_dir}/dataset.json", meta)
+    return meta
+
+
+def split_dir(cfg, split: str) -> str:
+    """A split name (train/val/test/generator) of this run, or a path to a split directory."""
+    if "/" in split or split.startswith("."):
+        return split
+    return f"{cfg.data_dir}/{split}"
+
+
+__all__ = ["prepare_data", "load_meta", "split_dir", "decode_png"]

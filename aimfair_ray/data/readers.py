@@ -1,0 +1,162 @@
+"""Readers for real datasets in their native on-disk formats.
+
+Each returns a :class:`Labeled` frame with columns ``id, path, target, group`` and,
+where the dataset defines one, ``split``. Images are read later, in Ray Data.
+- CelebA: ``img_align_celeba/``, ``list_attr_celeba.txt``, ``list_eval_partition.txt``;
+  any of the 40 attributes as target or sensitive attribute.
+- UTKFace: ``[age]_[gender]_[race]_[datetime].jpg`` file names; ``gender``, ``race``
+  or ``age_bin`` as target or sensitive attribute.
+- A manifest: CSV or Parquet with ``path``, ``target`` and ``group`` columns
+  (optional ``split``); relative paths resolve against the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from aimfair_ray import AimfairError
+
+SPLIT_NAMES = {0: "train", 1: "val", 2: "test"}
+
+
+@dataclass
+class Labeled:
+    frame: pd.DataFrame
+    target_names: list[str]
+    group_names: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise AimfairError(f"{what} not found: {path}")
+    return path
+
+
+def _pick(name: str, available: list[str], role: str, dataset: str) -> str:
+    if name not in available:
+        raise AimfairError(
+            f"unknown {role} attribute {name!r} for {dataset}; available attributes: {', '.join(available)}"
+        )
+    return name
+
+
+def read_celeba(root: str, target: str, sensitive: str) -> Labeled:
+    root_p = Path(root)
+    img_dir = _need(root_p / "img_align_celeba", "CelebA image folder")
+    attr_file = _need(root_p / "list_attr_celeba.txt", "CelebA attribute file")
+    lines = attr_file.read_text().splitlines()
+    names = lines[1].split()
+    _pick(target, names, "target", "CelebA")
+    _pick(sensitive, names, "sensitive", "CelebA")
+    rows = [ln.split() for ln in lines[2:] if ln.strip()]
+    bad = [r[0] for r in rows if len(r) != len(names) + 1]
+    if bad:
+        raise AimfairError(f"{attr_file}: {len(bad)} rows do not have {len(names)} attribute values, e.g. {bad[:3]}")
+    attrs = pd.DataFrame([r[1:] for r in rows], index=[r[0] for r in rows], columns=names).astype(int)
+    part_file = root_p / "list_eval_partition.txt"
+    df = pd.DataFrame(
+        {
+            "id": attrs.index,
+            "path": [str(img_dir / f) for f in attrs.index],
+            "target": (attrs[target].to_numpy() > 0).astype(int),
+            "group": (attrs[sensitive].to_numpy() > 0).astype(int),
+        }
+    )
+    if part_file.exists():
+        part = dict(ln.split() for ln in part_file.read_text().splitlines() if ln.strip())
+        missing = [f for f in attrs.index if f not in part]
+        if missing:
+            raise AimfairError(f"{part_file}: no partition for {len(missing)} images, e.g. {missing[:3]}")
+        df["split"] = [SPLIT_NAMES[int(part[f])] for f in attrs.index]
+    return Labeled(df, [f"not {target}", target], [f"not {sensitive}", sensitive])
+
+
+UTK_RE = re.compile(r"^(\d+)_([01])_([0-4])_\d+\.jpg(\.chip\.jpg)?$")
+UTK_ATTRS = ("gender", "race", "age_bin")
+UTK_NAMES = {"gender": ["male", "female"], "race": ["White", "Black", "Asian", "Indian", "Others"]}
+
+
+def _age_names(edges: list[int]) -> list[str]:
+    lo = [0] + list(edges)
+    return [f"{a}-{b - 1}" for a, b in zip(lo, edges)] + [f"{edges[-1]}+"]
+
+
+def read_utkface(root: str, target: str, sensitive: str, age_bins: list[int]) -> Labeled:
+    root_p = _need(Path(root), "UTKFace folder")
+    _pick(target, list(UTK_ATTRS), "target", "UTKFace")
+    _pick(sensitive, list(UTK_ATTRS), "sensitive", "UTKFace")
+    recs, skipped = [], []
+    for p in sorted(root_p.rglob("*.jpg")):
+        m = UTK_RE.match(p.name)
+        if not m:
+            skipped.append(str(p))
+            continue
+        age, gender, race = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        recs.append({"id": p.name, "path": str(p), "gender": gender, "race": race,
+                     "age_bin": int(np.searchsorted(age_bins, age, side="right"))})
+    if not recs:
+        raise AimfairError(f"no UTKFace images named [age]_[gender]_[race]_[datetime].jpg under {root_p}")
+    df = pd.DataFrame(recs)
+    names = dict(UTK_NAMES, age_bin=_age_names(age_bins))
+    out = pd.DataFrame({"id": df["id"], "path": df["path"], "target": df[target], "group": df[sensitive]})
+    return Labeled(out, names[target], names[sensitive], skipped)
+
+
+def _codes(col: pd.Series, what: str, path: Path) -> tuple[np.ndarray, list[str]]:
+    if col.isna().any():
+        raise AimfairError(f"{path}: column {what!r} has {int(col.isna().sum())} empty values")
+    if pd.api.types.is_integer_dtype(col):
+        if col.min() < 0:
+            raise AimfairError(f"{path}: integer column {what!r} must be >= 0")
+        return col.to_numpy().astype(int), [str(i) for i in range(int(col.max()) + 1)]
+    names = sorted(col.astype(str).unique())
+    return col.astype(str).map({n: i for i, n in enumerate(names)}).to_numpy().astype(int), names
+
+
+def read_manifest(path: str) -> Labeled:
+    p = _need(Path(path), "manifest")
+    if p.suffix == ".csv":
+        df = pd.read_csv(p)
+    elif p.suffix in (".parquet", ".pq"):
+        df = pd.read_parquet(p)
+    else:
+        raise AimfairError(f"manifest {p}: use a .csv or .parquet file")
+    missing = {"path", "target", "group"} - set(df.columns)
+    if missing:
+        raise AimfairError(f"manifest {p}: missing columns {sorted(missing)}; found {list(df.columns)}; "
+                           "needs path, target and group (split optional)")
+    target, tnames = _codes(df["target"], "target", p)
+    group, gnames = _codes(df["group"], "group", p)
+    paths = [str(q if Path(q).is_absolute() else (p.parent / q)) for q in df["path"].astype(str)]
+    out = pd.DataFrame({"id": [f"m{i:07d}" for i in range(len(df))], "path": paths, "target": target, "group": group})
+    if "split" in df.columns:
+        bad = set(df["split"]) - {"train", "val", "test"}
+        if bad:
+            raise AimfairError(f"manifest {p}: split values must be train, val or test; found {sorted(bad)}")
+        out["split"] = df["split"].to_numpy()
+    return Labeled(out, tnames, gnames)
+
+
+def read_dataset(dcfg) -> Labeled:
+    if dcfg.dataset == "celeba":
+        return read_celeba(dcfg.root, dcfg.target, dcfg.sensitive)
+    if dcfg.dataset == "utkface":
+        return read_utkface(dcfg.root, dcfg.target, dcfg.sensitive, dcfg.age_bins)
+    if dcfg.dataset == "manifest":
+        return read_manifest(dcfg.root)
+    raise AimfairError(f"no file reader for dataset {dcfg.dataset!r}")
+
+
+def check_files(paths) -> None:
+    """Every image file must exist; the error lists the missing ones by path."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        shown = "\n  ".join(missing[:20])
+        more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise AimfairError(f"{len(missing)} image files are missing:\n  {shown}{more}")

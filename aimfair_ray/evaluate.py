@@ -1,0 +1,123 @@
+"""The audit: predictions on a labeled Parquet split (Ray Data, actor pool) -> the
+fairness report as JSON, a per-cell accuracy chart as PNG and a terminal table."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+from aimfair_ray import AimfairError
+from aimfair_ray.data.io import decode_batch, read_split
+from aimfair_ray.metrics import fairness_report
+from aimfair_ray.storage import atomic_write_text, is_uri, write_json
+from aimfair_ray.train.models import check_checkpoint_dir, load_classifier
+
+
+class Predictor:
+    """Ray Data UDF: a checkpoint's predictions for batches of the image schema."""
+
+    def __init__(self, model_dir: str, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.model, self.meta = load_classifier(model_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from aimfair_ray.train.loop import predict
+
+        dec = decode_batch(batch)
+        b = {k: torch.from_numpy(np.asarray(v)) for k, v in dec.items()}
+        out = predict(self.model, [b], self.meta["mean"], self.meta["std"], "cpu")
+        return {k: out[k] for k in ("target", "group", "pred", "prob")}
+
+
+def predict_split(model_dir: str, split_dir: str, batch_size: int = 256, actors: int = 1) -> dict:
+    import ray
+
+    check_checkpoint_dir(model_dir)
+    ds = read_split(split_dir)
+    preds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_dir": model_dir},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=0.5,
+    )
+    cols = preds.to_pandas()
+    return {k: cols[k].to_numpy() for k in ("target", "group", "pred", "prob")}
+
+
+def group_acc_chart(report: dict, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(report["group_acc"])
+    vals = [report["group_acc"][k] for k in keys]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(keys)), 3.2), dpi=100)
+    bars = ax.bar(keys, vals, color=["#c0392b" if v == min(vals) else "#2e86c1" for v in vals])
+    ax.axhline(report["acc"], ls="--", color="k", lw=1, label=f"ACC {report['acc']:.3f}")
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nWST {report['wst']:.3f}  STD {report['std']:.3f}  EO {report['eo']:.3f}", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    if is_uri(path):
+        from aimfair_ray.storage import filesystem
+
+        fs, p = filesystem(path)
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def audit(model_dir: str, split_dir: str, out_dir: str, batch_size: int = 256, title: str | None = None) -> dict:
+    """Evaluate ``model_dir`` on ``split_dir``; write audit.json and group_acc.png into ``out_dir``."""
+    _, meta = load_classifier(model_dir)
+    p = predict_split(model_dir, split_dir, batch_size)
+    if len(p["target"]) == 0:
+        raise AimfairError(f"{split_dir} holds no rows to audit")
+    report = fairness_report(p["target"], p["pred"], p["group"], meta["num_classes"], len(meta["group_names"]))
+    report.update({"model_dir": model_dir, "split_dir": split_dir,
+                   "target_names": meta["target_names"], "group_names": meta["group_names"]})
+    write_json(f"{out_dir}/audit.json", report)
+    _write_bytes(f"{out_dir}/group_acc.png", group_acc_chart(report, title or f"audit of {model_dir}"))
+    return report
+
+
+def table(reports: dict[str, dict]):
+    """A rich table: one row per model, headline metrics and each cell's accuracy."""
+    from rich.table import Table
+
+    first = next(iter(reports.values()))
+    cells = list(first["group_acc"])
+    t = Table(title="fairness audit", show_lines=False)
+    for col in ["model", "ACC", "WST", "STD", "EO", "EOD(worst)", "DP", "n"] + cells:
+        t.add_column(col, justify="right" if col != "model" else "left")
+    for name, r in reports.items():
+        t.add_row(name, *[f"{r[k]:.4f}" for k in ("acc", "wst", "std", "eo", "eod_worst", "dp")], str(r["n"]),
+                  *[f"{r['group_acc'].get(c, float('nan')):.4f}" for c in cells])
+    return t
+
+
+__all__ = ["audit", "predict_split", "table", "group_acc_chart", "atomic_write_text"]

@@ -1,0 +1,35 @@
+"""Connecting to Ray: a local cluster when RAY_ADDRESS is unset, else that cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from aimfair_ray import AimfairError
+
+
+def ensure_ray(rcfg) -> dict:
+    """Start or join a Ray cluster once per process; returns the cluster's resources."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = os.environ.get("RAY_ADDRESS") or rcfg.address
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with the fix
+            raise AimfairError(f"cannot connect to the Ray cluster at {address}: {e}; "
+                               "check RAY_ADDRESS / ray.address, or unset it to start a local cluster") from e
+    else:
+        if len(rcfg.temp_dir) > 60:
+            raise AimfairError(f"ray.temp_dir {rcfg.temp_dir!r} is too long: Ray's socket paths must stay under "
+                               "107 bytes; use a short path such as /tmp/aimfair-ray")
+        # Logical CPUs: at least 4, so Ray Data's read tasks can run beside 2 Train workers.
+        num_cpus = rcfg.num_cpus or max(os.cpu_count() or 1, 4)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=rcfg.temp_dir, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    # Progress bars only on a terminal (or AIMFAIR_PROGRESS=1); logs stay readable in CI and jobs.
+    ctx.enable_progress_bars = os.environ.get("AIMFAIR_PROGRESS", "1" if sys.stdout.isatty() else "0") == "1"
+    return ray.cluster_resources()

@@ -1,0 +1,103 @@
+"""Where outputs go: local paths or URIs (s3://, gs://) through pyarrow filesystems.
+
+Nothing is half-written. Local writes go to a temporary sibling, then are renamed into
+place. Object stores have no rename: there the data is written in place and a
+``_COMPLETE`` marker is written last, and readers look for that marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+COMPLETE = "_COMPLETE"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _local(path: str) -> str:
+    return str(path)[len("file://"):] if str(path).startswith("file://") else str(path)
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(_local(path)).absolute())
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_complete(directory: str) -> bool:
+    return exists(f"{str(directory).rstrip('/')}/{COMPLETE}")
+
+
+def read_text(path: str) -> str:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    if is_uri(path):
+        fs, p = filesystem(path)
+        with fs.open_output_stream(p) as f:  # object stores publish a whole object at close
+            f.write(text.encode())
+        return
+    p = Path(_local(path))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, p)
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str):
+    return json.loads(read_text(path))
+
+
+@contextmanager
+def atomic_dir(directory: str) -> Iterator[str]:
+    """Yield a place to write a whole directory; publish it only if the block succeeds.
+
+    A previous complete directory at the same place is replaced; a failed write leaves
+    no trace at the final path.
+    """
+    directory = str(directory).rstrip("/")
+    if is_uri(directory):
+        fs, p = filesystem(directory)
+        if fs.get_file_info(p).type != pafs.FileType.NotFound:
+            fs.delete_dir(p)
+        yield directory
+        atomic_write_text(f"{directory}/{COMPLETE}", "")
+        return
+    final = Path(_local(directory))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield str(tmp)
+        (tmp / COMPLETE).touch()
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,98 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aimfair_ray import AimfairError
+from aimfair_ray.config import load_config
+from aimfair_ray.data.prepare import prepare_data
+from aimfair_ray.evaluate import audit
+from aimfair_ray.train.baseline import train_baseline
+
+from conftest import TINY
+
+AUDIT_KEYS = {"acc", "wst", "std", "eo", "eod_worst", "dp", "group_acc", "n"}
+
+
+def test_two_workers_train_and_audit(trained, tmp_path):
+    cfg, meta, result = trained
+    hist = result["history"]
+    assert [h["epoch"] for h in hist] == [1, 2] and all(h["world_size"] == 2 for h in hist)
+    model_dir = Path(result["model_dir"])
+    assert sorted(p.name for p in model_dir.iterdir()) == ["_COMPLETE", "model.json", "model.safetensors"]
+    # every checkpoint Ray kept is safetensors + JSON, never a pickle
+    ckpts = [c for c in Path(result["run_path"]).glob("checkpoint_*") if c.is_dir()]
+    assert ckpts and all({p.suffix for p in c.iterdir()} <= {".safetensors", ".json"} for c in ckpts)
+    assert (Path(cfg.stage_dir("baseline")) / "config.yaml").is_file()
+    rep = audit(str(model_dir), f"{cfg.data_dir}/test", str(tmp_path / "audit"))
+    saved = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert AUDIT_KEYS <= set(saved) and saved["n"] == 200 == rep["n"]
+    assert set(saved["group_acc"]) == {"y0_s0", "y0_s1", "y1_s0", "y1_s1"}
+    assert (tmp_path / "audit" / "group_acc.png").read_bytes()[:4] == b"\x89PNG"
+    # rerun with the same config reuses the trained model instead of training again
+    msgs = []
+    again = train_baseline(cfg, log=msgs.append)
+    assert again["model_dir"] == result["model_dir"] and any("reusing" in m for m in msgs)
+
+
+def test_one_worker(ray_cluster, tmp_path):
+    cfg = load_config("cmnist", overrides=TINY + [f"output_dir={tmp_path}", "train.num_workers=1", "train.epochs=1"])
+    prepare_data(cfg, log=lambda *_: None)
+    res = train_baseline(cfg, log=lambda *_: None)
+    assert res["history"][0]["world_size"] == 1 and 0 <= res["best"]["val_acc"] <= 1
+
+
+def test_train_without_data_says_what_to_run(ray_cluster, tmp_path):
+    cfg = load_config("cmnist", overrides=[f"output_dir={tmp_path}"])
+    with pytest.raises(AimfairError, match="aimfair data prepare"):
+        train_baseline(cfg, log=lambda *_: None)
+
+
+def _cli(args, env, **kw):
+    return subprocess.Popen([sys.executable, "-m", "aimfair_ray.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(ray_cluster, tmp_path):
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    sets = TINY + [f"output_dir={tmp_path}", "train.epochs=8", "train.num_workers=1", "train.keep_checkpoints=8"]
+    args = ["train", "baseline"] + [x for s in sets for x in ("--set", s)]
+    prepare_data(load_config("cmnist", overrides=sets), log=lambda *_: None)
+    run_dir = tmp_path / "cmnist" / "ray" / "cmnist-baseline"
+    proc = _cli(args, env)
+    deadline = time.time() + 240
+    while len([c for c in run_dir.glob("checkpoint_*") if c.is_dir()]) < 2:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # interrupt the driver hard, mid-run
+    proc.wait()
+    assert not (tmp_path / "cmnist" / "baseline" / "result.json").exists()
+    time.sleep(3)  # let Ray reap the dead driver's actors
+    out, _ = _cli(args, env).communicate(timeout=400)
+    assert "resuming the interrupted run" in out and "resuming from checkpoint after epoch" in out, out[-3000:]
+    resumed_at = int(out.split("resuming from checkpoint after epoch ")[1].split()[0])
+    assert 1 <= resumed_at < 8
+    result = json.loads((tmp_path / "cmnist" / "baseline" / "result.json").read_text())
+    assert [h["epoch"] for h in result["history"]] == list(range(1, 9))
+    assert f"epoch {resumed_at}/8" not in out.split("resuming from checkpoint")[1]  # finished epochs not rerun
+
+
+def test_wandb_offline_logs_metrics_and_chart(trained, tmp_path, monkeypatch):
+    from aimfair_ray.tracking import log_run
+
+    cfg, _, result = trained
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rep = audit(result["model_dir"], f"{cfg.data_dir}/test", str(tmp_path / "a"))
+    run_dir = log_run(cfg, "baseline", result["history"], rep, str(tmp_path / "a" / "group_acc.png"), str(tmp_path / "wb"))
+    assert Path(run_dir).exists() and list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(AimfairError, match="WANDB_API_KEY"):
+        log_run(cfg, "baseline", [], None, None, str(tmp_path / "wb2"))
