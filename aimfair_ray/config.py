@@ -107,6 +107,14 @@ class Config(_Strict):
     ray: RayConfig = RayConfig()
     audit: AuditConfig = AuditConfig()
 
+    @field_validator("output_dir")
+    @classmethod
+    def _local_output(cls, v: str) -> str:
+        if is_uri(v):
+            raise ValueError("output_dir must be a local or shared-filesystem path; put Ray Train checkpoints "
+                             "on object storage with train.storage_path=s3://... or gs://...")
+        return v
+
     # ---- derived paths -------------------------------------------------------------
     @property
     def run_dir(self) -> str:

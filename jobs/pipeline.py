@@ -1,0 +1,13 @@
+"""Ray job entrypoint: `aimfair demo`.
+
+    ray job submit --working-dir . -- python jobs/pipeline.py --preset cmnist --set train.epochs=3
+
+Inside a job, RAY_ADDRESS is set, so the stage joins the job's cluster.
+"""
+
+import sys
+
+from aimfair_ray.cli import app
+
+if __name__ == "__main__":
+    app(["demo", *sys.argv[1:]])
