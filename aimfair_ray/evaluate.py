@@ -60,8 +60,10 @@ def group_acc_chart(report: dict, title: str) -> bytes:
 
     keys = list(report["group_acc"])
     vals = [report["group_acc"][k] for k in keys]
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(keys)), 3.2), dpi=100)
-    bars = ax.bar(keys, vals, color=["#c0392b" if v == min(vals) else "#2e86c1" for v in vals])
+    tn, gn = report.get("target_names"), report.get("group_names")
+    labels = [f"{tn[int(k[1:k.index('_')])]}\n{gn[int(k[k.index('_s') + 2:])]}" if tn and gn else k for k in keys]
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(keys)), 3.4), dpi=100)
+    bars = ax.bar(labels, vals, color=["#c0392b" if v == min(vals) else "#2e86c1" for v in vals])
     ax.axhline(report["acc"], ls="--", color="k", lw=1, label=f"ACC {report['acc']:.3f}")
     for b, v in zip(bars, vals):
         ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)

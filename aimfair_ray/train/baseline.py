@@ -9,6 +9,7 @@ is exported to ``<run>/baseline/model``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,10 @@ from aimfair_ray.storage import exists, read_text, write_json
 from aimfair_ray.train import loop
 from aimfair_ray.train.models import (META, WEIGHTS, build_model, load_optimizer, model_meta, save_classifier,
                                       save_optimizer, unwrap, write_classifier)
+
+
+# A child of Ray Train's logger: shown once on the driver (plain print() is echoed twice by Train V2).
+log = logging.getLogger("ray.train.aimfair")
 
 
 def _gather(arrays: dict) -> dict:
@@ -75,7 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
             state = json.loads((Path(d) / "state.json").read_text())
         start, history = state["epoch"], state["history"]
         if rank == 0:
-            print(f"[aimfair] resuming from checkpoint after epoch {start}")
+            log.info(f"[aimfair] resuming from checkpoint after epoch {start}")
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     mean, std = mmeta["mean"], mmeta["std"]
@@ -101,7 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
         }
         history.append(metrics)
         if rank == 0:
-            print("[aimfair] epoch {epoch}/{total}  loss {train_loss:.4f}  val_acc {val_acc:.4f}  val_wst {val_wst:.4f}".format(
+            log.info("[aimfair] epoch {epoch}/{total}  loss {train_loss:.4f}  val_acc {val_acc:.4f}  val_wst {val_wst:.4f}".format(
                 total=tc.epochs, **metrics))
             with tempfile.TemporaryDirectory() as d:
                 write_classifier(unwrap(model), dict(mmeta, epoch=epoch + 1, metrics=metrics), d)
