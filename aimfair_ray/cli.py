@@ -17,9 +17,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets as Parquet splits.")
 train_app = typer.Typer(no_args_is_help=True, help="Train models on Ray Train.")
 config_app = typer.Typer(no_args_is_help=True, help="Show presets and resolved configs.")
+gen_app = typer.Typer(no_args_is_help=True, help="Synthetic data (CSDG): prompts, then images.")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(config_app, name="config")
+app.add_typer(gen_app, name="generate")
 # Wide enough for the audit table when output is a pipe or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
 
@@ -64,6 +66,23 @@ def do_train(cfg: Config, force: bool = False) -> dict:
 
     log(f"train: baseline {cfg.model.backbone} on {cfg.train.num_workers} Ray Train worker(s)")
     return train_baseline(cfg, force=force, log=log)
+
+
+def do_generate(cfg: Config, what: str, force: bool = False) -> dict:
+    from aimfair_ray.generate import stage
+    from aimfair_ray.runtime import ensure_ray
+
+    ensure_ray(cfg.ray)
+    out: dict = {}
+    if what in ("prompts", "images", "all"):
+        log(f"generate: prompts with the {cfg.generate.backend} backend")
+        prompts = stage.run_prompts(cfg, force=force, log=log)
+        out["prompts"] = len(prompts)
+    if what in ("images", "all"):
+        out["images"] = stage.run_images(cfg, prompts, log=log)
+    if what == "filter" or (what == "all" and cfg.generate.filter):
+        out["filter"] = stage.run_filter(cfg, log=log)
+    return out
 
 
 def do_audit(cfg: Config, checkpoint: Optional[str], split: Optional[str], out: Optional[str], title: str) -> dict:
@@ -119,6 +138,52 @@ def train_baseline_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOp
     _run(body)
 
 
+@gen_app.command("prompts")
+def generate_prompts_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                         force: bool = ForceOpt):
+    """Write N checked, de-duplicated prompts per (target, group) cell."""
+    _run(lambda: do_generate(_cfg(preset, config, set_), "prompts", force))
+
+
+@gen_app.command("images")
+def generate_images_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Generate the balanced and imbalanced synthetic sets (resumes where a run stopped)."""
+    _run(lambda: do_generate(_cfg(preset, config, set_), "images"))
+
+
+@gen_app.command("all")
+def generate_all_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Prompts, then images (then the faithfulness filter if generate.filter is on)."""
+    _run(lambda: do_generate(_cfg(preset, config, set_), "all"))
+
+
+@gen_app.command("filter")
+def generate_filter_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Drop synthetic images whose checker-predicted target or group disagrees with the prompt's."""
+    _run(lambda: do_generate(_cfg(preset, config, set_), "filter"))
+
+
+@gen_app.command("quality")
+def generate_quality_cmd(per_cell: int = typer.Option(200, help="generated images per cell"),
+                         pipeline: Optional[str] = typer.Option(None, help="pipeline folder; default: the embedded model"),
+                         preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """The embedded model's quality bar: an independent checker on generated images, before filtering."""
+    from aimfair_ray.generate.stage import quality_report, synth_dir
+    from aimfair_ray.storage import write_json
+
+    def body():
+        cfg = _cfg(preset, config, set_)
+        res, _, _ = quality_report(cfg, pipeline, per_cell, log=log)
+        write_json(f"{synth_dir(cfg)}/quality.json", res)
+        console.print(f"[bold]quality[/] ({per_cell}/cell, {res['steps']} steps, CFG {res['guidance_scale']}): "
+                      f"target {res['target_acc']:.4f} (bar 0.80)  colour {res['color_acc']:.4f} (bar 0.95)  "
+                      f"digit {res['digit_acc']:.4f}", highlight=False)
+        for c, v in res["per_cell"].items():
+            console.print(f"  {c}: target {v['target_acc']:.3f}  colour {v['color_acc']:.3f}  digit {v['digit_acc']:.3f}")
+
+    _run(body)
+
+
 @app.command("audit")
 def audit_cmd(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="model folder; default: the run's baseline"),
               split: Optional[str] = typer.Option(None, "--split", help="split name (test, val, ...) or a split folder"),
@@ -139,13 +204,14 @@ def audit_cmd(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", hel
 @app.command("demo")
 def demo(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
          wandb: bool = typer.Option(False, "--wandb", help="log to W&B (offline by default)")):
-    """The whole chain on the embedded default: data -> biased baseline -> audit."""
+    """The whole chain on the embedded default: data -> synthetic sets -> biased baseline -> audit."""
     from aimfair_ray.evaluate import table
 
     def body():
         t0 = time.time()
         cfg = _cfg(preset, config, set_, wandb)
         do_prepare(cfg)
+        do_generate(cfg, "all")
         res = do_train(cfg)
         rep = do_audit(cfg, None, None, None, "biased baseline (ERM)")
         _wandb(cfg, res, rep)

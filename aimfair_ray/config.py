@@ -98,6 +98,57 @@ class AuditConfig(_Strict):
     batch_size: int = Field(256, ge=1)
 
 
+class Phrasing(_Strict):
+    name: str
+    phrases: list[str] = Field(min_length=1, description="words a prompt may use for it; one must appear")
+
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+class TaskConfig(_Strict):
+    """What the prompts describe: classes and groups with their phrasings, and context axes."""
+
+    subject: str = "a handwritten digit"
+    classes: list[Phrasing] = [
+        Phrasing(name="digit<5", phrases=DIGITS[:5] + [str(i) for i in range(5)]),
+        Phrasing(name="digit>=5", phrases=DIGITS[5:] + [str(i) for i in range(5, 10)]),
+    ]
+    groups: list[Phrasing] = [Phrasing(name="red", phrases=["red"]), Phrasing(name="green", phrases=["green"])]
+    context: dict[str, list[str]] = {
+        "stroke": ["a pen stroke", "a marker stroke", "a brush stroke", "a pencil line"],
+        "slant": ["slanted right", "slanted left", "upright"],
+        "thickness": ["thin", "medium", "thick"],
+        "background": ["on a black background", "on a dark background"],
+    }
+
+
+class GenerateConfig(_Strict):
+    backend: Literal["template", "transformers", "vllm"] = "transformers"
+    llm: Optional[str] = Field(None, description="HF model folder, GGUF file or hub id; null: the bundled SmolLM2-135M-Instruct")
+    task: TaskConfig = TaskConfig()
+    prompts_per_cell: int = Field(40, ge=1)
+    max_new_tokens: int = Field(40, ge=8)
+    temperature: float = Field(0.9, ge=0)
+    llm_batch_size: int = Field(16, ge=1)
+    llm_actors: int = Field(1, ge=1)
+    llm_gpus: float = Field(0.0, ge=0, description="GPUs per LLM actor / vLLM engine")
+    vllm_engine_kwargs: dict[str, Any] = {"max_model_len": 1024}
+    pipeline: Optional[str] = Field(None, description="diffusers pipeline folder or hub id; null: the embedded model")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    steps: int = Field(30, ge=1)
+    guidance_scale: float = Field(3.0, ge=1)
+    image_size: Optional[int] = Field(None, description="output size; null: the pipeline's own")
+    batch_size: int = Field(32, ge=1)
+    actors: int = Field(1, ge=1, description="diffusion actors in the pool")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    n_balanced_per_cell: int = Field(100, ge=1)
+    n_imbalanced: int = Field(400, ge=4, description="size of the set with the real data's cell shares")
+    filter: bool = Field(False, description="drop images whose checker-predicted target or group disagrees")
+    seed: int = 0
+
+
 class Config(_Strict):
     name: str = Field("cmnist", pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: str = "runs"
@@ -106,6 +157,7 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     audit: AuditConfig = AuditConfig()
+    generate: GenerateConfig = GenerateConfig()
 
     @field_validator("output_dir")
     @classmethod

@@ -20,7 +20,34 @@ TINY = [
     "train.epochs=2",
     "train.batch_size=64",
     "model.width=8",
+    "generate.backend=template",
+    "generate.prompts_per_cell=3",
+    "generate.n_balanced_per_cell=4",
+    "generate.n_imbalanced=10",
+    "generate.steps=2",
+    "generate.batch_size=4",
+    "generate.filter=false",
 ]
+
+
+def tiny_gen(pipeline_dir) -> list[str]:
+    """Overrides that point generation at a tiny random pipeline (fast; not the shipped model)."""
+    return [f"generate.pipeline={pipeline_dir}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A real, tiny, randomly initialised embedded-architecture pipeline saved with save_pretrained."""
+    import torch
+
+    from aimfair_ray.generate.t2i import AimfairT2IPipeline, TextProjection, make_scheduler, make_unet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_t2i") / "pipeline"
+    pipe = AimfairT2IPipeline(unet=make_unet(32, (8, 16, 16), 1), text_proj=TextProjection(out_dim=32),
+                              scheduler=make_scheduler())
+    pipe.save_pretrained(str(path))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

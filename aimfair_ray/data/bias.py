@@ -28,7 +28,8 @@ def cell_counts(n: int, n_classes: int, n_groups: int, b: float) -> np.ndarray:
     exact = cell_shares(n_classes, n_groups, b) * n
     counts = np.floor(exact).astype(int)
     rest = n - counts.sum()
-    order = np.argsort(-(exact - counts), axis=None, kind="stable")[:rest]
+    # largest remainder first; ties go to the smaller cell, so minority cells are not rounded away
+    order = np.lexsort((counts.ravel(), -np.round(exact - counts, 9).ravel()))[:rest]
     counts.flat[order] += 1
     return counts
 

@@ -1,0 +1,152 @@
+"""The generate stage: prompts -> balanced and imbalanced synthetic sets (-> filter).
+
+Layout under ``<run>/synthetic/``: ``prompts/`` (Parquet + report.json), ``balanced/``,
+``imbalanced/`` (image schema, shards + stats.json), and with the filter on,
+``balanced_filtered/`` and ``imbalanced_filtered/`` with ``filter.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aimfair_ray import AimfairError
+from aimfair_ray.data.bias import cell_counts
+from aimfair_ray.data.io import decode_png, make_table, write_split
+from aimfair_ray.generate.images import generate_images, plan
+from aimfair_ray.generate.prompts import cells, generate_prompts
+from aimfair_ray.storage import atomic_dir, exists, read_json, write_json
+
+SETS = ("balanced", "imbalanced")
+
+
+def synth_dir(cfg) -> str:
+    return f"{cfg.run_dir}/synthetic"
+
+
+def _prompt_key(cfg) -> dict:
+    g = cfg.generate
+    return g.model_dump(mode="json", include={"backend", "llm", "task", "prompts_per_cell", "max_new_tokens",
+                                              "temperature", "seed"})
+
+
+def run_prompts(cfg, force: bool = False, log=print) -> pd.DataFrame:
+    out = f"{synth_dir(cfg)}/prompts"
+    key = _prompt_key(cfg)
+    if not force and exists(f"{out}/report.json") and read_json(f"{out}/report.json").get("config") == key:
+        log(f"prompts: reusing {out}")
+        return pd.read_parquet(f"{out}/prompts.parquet")
+    table, report = generate_prompts(cfg.generate, log=log)
+    with atomic_dir(out) as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pandas(table, preserve_index=False), f"{tmp}/prompts.parquet")
+        write_json(f"{tmp}/report.json", dict(report, config=key))
+    log(f"prompts: wrote {len(table)} prompts to {out} ({report['per_cell']})")
+    return table
+
+
+def set_counts(cfg) -> dict[str, dict[str, int]]:
+    g, task = cfg.generate, cfg.generate.task
+    C, G = len(task.classes), len(task.groups)
+    imb = cell_counts(g.n_imbalanced, C, G, cfg.data.bias or 1 / 9)
+    return {
+        "balanced": {f"y{c}_s{s}": g.n_balanced_per_cell for c, s in cells(task)},
+        "imbalanced": {f"y{c}_s{s}": int(imb[c, s]) for c, s in cells(task)},
+    }
+
+
+def run_images(cfg, prompts: pd.DataFrame, sets=SETS, log=print) -> dict:
+    g = cfg.generate
+    meta = {"pipeline": g.pipeline or "embedded:cmnist-t2i", "steps": g.steps, "guidance_scale": g.guidance_scale,
+            "prompt_backend": g.backend, "seed": g.seed}
+    stats = {}
+    counts = set_counts(cfg)
+    for kind in sets:
+        p = plan(prompts, kind, counts[kind], g.seed)
+        stats[kind] = generate_images(g, p, f"{synth_dir(cfg)}/{kind}", meta, log=log)
+        log(f"images: {kind} done: {stats[kind]}")
+    cfg.save(synth_dir(cfg))
+    return stats
+
+
+def checker_for(cfg, log=print):
+    """The Colored MNIST checker, trained once per run on real digits outside the generator split."""
+    from aimfair_ray.generate.checker import Checker, train_checker
+
+    if cfg.data.dataset != "colored_mnist":
+        raise AimfairError("the faithfulness filter's built-in checker covers colored_mnist only; "
+                           "set generate.filter=false for other datasets")
+    path = f"{cfg.run_dir}/checker"
+    if exists(f"{path}/checker.json"):
+        return Checker.load(path)
+    gen_ids = pq.read_table(f"{cfg.data_dir}/generator", columns=["id"])["id"].to_pylist()
+    ck, _ = train_checker(cfg.data.colors, exclude={int(i.rsplit("-", 1)[1]) for i in gen_ids}, log=log)
+    ck.save(path)
+    return ck
+
+
+def read_set(directory: str) -> pd.DataFrame:
+    files = sorted(Path(directory).glob("shard-*.parquet"))
+    if not files:
+        raise AimfairError(f"no synthetic images in {directory}: run `aimfair generate images` first")
+    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True).sort_values("id")
+
+
+def run_filter(cfg, sets=SETS, log=print) -> dict:
+    """Drop images whose checker-predicted target or group disagrees with their labels."""
+    ck = checker_for(cfg, log)
+    report = {}
+    for kind in sets:
+        df = read_set(f"{synth_dir(cfg)}/{kind}")
+        imgs = np.stack([decode_png(b) for b in df["image"]])
+        pred = ck.predict(imgs)
+        keep = (pred["target"] == df["target"].to_numpy()) & (pred["group"] == df["group"].to_numpy())
+        cells_ = df["target"].astype(str).radd("y") + "_s" + df["group"].astype(str)
+        per_cell = {c: {"kept": int(keep[cells_ == c].sum()), "total": int((cells_ == c).sum()),
+                        "kept_fraction": round(float(keep[cells_ == c].mean()), 4)} for c in sorted(set(cells_))}
+        kept = df[keep]
+        write_split(make_table({k: kept[k].tolist() for k in ("id", "image", "target", "group", "split", "source",
+                                                                "prompt", "generator")}),
+                    f"{synth_dir(cfg)}/{kind}_filtered")
+        report[kind] = {"kept": int(keep.sum()), "total": len(df), "per_cell": per_cell}
+        fractions = ", ".join(f"{c}: {v['kept_fraction']:.2f}" for c, v in per_cell.items())
+        log(f"filter: {kind}: kept {int(keep.sum())}/{len(df)}; kept fraction per cell {fractions}")
+    write_json(f"{synth_dir(cfg)}/filter.json", report)
+    return report
+
+
+def quality_report(cfg, pipeline: str | None = None, per_cell: int = 200, log=print) -> dict:
+    """The embedded model's quality bar: checker agreement on generated images, no filtering."""
+    import torch
+
+    from aimfair_ray.config import DIGITS
+    from aimfair_ray.generate.images import generate_batch, sample_seed
+    from aimfair_ray.generate.prompts import requests, template_batch
+    from aimfair_ray.generate.t2i import embedded_weights, load_pipeline
+
+    ck = checker_for(cfg, log)
+    g = cfg.generate
+    pipe = load_pipeline(pipeline or g.pipeline or str(embedded_weights()))
+    torch.set_num_threads(2)
+    req = template_batch(requests(g.task, {c: per_cell for c in cells(g.task)}, g.seed + 7, 0), g.task.subject)
+    want_digit = np.array([DIGITS.index(c) if c in DIGITS else int(c) for c in req["cls"]])
+    imgs = np.concatenate([generate_batch(pipe, req["prompt"].iloc[i:i + 100].tolist(),
+                                          [sample_seed(g.seed, f"q{j}") for j in range(i, min(i + 100, len(req)))],
+                                          g.steps, g.guidance_scale) for i in range(0, len(req), 100)])
+    pred = ck.predict(imgs)
+    res = {"n_per_cell": per_cell, "steps": g.steps, "guidance_scale": g.guidance_scale,
+           "target_acc": float((pred["target"] == req["target"].to_numpy()).mean()),
+           "color_acc": float((pred["group"] == req["group"].to_numpy()).mean()),
+           "digit_acc": float((pred["digit"] == want_digit).mean()),
+           "per_cell": {}}
+    for c, s in cells(g.task):
+        m = ((req["target"] == c) & (req["group"] == s)).to_numpy()
+        res["per_cell"][f"y{c}_s{s}"] = {"target_acc": float((pred["target"][m] == c).mean()),
+                                         "color_acc": float((pred["group"][m] == s).mean()),
+                                         "digit_acc": float((pred["digit"][m] == want_digit[m]).mean())}
+    return res, imgs, req

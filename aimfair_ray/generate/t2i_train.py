@@ -1,0 +1,168 @@
+"""Training recipe of the embedded text-to-image model, in plain PyTorch (no Ray).
+
+Data: the Colored MNIST ``generator`` split (uniform colours), with captions that name
+the digit (as a word or numeral), its colour and its style (stroke thickness, slant),
+in several phrasings. Objective: v-prediction on a cosine noise schedule, 10% of
+captions dropped for classifier-free guidance, AdamW with warm-up and cosine decay,
+EMA weights. Checkpoints every ``save_every`` steps make the run resumable; the EMA
+pipeline is exported with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from aimfair_ray.data.cmnist import load_mnist_5k
+from aimfair_ray.data.io import decode_png
+from aimfair_ray.train.models import load_optimizer, save_optimizer
+from aimfair_ray.generate.t2i import TEXT_DIM, AimfairT2IPipeline, TextEncoder, TextProjection, make_scheduler, make_unet
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TEMPLATES = [
+    "a handwritten digit {num} in {color}",
+    "the number {word} written in {color} ink, {thick} stroke, {slant}",
+    "a {color} {word} on a black background",
+    "a {thick} {color} handwritten {word}, {slant}",
+    "an image of the digit {num}, drawn with a {thick} {color} pen",
+    "{word} ({num}) in {color}, {slant}",
+    "a photo of a {color} number {num}",
+    "a {slant} {color} digit {word} with a {thick} stroke on black",
+]
+
+
+def style(img: np.ndarray) -> tuple[float, float]:
+    """(ink fraction, slant) of an RGB digit image."""
+    ink = img.max(axis=2) > 64
+    ys, xs = np.nonzero(ink)
+    if len(xs) < 3:
+        return 0.0, 0.0
+    yc, xc = ys - ys.mean(), xs - xs.mean()
+    return float(ink.mean()), float(-(xc * yc).sum() / max((yc * yc).sum(), 1e-6))  # > 0 leans right
+
+
+def captions(digit: int, color: str, thick: str, slant: str, rng, k: int) -> list[str]:
+    picks = rng.choice(len(TEMPLATES), size=k, replace=k > len(TEMPLATES))
+    return [TEMPLATES[i].format(num=digit, word=WORDS[digit], color=color, thick=thick, slant=slant) for i in picks]
+
+
+def load_generator_split(split_dir: str, group_names: list[str], k: int, seed: int):
+    """Images [N, 3, 32, 32] in [-1, 1] and k captions per image."""
+    table = pq.read_table(split_dir, columns=["id", "image", "group"])
+    _, labels = load_mnist_5k()
+    imgs = np.stack([decode_png(b) for b in table["image"].to_pylist()])
+    digits = [int(labels[int(i.rsplit("-", 1)[1])]) for i in table["id"].to_pylist()]
+    groups = table["group"].to_pylist()
+    st = np.array([style(im) for im in imgs])
+    t1, t2 = np.quantile(st[:, 0], [1 / 3, 2 / 3])
+    rng = np.random.default_rng(seed)
+    caps = []
+    for (ink, sl), d, g in zip(st, digits, groups):
+        thick = "thin" if ink < t1 else "medium" if ink < t2 else "thick"
+        slant = "slanted right" if sl > 0.15 else "slanted left" if sl < -0.15 else "upright"
+        caps.append(captions(d, group_names[g], thick, slant, rng, k))
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, caps, np.array(digits), np.array(groups)
+
+
+def train(split_dir: str, out_dir: str, group_names: list[str], steps: int = 4000, batch_size: int = 64,
+          lr: float = 4e-4, ema_decay: float = 0.999, cond_drop: float = 0.1, save_every: int = 250,
+          captions_per_image: int = 8, seed: int = 0, threads: int = 2, log=print) -> str:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    ck = out / "ckpt"
+    ck.mkdir(parents=True, exist_ok=True)
+    x, caps, _, _ = load_generator_split(split_dir, group_names, captions_per_image, seed)
+    enc = TextEncoder()
+    flat = [c for cs in caps for c in cs]
+    L = max(len(enc.tokenizer(c)["input_ids"]) for c in flat)
+    parts = [enc(flat[i:i + 256], length=L) for i in range(0, len(flat), 256)]
+    tokens = torch.cat([p[0] for p in parts]).view(len(caps), captions_per_image, L, TEXT_DIM)
+    masks = torch.cat([p[1] for p in parts]).view(len(caps), captions_per_image, L)
+    null_t, null_m = enc([""], length=L)  # caption dropout uses the empty prompt
+    log(f"t2i: {len(x)} images, {len(flat)} captions encoded ({L} tokens)")
+
+    unet, proj, sched = make_unet(), TextProjection(out_dim=128), make_scheduler()
+    params = list(unet.parameters()) + list(proj.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    start = 0
+    if (ck / "state.json").is_file():
+        state = json.loads((ck / "state.json").read_text())
+        w = load_file(str(ck / "train.safetensors"))
+        for i, p in enumerate(params):
+            p.data.copy_(w[f"p{i}"])
+            ema[i].copy_(w[f"ema{i}"])
+        load_optimizer(opt, ck / "optim")
+        start = state["step"]
+        log(f"t2i: resuming at step {start}")
+    warm = 200
+
+    def lr_at(s):
+        return lr * min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+
+    g = torch.Generator().manual_seed(seed + start)
+    t0, losses = time.time(), []
+    for step in range(start, steps):
+        idx = torch.randint(0, len(x), (batch_size,), generator=g)
+        x0 = x[idx]
+        j = torch.randint(0, captions_per_image, (batch_size,), generator=g)
+        tk, mk = tokens[idx, j], masks[idx, j]
+        drop = torch.rand(batch_size, generator=g) < cond_drop
+        tk = torch.where(drop[:, None, None], null_t.expand_as(tk), tk)
+        mk = torch.where(drop[:, None], null_m.expand_as(mk), mk)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=g)
+        xt = sched.add_noise(x0, noise, t)
+        target = sched.get_velocity(x0, noise, t)
+        loss = F.mse_loss(unet(xt, t, class_labels=proj(tk, mk)).sample, target)
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(ema_decay, (1 + step) / (10 + step))
+            for pe, p in zip(ema, params):
+                pe.lerp_(p.detach(), 1 - d)
+        losses.append(float(loss.detach()))
+        if (step + 1) % 50 == 0:
+            log(f"t2i: step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} {(time.time() - t0) / len(losses):.2f}s/step")
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            w = {f"p{i}": p.detach().contiguous() for i, p in enumerate(params)}
+            w.update({f"ema{i}": pe.contiguous() for i, pe in enumerate(ema)})
+            save_file(w, str(ck / "train.safetensors.tmp"))
+            (ck / "optim.tmp").mkdir(exist_ok=True)
+            save_optimizer(opt, ck / "optim.tmp")
+            (ck / "train.safetensors.tmp").replace(ck / "train.safetensors")
+            shutil.rmtree(ck / "optim", ignore_errors=True)
+            (ck / "optim.tmp").replace(ck / "optim")
+            (ck / "state.json").write_text(json.dumps({"step": step + 1, "loss": float(np.mean(losses[-50:]))}))
+            export(unet, proj, sched, params, ema, out / "pipeline")
+    return str(out / "pipeline")
+
+
+def export(unet, proj, sched, params, ema, path: Path) -> None:
+    """Save the EMA weights as a diffusers pipeline folder (atomically)."""
+    import copy
+    import shutil
+
+    u, p = copy.deepcopy(unet), copy.deepcopy(proj)
+    for dst, src in zip(list(u.parameters()) + list(p.parameters()), ema):
+        dst.data.copy_(src)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    AimfairT2IPipeline(unet=u, text_proj=p, scheduler=sched).save_pretrained(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.replace(path)
