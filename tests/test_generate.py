@@ -120,3 +120,33 @@ def test_killed_generation_resumes_with_exactly_the_planned_ids(ray_cluster, tin
     ids = written_ids(str(out))
     assert len(ids) == len(set(ids)) == 96 and sorted(ids) == sorted(planned)  # none missing, none twice
     assert (out / "_COMPLETE").exists() and not list(out.glob("*.tmp"))
+
+
+def test_filter_keeps_faithful_images_and_reports_per_cell(ray_cluster, tmp_path):
+    """Real Colored MNIST digits relabelled as synthetic: correct labels are kept, flipped ones dropped."""
+    import pandas as pd
+
+    from aimfair_ray.data.io import make_table, write_split
+    from aimfair_ray.data.prepare import prepare_data
+    from aimfair_ray.generate.stage import run_filter
+
+    cfg = load_config("cmnist", overrides=TINY + [f"output_dir={tmp_path}"])
+    prepare_data(cfg, log=lambda *_: None)
+    test = read_split(f"{cfg.data_dir}/test").to_pandas().sample(80, random_state=0).reset_index(drop=True)
+    flip = np.arange(len(test)) % 4 == 0  # a quarter get the wrong group label
+    out = Path(synth_dir(cfg)) / "balanced"
+    out.mkdir(parents=True)
+    groups = np.where(flip, 1 - test["group"], test["group"])
+    t = make_table({"id": test["id"].tolist(), "image": test["image"].tolist(), "target": test["target"].tolist(),
+                    "group": groups.tolist(), "split": ["balanced"] * len(test), "source": ["synthetic"] * len(test),
+                    "prompt": ["p"] * len(test)})
+    import pyarrow.parquet as pq_
+
+    pq_.write_table(t, out / "shard-test.parquet")
+    rep = run_filter(cfg, sets=("balanced",), log=lambda *_: None)["balanced"]
+    assert rep["total"] == 80 and 0.6 * 60 <= rep["kept"] <= 60  # flipped ones never pass the colour check
+    assert set(rep["per_cell"]) == {"y0_s0", "y0_s1", "y1_s0", "y1_s1"}
+    assert all(0 <= v["kept_fraction"] <= 1 for v in rep["per_cell"].values())
+    kept = read_split(f"{synth_dir(cfg)}/balanced_filtered").to_pandas()
+    assert len(kept) == rep["kept"] and not set(kept["id"]) & set(test["id"][flip])
+    assert (Path(cfg.run_dir) / "checker" / "checker.safetensors").is_file()

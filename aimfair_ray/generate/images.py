@@ -106,7 +106,8 @@ def generate_images(gcfg, plan_df: pd.DataFrame, out_dir: str, meta: dict, log=p
         stale.unlink()
     done = set(written_ids(out_dir))
     todo = plan_df[~plan_df["id"].isin(done)]
-    (out / COMPLETE).unlink(missing_ok=True) if len(todo) else None
+    if len(todo):
+        (out / COMPLETE).unlink(missing_ok=True)
     log(f"images: {out.name}: {len(plan_df)} planned, {len(done)} already written, {len(todo)} to generate")
     t0, n = time.time(), 0
     if len(todo):

@@ -173,11 +173,11 @@ def write_batch(ds, gcfg):
     return ds.map_batches(
         PromptWriter,
         fn_constructor_kwargs={"llm": gcfg.llm, "subject": gcfg.task.subject, "max_new_tokens": gcfg.max_new_tokens,
-                               "temperature": gcfg.temperature},
+                               "temperature": gcfg.temperature, "threads": max(1, int(gcfg.cpus_per_actor))},
         batch_size=gcfg.llm_batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=gcfg.llm_actors),
-        num_cpus=1 if gcfg.llm_gpus == 0 else 1,
+        num_cpus=gcfg.cpus_per_actor,
         num_gpus=gcfg.llm_gpus or None,
     )
 

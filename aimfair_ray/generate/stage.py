@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from aimfair_ray import AimfairError
 from aimfair_ray.data.bias import cell_counts
-from aimfair_ray.data.io import decode_png, make_table, write_split
+from aimfair_ray.data.io import SCHEMA, decode_png, write_split
 from aimfair_ray.generate.images import generate_images, plan
 from aimfair_ray.generate.prompts import cells, generate_prompts
 from aimfair_ray.storage import atomic_dir, exists, read_json, write_json
@@ -110,8 +110,7 @@ def run_filter(cfg, sets=SETS, log=print) -> dict:
         per_cell = {c: {"kept": int(keep[cells_ == c].sum()), "total": int((cells_ == c).sum()),
                         "kept_fraction": round(float(keep[cells_ == c].mean()), 4)} for c in sorted(set(cells_))}
         kept = df[keep]
-        write_split(make_table({k: kept[k].tolist() for k in ("id", "image", "target", "group", "split", "source",
-                                                                "prompt", "generator")}),
+        write_split(pa.Table.from_pandas(kept[list(SCHEMA.names)], schema=SCHEMA, preserve_index=False),
                     f"{synth_dir(cfg)}/{kind}_filtered")
         report[kind] = {"kept": int(keep.sum()), "total": len(df), "per_cell": per_cell}
         fractions = ", ".join(f"{c}: {v['kept_fraction']:.2f}" for c, v in per_cell.items())

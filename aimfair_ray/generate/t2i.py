@@ -140,9 +140,9 @@ def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32")
     torch_dtype = getattr(torch, dtype)
     index = Path(path) / "model_index.json"
     if index.is_file() and json.loads(index.read_text()).get("_class_name") == AimfairT2IPipeline.__name__:
-        pipe = AimfairT2IPipeline.from_pretrained(str(path), torch_dtype=torch_dtype)
+        pipe = AimfairT2IPipeline.from_pretrained(str(path), dtype=torch_dtype)
     else:
-        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -1,0 +1,127 @@
+"""Images/s of the Ray Data generation pipeline against a plain single-process loop over
+the same model, the same batch size and the same CPU threads, printed as a ratio.
+
+    python benchmarks/generate_throughput.py [--images 128] [--batch-size 16] [--steps 30]
+
+The Ray figure is taken at steady state, from the first committed shard to the last (the
+actor's model load is reported apart). With a GPU at hand it also times one generation
+batch of an SD-1.5-sized pipeline at 512x512 (random weights: compute, not quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def plain_loop(pipeline: str, plan, batch_size: int, steps: int, guidance: float, threads: int) -> dict:
+    from aimfair_ray.data.io import encode_png
+    from aimfair_ray.generate.images import generate_batch
+    from aimfair_ray.generate.t2i import load_pipeline
+
+    torch.set_num_threads(threads)
+    pipe = load_pipeline(pipeline)
+    generate_batch(pipe, plan["prompt"].tolist()[:batch_size], plan["seed"].tolist()[:batch_size], steps, guidance)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(plan), batch_size):
+        b = plan.iloc[i:i + batch_size]
+        for im in generate_batch(pipe, b["prompt"].tolist(), b["seed"].tolist(), steps, guidance):
+            encode_png(im)
+    secs = time.perf_counter() - t0
+    return {"images": len(plan), "seconds": round(secs, 2), "images_per_s": round(len(plan) / secs, 3)}
+
+
+def ray_pipeline(cfg, plan, out: str) -> dict:
+    from aimfair_ray.generate.images import generate_images
+
+    t0 = time.time()
+    stats = generate_images(cfg.generate, plan, out, {"benchmark": True}, log=lambda *_: None)
+    shards = sorted(Path(out).glob("shard-*.parquet"), key=lambda p: p.stat().st_mtime)
+    first, last = shards[0].stat().st_mtime, shards[-1].stat().st_mtime
+    steady_images = len(plan) - cfg.generate.batch_size  # images committed after the first shard
+    return {"images": len(plan), "seconds_total": stats["seconds"], "first_shard_after_s": round(first - t0, 2),
+            "steady_seconds": round(last - first, 2), "images_per_s": round(steady_images / (last - first), 3)}
+
+
+def gpu_sd15(batch: int = 4, steps: int = 50) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    dev, dt = "cuda", torch.float16
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280)).to(dev, dt).eval()
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2).to(dev, dt).eval()
+    sched = DDIMScheduler()
+    text = torch.randn(2 * batch, 77, 768, device=dev, dtype=dt)
+
+    @torch.no_grad()
+    def one_batch():
+        x = torch.randn(batch, 4, 64, 64, device=dev, dtype=dt)
+        sched.set_timesteps(steps)
+        for t in sched.timesteps:
+            e = unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample
+            u, c = e.chunk(2)
+            x = sched.step(u + 7.5 * (c - u), t, x).prev_sample
+        return vae.decode(x / 0.18215).sample
+
+    one_batch()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    one_batch()
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    return {"device": torch.cuda.get_device_name(), "batch": batch, "steps": steps, "seconds": round(secs, 3),
+            "images_per_s": round(batch / secs, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pipeline", default=None, help="default: the embedded model")
+    a = ap.parse_args()
+
+    import pandas as pd
+    import ray
+
+    from aimfair_ray.config import load_config
+    from aimfair_ray.generate.images import sample_seed
+    from aimfair_ray.generate.t2i import embedded_weights
+
+    pipeline = a.pipeline or str(embedded_weights())
+    digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    plan = pd.DataFrame({"id": [f"b-{i:05d}" for i in range(a.images)],
+                         "prompt": [f"a handwritten digit {digits[i % 10]} in {'red' if i % 2 else 'green'}" for i in range(a.images)],
+                         "target": [int(i % 10 >= 5) for i in range(a.images)], "group": [1 - i % 2 for i in range(a.images)],
+                         "split": "benchmark"})
+    plan["seed"] = [sample_seed(0, i) for i in plan["id"]]
+    res = {"config": vars(a), "cpu_threads": a.threads, "cores": os.cpu_count()}
+    res["plain_loop"] = plain_loop(pipeline, plan, a.batch_size, a.steps, 3.0, a.threads)
+    cfg = load_config("cmnist", overrides=[f"generate.pipeline={pipeline}", f"generate.batch_size={a.batch_size}",
+                                           f"generate.steps={a.steps}", "generate.actors=1",
+                                           f"generate.cpus_per_actor={a.threads}"])
+    ray.init(num_cpus=a.threads + 1, include_dashboard=False, _temp_dir="/tmp/aimfair-bench")
+    with tempfile.TemporaryDirectory() as d:
+        res["ray_data"] = ray_pipeline(cfg, plan, f"{d}/set")
+    res["ratio_ray_over_plain"] = round(res["ray_data"]["images_per_s"] / res["plain_loop"]["images_per_s"], 3)
+    res["overhead_pct"] = round(100 * (1 - res["ratio_ray_over_plain"]), 1)
+    if torch.cuda.is_available():
+        res["gpu_sd15_512"] = gpu_sd15()
+    else:
+        res["gpu_sd15_512"] = "no GPU here: run this script on a GPU machine for the SD-1.5-sized figure"
+    print(json.dumps(res, indent=2))
+    print(f"plain loop {res['plain_loop']['images_per_s']} images/s; Ray Data {res['ray_data']['images_per_s']} images/s "
+          f"(steady state); ratio {res['ratio_ray_over_plain']} -> overhead {res['overhead_pct']}% (target <= 10%)")
+
+
+if __name__ == "__main__":
+    main()
