@@ -27,6 +27,7 @@ TINY = [
     "generate.steps=2",
     "generate.batch_size=4",
     "generate.filter=false",
+    "generate.cpus_per_actor=1",  # single-threaded actors: same ids give the same images across processes
 ]
 
 

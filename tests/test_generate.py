@@ -83,11 +83,12 @@ def test_generated_sets_schema_counts_and_determinism(ray_cluster, tiny_pipeline
     torch.set_num_threads(1)  # as in the 1-CPU actor: float reductions depend on the thread count
     pipe = load_pipeline(tiny_pipeline)
     batch = pq.read_table(shard).to_pandas()  # one shard is one generation batch
-    again = generate_batch(pipe, batch["prompt"].tolist(), [sample_seed(0, i) for i in batch["id"]], 2, 3.0)
+    g = cfg.generate
+    again = generate_batch(pipe, batch["prompt"].tolist(), [sample_seed(0, i) for i in batch["id"]], g.steps, g.guidance_scale)
     d = np.stack([np.abs(a.astype(int) - decode_png(b).astype(int)) for a, b in zip(again, batch["image"])])
     # same ids, same images, up to float rounding between processes (measured: 1 level in 0.002% of values)
     assert (d == 0).mean() > 0.999 and d.max() <= 1
-    alone = generate_batch(pipe, batch["prompt"].tolist()[:1], [sample_seed(0, batch["id"].iloc[0])], 2, 3.0)[0]
+    alone = generate_batch(pipe, batch["prompt"].tolist()[:1], [sample_seed(0, batch["id"].iloc[0])], g.steps, g.guidance_scale)[0]
     diff = np.abs(alone.astype(int) - decode_png(batch["image"].iloc[0]).astype(int))
     assert diff.mean() < 0.5 and diff.max() <= 4  # other batch shapes: float-level differences only
 
