@@ -43,6 +43,13 @@ def max_size(available: np.ndarray, b: float) -> int:
     return n
 
 
+def count_cells(targets, groups, n_classes: int, n_groups: int) -> np.ndarray:
+    """Samples per (target, group) cell, as a [C, G] array."""
+    counts = np.zeros((n_classes, n_groups), dtype=int)
+    np.add.at(counts, (np.asarray(targets, dtype=int), np.asarray(groups, dtype=int)), 1)
+    return counts
+
+
 def draw_biased_subset(
     targets, groups, n: int | None, b: float, seed: int, n_classes: int | None = None, n_groups: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +57,7 @@ def draw_biased_subset(
     t, g = np.asarray(targets, dtype=int), np.asarray(groups, dtype=int)
     C = int(n_classes or t.max() + 1)
     G = int(n_groups or g.max() + 1)
-    available = np.array([[np.sum((t == y) & (g == s)) for s in range(G)] for y in range(C)])
+    available = count_cells(t, g, C, G)
     if n is None:
         n = max_size(available, b)
     counts = cell_counts(n, C, G, b)

@@ -13,8 +13,8 @@ import pandas as pd
 
 from aimfair_ray import AimfairError
 from aimfair_ray.data import cmnist
-from aimfair_ray.data.bias import counts_dict, draw_biased_subset
-from aimfair_ray.data.io import decode_png, encode_png, write_split
+from aimfair_ray.data.bias import count_cells, counts_dict, draw_biased_subset
+from aimfair_ray.data.io import decode_png, encode_png, read_split, write_split
 from aimfair_ray.data.readers import check_files, read_dataset
 from aimfair_ray.storage import exists, read_json, write_json
 
@@ -94,8 +94,7 @@ def _real_tables(cfg) -> dict:
                 idx, _ = draw_biased_subset(part["target"], part["group"], None, b, d.seed, C, G)
             part = part.iloc[idx].reset_index(drop=True)
         parts[split] = part
-        counts[split] = counts_dict(np.array([[int(((part.target == y) & (part.group == s)).sum())
-                                               for s in range(G)] for y in range(C)]))
+        counts[split] = counts_dict(count_cells(part["target"], part["group"], C, G))
     check_files([p for part in parts.values() for p in part["path"]])
     enc = EncodeImages(d.image_size, d.skip_bad_images)
     tables = {}
@@ -104,14 +103,6 @@ def _real_tables(cfg) -> dict:
         tables[split] = ds.map_batches(enc, batch_format="pandas", batch_size=256)
     return {"tables": tables, "cell_counts": counts, "target_names": lab.target_names,
             "group_names": lab.group_names, "skipped_files": lab.skipped}
-
-
-def _written_counts(directory: str, planned: dict) -> dict:
-    from aimfair_ray.data.io import read_split
-
-    df = read_split(directory).select_columns(["target", "group"]).to_pandas()
-    return {k: int(((df.target == int(k[1:k.index("_")])) & (df.group == int(k[k.index("_s") + 2:]))).sum())
-            for k in planned}
 
 
 def prepare_data(cfg, force: bool = False, log=print) -> dict:
@@ -137,7 +128,9 @@ def prepare_data(cfg, force: bool = False, log=print) -> dict:
                 raise AimfairError(found[-1].strip()) from None
             raise
         if cfg.data.dataset != "colored_mnist":  # count what was written (bad images may be skipped)
-            built["cell_counts"][split] = _written_counts(f"{data_dir}/{split}", built["cell_counts"][split])
+            written = read_split(f"{data_dir}/{split}").select_columns(["target", "group"]).to_pandas()
+            C, G = len(built["target_names"]), len(built["group_names"])
+            built["cell_counts"][split] = counts_dict(count_cells(written["target"], written["group"], C, G))
         log(f"data: wrote {split} -> {data_dir}/{split}  cells {built['cell_counts'][split]}")
     meta = {
         "dataset": cfg.data.dataset,

@@ -40,7 +40,6 @@ class Checker:
     def __init__(self, colors, model: SmallCNN | None = None):
         self.colors = [list(c) for c in colors]
         self.model = (model or SmallCNN(10, 16)).eval()
-        self.model.features[0][0] = self.model.features[0][0]  # 1-channel input set in _adapt
         _adapt(self.model)
 
     @torch.no_grad()
