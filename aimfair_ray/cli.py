@@ -18,10 +18,12 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets as Parquet s
 train_app = typer.Typer(no_args_is_help=True, help="Train models on Ray Train.")
 config_app = typer.Typer(no_args_is_help=True, help="Show presets and resolved configs.")
 gen_app = typer.Typer(no_args_is_help=True, help="Synthetic data (CSDG): prompts, then images.")
+bench_app = typer.Typer(no_args_is_help=True, help="Results tables over seeds.")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(config_app, name="config")
 app.add_typer(gen_app, name="generate")
+app.add_typer(bench_app, name="benchmark")
 # Wide enough for the audit table when output is a pipe or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
 
@@ -66,6 +68,15 @@ def do_train(cfg: Config, force: bool = False) -> dict:
 
     log(f"train: baseline {cfg.model.backbone} on {cfg.train.num_workers} Ray Train worker(s)")
     return train_baseline(cfg, force=force, log=log)
+
+
+def do_finetune(cfg: Config, method: Optional[str] = None, force: bool = False) -> dict:
+    from aimfair_ray.train.finetune import finetune
+
+    m = method or cfg.finetune.method
+    log(f"finetune: {m} on {cfg.train.num_workers} Ray Train worker(s)"
+        + (f" through DeepSpeed ZeRO-{cfg.finetune.zero_stage}" if cfg.finetune.deepspeed else ""))
+    return finetune(cfg, m, force=force, log=log)
 
 
 def do_generate(cfg: Config, what: str, force: bool = False) -> dict:
@@ -138,6 +149,75 @@ def train_baseline_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOp
     _run(body)
 
 
+@train_app.command("groupdro")
+def train_groupdro_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                       force: bool = ForceOpt):
+    """Train the Group DRO baseline on real data with group labels (step size: group_dro.eta)."""
+    from aimfair_ray.evaluate import table
+
+    def body():
+        cfg = _cfg(preset, config, set_)
+        res = train_group_dro_stage(cfg, force)
+        rep = do_audit(cfg, res["model_dir"], None, None, f"Group DRO (eta {cfg.group_dro.eta})")
+        console.print(table({"group_dro": rep}))
+        _headline("group_dro", rep)
+
+    _run(body)
+
+
+def train_group_dro_stage(cfg: Config, force: bool = False) -> dict:
+    from aimfair_ray.train.baseline import train_group_dro
+
+    log(f"train: Group DRO (eta {cfg.group_dro.eta}) on {cfg.train.num_workers} Ray Train worker(s)")
+    return train_group_dro(cfg, force=force, log=log)
+
+
+@app.command("finetune")
+def finetune_cmd(method: Optional[str] = typer.Option(None, "--method", "-m",
+                                                      help="full | linear | random | selective (default: finetune.method)"),
+                 preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                 force: bool = ForceOpt):
+    """Fine-tune the baseline on the synthetic balanced set, then audit it beside the baseline."""
+    from aimfair_ray.evaluate import table
+
+    def body():
+        cfg = _cfg(preset, config, set_)
+        res = do_finetune(cfg, method, force)
+        base = do_audit(cfg, None, None, None, "biased baseline (ERM)")
+        rep = do_audit(cfg, res["model_dir"], None, None, f"fine-tuned: {res['method']}")
+        console.print(table({"baseline (ERM)": base, f"finetune: {res['method']}": rep}))
+        _headline(f"finetune: {res['method']}", rep)
+
+    _run(body)
+
+
+@bench_app.command("aimfair")
+def benchmark_aimfair_cmd(seeds: int = typer.Option(3, "--seeds", min=1, help="number of seeds (0, 1, ...)"),
+                          methods: str = typer.Option(",".join(("baseline", "full", "linear", "random", "selective", "group_dro")),
+                                                      "--methods", help="comma-separated rows of the table"),
+                          preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Results table: baseline, full, linear, random, selective and Group DRO, mean ± std over seeds."""
+    from aimfair_ray.benchmark import ROWS, benchmark_aimfair
+
+    def body():
+        cfg = _cfg(preset, config, set_)
+        rows = [m.strip() for m in methods.split(",") if m.strip()]
+        bad = [m for m in rows if m not in ROWS]
+        if bad:
+            raise AimfairError(f"unknown --methods {bad}; choose from {', '.join(ROWS)}")
+        from aimfair_ray.runtime import ensure_ray
+
+        ensure_ray(cfg.ray)
+        do_prepare(cfg)
+        do_generate(cfg, "all")
+        t0 = time.time()
+        out = benchmark_aimfair(cfg, list(range(seeds)), rows, log=log)
+        console.print(open(f"{out['dir']}/results.md").read(), highlight=False)
+        log(f"benchmark: wrote {out['dir']}/results.md, .csv, .json and .png in {time.time() - t0:.0f}s")
+
+    _run(body)
+
+
 @gen_app.command("prompts")
 def generate_prompts_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                          force: bool = ForceOpt):
@@ -204,7 +284,8 @@ def audit_cmd(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", hel
 @app.command("demo")
 def demo(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
          wandb: bool = typer.Option(False, "--wandb", help="log to W&B (offline by default)")):
-    """The whole chain on the embedded default: data -> synthetic sets -> biased baseline -> audit."""
+    """The whole chain on the embedded default: data -> synthetic sets -> biased baseline ->
+    AIM-Fair selective fine-tuning -> audits of both."""
     from aimfair_ray.evaluate import table
 
     def body():
@@ -215,8 +296,11 @@ def demo(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optio
         res = do_train(cfg)
         rep = do_audit(cfg, None, None, None, "biased baseline (ERM)")
         _wandb(cfg, res, rep)
-        console.print(table({"baseline (ERM)": rep}))
+        ft = do_finetune(cfg)
+        ft_rep = do_audit(cfg, ft["model_dir"], None, None, f"AIM-Fair fine-tuned ({ft['method']})")
+        console.print(table({"baseline (ERM)": rep, f"finetune: {ft['method']}": ft_rep}))
         _headline("biased baseline on the test set", rep)
+        _headline(f"fine-tuned ({ft['method']}) on the test set", ft_rep)
         log(f"demo: done in {time.time() - t0:.0f}s; outputs under {cfg.run_dir}")
 
     _run(body)

@@ -81,10 +81,39 @@ class TrainConfig(_Strict):
     storage_path: Optional[str] = Field(None, description="Ray Train storage: local dir, s3:// or gs://; null: <output_dir>/<name>/ray")
     max_failures: int = Field(1, ge=-1)
     keep_checkpoints: int = Field(2, ge=1)
-    select_metric: Literal["val_acc", "val_loss"] = "val_acc"
+    select_metric: Literal["val_acc", "val_loss", "val_wst", "last"] = Field(
+        "val_acc", description="which epoch to export: best on val by this metric, or the last")
     seed: int = 0
     wandb: bool = False
     wandb_project: str = "aimfair-ray"
+
+
+class FinetuneConfig(_Strict):
+    """AIM-Fair fine-tuning of the baseline on synthetic data (and its controls)."""
+
+    method: Literal["full", "linear", "random", "selective"] = "selective"
+    k: float = Field(0.5, gt=0, description="selective: k lowest-domain ∩ k highest-bias tensors; < 1 is a fraction of the tensors")
+    min_selected: int = Field(1, ge=0, description="if the intersection holds fewer tensors, k grows until it holds this many; 0: never grow (an empty selection is an error)")
+    mask: Literal["tensor", "element"] = Field("tensor", description="element: the same rule on single weights (k as a fraction of all weights)")
+    bn_stats: Literal["keep", "frozen_layers", "update"] = Field(
+        "keep", description="BatchNorm running statistics while fine-tuning: keep all of them (the real data's), "
+                            "keep those of frozen layers only, or update all on the synthetic data")
+    synthetic: Literal["auto", "balanced", "balanced_filtered"] = Field("auto", description="auto: the filtered set when generate.filter is on")
+    mix_real: float = Field(0.0, ge=0, le=10, description="add real biased train images, as a multiple of the synthetic set's size")
+    score_samples: Optional[int] = Field(None, ge=1, description="images per set (Rb, Sb, Su) for the gradient scores, chosen by seed; null: all")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    deepspeed: bool = Field(False, description="run the loop through DeepSpeed on the Ray Train workers (extra: aimfair-ray[deepspeed])")
+    zero_stage: Literal[0, 1, 2] = 2
+    seed: int = 0
+
+
+class GroupDROConfig(_Strict):
+    """Group DRO baseline: real data with group labels, exponentiated-gradient weights on the (target, group) cells."""
+
+    eta: float = Field(0.01, ge=0, description="step size of the group-weight ascent")
+    epochs: Optional[int] = Field(None, ge=1, description="null: train.epochs")
 
 
 class RayConfig(_Strict):
@@ -158,6 +187,8 @@ class Config(_Strict):
     ray: RayConfig = RayConfig()
     audit: AuditConfig = AuditConfig()
     generate: GenerateConfig = GenerateConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    group_dro: GroupDROConfig = GroupDROConfig()
 
     @field_validator("output_dir")
     @classmethod

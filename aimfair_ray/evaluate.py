@@ -4,14 +4,13 @@ fairness report as JSON, a per-cell accuracy chart as PNG and a terminal table."
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 
 from aimfair_ray import AimfairError
 from aimfair_ray.data.io import decode_batch, read_split
 from aimfair_ray.metrics import fairness_report
-from aimfair_ray.storage import atomic_write_text, is_uri, write_json
+from aimfair_ray.storage import atomic_write_bytes, write_json
 from aimfair_ray.train.models import check_checkpoint_dir, load_classifier
 
 
@@ -78,21 +77,6 @@ def group_acc_chart(report: dict, title: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    if is_uri(path):
-        from aimfair_ray.storage import filesystem
-
-        fs, p = filesystem(path)
-        with fs.open_output_stream(p) as f:
-            f.write(data)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def audit(model_dir: str, split_dir: str, out_dir: str, batch_size: int = 256, title: str | None = None) -> dict:
     """Evaluate ``model_dir`` on ``split_dir``; write audit.json and group_acc.png into ``out_dir``."""
     _, meta = load_classifier(model_dir)
@@ -103,7 +87,7 @@ def audit(model_dir: str, split_dir: str, out_dir: str, batch_size: int = 256, t
     report.update({"model_dir": model_dir, "split_dir": split_dir,
                    "target_names": meta["target_names"], "group_names": meta["group_names"]})
     write_json(f"{out_dir}/audit.json", report)
-    _write_bytes(f"{out_dir}/group_acc.png", group_acc_chart(report, title or f"audit of {model_dir}"))
+    atomic_write_bytes(f"{out_dir}/group_acc.png", group_acc_chart(report, title or f"audit of {model_dir}"))
     return report
 
 
@@ -122,4 +106,4 @@ def table(reports: dict[str, dict]):
     return t
 
 
-__all__ = ["audit", "predict_split", "table", "group_acc_chart", "atomic_write_text"]
+__all__ = ["audit", "predict_split", "table", "group_acc_chart"]

@@ -49,17 +49,22 @@ def read_text(path: str) -> str:
         return f.read().decode()
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file or object: a temporary file renamed into place (local), one upload (URI)."""
     if is_uri(path):
         fs, p = filesystem(path)
         with fs.open_output_stream(p) as f:  # object stores publish a whole object at close
-            f.write(text.encode())
+            f.write(data)
         return
     p = Path(_local(path))
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, p)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def write_json(path: str, obj) -> None:

@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the preset's generate.guidance_scale")
     ap.add_argument("--pipeline", default=None, help="default: the embedded model")
     a = ap.parse_args()
 
@@ -105,10 +106,12 @@ def main() -> None:
                          "split": "benchmark"})
     plan["seed"] = [sample_seed(0, i) for i in plan["id"]]
     res = {"config": vars(a), "cpu_threads": a.threads, "cores": os.cpu_count()}
-    res["plain_loop"] = plain_loop(pipeline, plan, a.batch_size, a.steps, 3.0, a.threads)
     cfg = load_config("cmnist", overrides=[f"generate.pipeline={pipeline}", f"generate.batch_size={a.batch_size}",
                                            f"generate.steps={a.steps}", "generate.actors=1",
-                                           f"generate.cpus_per_actor={a.threads}"])
+                                           f"generate.cpus_per_actor={a.threads}"]
+                      + ([f"generate.guidance_scale={a.guidance}"] if a.guidance is not None else []))
+    res["guidance_scale"] = cfg.generate.guidance_scale  # the same for both: CFG > 1 doubles the UNet work
+    res["plain_loop"] = plain_loop(pipeline, plan, a.batch_size, a.steps, cfg.generate.guidance_scale, a.threads)
     ray.init(num_cpus=a.threads + 1, include_dashboard=False, _temp_dir="/tmp/aimfair-bench")
     with tempfile.TemporaryDirectory() as d:
         res["ray_data"] = ray_pipeline(cfg, plan, f"{d}/set")

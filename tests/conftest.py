@@ -27,7 +27,9 @@ TINY = [
     "generate.steps=2",
     "generate.batch_size=4",
     "generate.filter=false",
-    "generate.cpus_per_actor=1",  # single-threaded actors: same ids give the same images across processes
+    "generate.cpus_per_actor=1",
+    "finetune.epochs=2",
+    "finetune.batch_size=8",  # single-threaded actors: same ids give the same images across processes
 ]
 
 

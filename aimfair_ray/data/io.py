@@ -5,13 +5,14 @@ a ``_COMPLETE`` marker; readers refuse a directory without it."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
 from aimfair_ray import AimfairError
-from aimfair_ray.storage import atomic_dir, exists, is_complete
+from aimfair_ray.storage import atomic_dir, exists, is_complete, is_uri
 
 SCHEMA = pa.schema(
     [
@@ -72,11 +73,27 @@ def read_split(directory: str):
         raise AimfairError(f"no data at {directory}: run `aimfair data prepare` first (or check the path)")
     if not is_complete(directory):
         raise AimfairError(f"{directory} is incomplete (no _COMPLETE marker): a write was interrupted; rerun the stage")
-    ds = ray.data.read_parquet(directory, file_extensions=["parquet"])
-    missing = set(SCHEMA.names) - set(ds.schema().names)
-    if missing:
-        raise AimfairError(f"{directory}: not in the aimfair image schema, missing columns {sorted(missing)}")
-    return ds
+    # Check the columns from a file footer: ds.schema() would start a Ray Data execution.
+    if not is_uri(directory):
+        import pyarrow.parquet as pq
+
+        files = sorted(Path(directory).glob("*.parquet"))
+        if not files:
+            raise AimfairError(f"{directory} holds no Parquet files")
+        missing = set(SCHEMA.names) - set(pq.read_schema(files[0]).names)
+        if missing:
+            raise AimfairError(f"{directory}: not in the aimfair image schema, missing columns {sorted(missing)}")
+    return ray.data.read_parquet(directory, file_extensions=["parquet"])
+
+
+def read_table(directory: str, columns: list[str] | None = None) -> pa.Table:
+    """The Parquet files of a split or set directory as one table, without Ray (small reads: ids, labels)."""
+    import pyarrow.parquet as pq
+
+    files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
+    if not files:
+        raise AimfairError(f"no Parquet files in {directory}")
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
 
 
 def decode_batch(batch: dict) -> dict:

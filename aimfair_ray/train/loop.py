@@ -5,7 +5,7 @@ Batches are dicts with ``image`` (uint8 [N, 3, H, W]), ``target`` and ``group``.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,23 +27,41 @@ def make_optimizer(params, tcfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer) -> tuple[float, int]:
-    """One ERM step; returns (loss, number correct)."""
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: Optional[torch.optim.Optimizer],
+               loss_fn: Optional[Callable] = None, after_step: Optional[Callable] = None) -> tuple[float, int]:
+    """One step; returns (loss, number correct).
+
+    ``loss_fn(per_sample_losses)`` turns per-sample losses into the objective (ERM: the
+    mean). ``model`` may be a DeepSpeed engine, which owns backward and step.
+    """
     logits = model(x)
-    loss = F.cross_entropy(logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach()), int((logits.argmax(1) == y).sum())
+    losses = F.cross_entropy(logits, y, reduction="none")
+    loss = losses.mean() if loss_fn is None else loss_fn(losses)
+    if hasattr(model, "backward") and hasattr(model, "step"):  # deepspeed.DeepSpeedEngine
+        model.backward(loss)
+        model.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if after_step is not None:
+        after_step()
+    return float(losses.detach().mean()), int((logits.argmax(1) == y).sum())
 
 
-def train_epoch(model, batches: Iterable[dict], optimizer, mean, std, device) -> dict:
+def train_epoch(model, batches: Iterable[dict], optimizer, mean, std, device, objective: Optional[Callable] = None,
+                after_step: Optional[Callable] = None, frozen_bn: Sequence[nn.Module] = ()) -> dict:
+    """One pass over ``batches``. ``objective(losses, batch)`` replaces the mean loss (Group DRO);
+    ``frozen_bn`` layers stay in eval mode (their running statistics do not move)."""
     model.train()
+    for m in frozen_bn:
+        m.eval()
     total, loss_sum, correct = 0, 0.0, 0
     for b in batches:
         x = to_input(b["image"], mean, std, device)
         y = b["target"].to(device).long()
-        loss, ok = train_step(model, x, y, optimizer)
+        fn = None if objective is None else (lambda losses, b=b: objective(losses, b))
+        loss, ok = train_step(model, x, y, optimizer, fn, after_step)
         loss_sum += loss * len(y)
         correct += ok
         total += len(y)

@@ -1,0 +1,280 @@
+"""AIM-Fair fine-tuning on Ray Train: score the baseline's tensors, pick the ones a
+method trains, then fine-tune them on synthetic balanced data (optionally mixed with real).
+
+Methods: ``full`` (every tensor), ``linear`` (the last layer), ``random`` (random
+tensors, as many as selective picks) and ``selective`` (AIM-Fair). Scoring runs on
+Ray Train too: each worker sums gradients over its shards of Rb, Sb and Su, the sums
+are all-reduced, and the math is :mod:`train.selective`.
+
+Outputs under ``<run>/finetune/``: ``scores/`` (scores.json, scores.png, grads),
+and per method ``<method>/`` (model, result.json, selection.json).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aimfair_ray import AimfairError
+from aimfair_ray.config import Config
+from aimfair_ray.data.io import decode_batch, read_split, read_table
+from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, read_json, write_json
+from aimfair_ray.train import selective as sel
+from aimfair_ray.train.models import build_model, load_classifier
+from aimfair_ray.train.raytrain import RunSpec, allreduce, fit
+
+METHODS = ("full", "linear", "random", "selective")
+
+
+def synthetic_dir(cfg: Config, kind: str = "balanced") -> str:
+    """The synthetic set a run uses: ``balanced``/``imbalanced``, filtered when the filter ran."""
+    from aimfair_ray.generate.stage import synth_dir
+
+    choice = cfg.finetune.synthetic
+    filtered = choice == "balanced_filtered" or (choice == "auto" and cfg.generate.filter)
+    path = f"{synth_dir(cfg)}/{kind}{'_filtered' if filtered else ''}"
+    if not exists(path):
+        raise AimfairError(f"no synthetic {kind} set at {path}: run `aimfair generate all` first"
+                           + (" (with generate.filter=true, or set finetune.synthetic=balanced)" if filtered else ""))
+    return path
+
+
+def subset(directory: str, n: int | None, seed: int):
+    """A Ray Dataset of the split, limited to ``n`` rows chosen by seed (the same rows on every rerun)."""
+    ds = read_split(directory)
+    if n is None:
+        return ds
+    ids = sorted(read_table(directory, ["id"])["id"].to_pylist())
+    if n >= len(ids):
+        return ds
+    keep = frozenset(np.random.default_rng(seed).choice(ids, size=n, replace=False).tolist())
+    return ds.filter(lambda r: r["id"] in keep)
+
+
+# ---- scoring ---------------------------------------------------------------------------
+def _decode_tagged(batch: dict, set_id: int) -> dict:
+    out = decode_batch(batch)
+    out["set"] = np.full(len(out["target"]), set_id, dtype=np.int64)
+    return out
+
+
+def score_loop_per_worker(config: dict) -> None:
+    """Summed gradients over this worker's shards of Rb, Sb, Su; rank 0 reports the global means."""
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import save_file
+
+    mmeta = config["model_meta"]
+    torch.set_num_threads(config["threads"])
+    model = build_model(mmeta["backbone"], mmeta["num_classes"], mmeta["image_size"], False, mmeta["width"])
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in config["init"].items()})
+    device = ray.train.torch.get_device()
+    model.to(device)
+    sums = {s: None for s in sel.SETS}
+    ns = {s: 0 for s in sel.SETS}
+    for b in ray.train.get_dataset_shard("score").iter_torch_batches(batch_size=128):
+        for i, s in enumerate(sel.SETS):
+            m = b["set"] == i
+            if bool(m.any()):
+                part, n = sel.grad_sums(model, [{"image": b["image"][m], "target": b["target"][m]}],
+                                        mmeta["mean"], mmeta["std"], device)
+                sums[s] = part if sums[s] is None else {k: sums[s][k] + part[k] for k in part}
+                ns[s] += n
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    out, counts = {}, {}
+    for s in sel.SETS:
+        local = sums[s] or {k: torch.zeros(p.shape, dtype=torch.float64) for k, p in model.named_parameters()}
+        flat = allreduce(torch.cat([local[k].flatten() for k in names] + [torch.tensor([float(ns[s])], dtype=torch.float64)]))
+        total = int(flat[-1])
+        i = 0
+        for k in names:
+            m = local[k].numel()
+            out[f"{s}/{k}"] = (flat[i:i + m] / max(total, 1)).view_as(local[k]).float().contiguous()
+            i += m
+        counts[s] = total
+    if ray.train.get_context().get_world_rank() == 0:
+        with tempfile.TemporaryDirectory() as d:
+            save_file(out, f"{d}/grads.safetensors")
+            Path(d, "counts.json").write_text(json.dumps(counts))
+            ray.train.report({"n_rb": counts["rb"], "n_sb": counts["sb"], "n_su": counts["su"]},
+                             checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report({"n_rb": counts["rb"], "n_sb": counts["sb"], "n_su": counts["su"]}, checkpoint=None)
+
+
+def weights_sha(model_dir: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(model_dir, "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def _weights(model_dir: str) -> tuple[dict, dict, list[str], dict]:
+    model, meta = load_classifier(model_dir)
+    init = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    numels = {n: p.numel() for n, p in model.named_parameters()}
+    return init, meta, names, numels
+
+
+def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=print,
+                   stage: str = "finetune/scores") -> dict:
+    """Mean gradients of the baseline on Rb, Sb, Su -> domain and bias scores per tensor (cached)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import load_file, save_file
+
+    from aimfair_ray.runtime import ensure_ray
+
+    name = stage
+    stage = cfg.stage_dir(stage)
+    ft, tc = cfg.finetune, cfg.train
+    sources = {"rb": f"{cfg.data_dir}/train", "sb": synthetic_dir(cfg, "imbalanced"), "su": synthetic_dir(cfg, "balanced")}
+    key = {"baseline": weights_sha(baseline_dir), "sources": sources, "score_samples": ft.score_samples,
+           "seed": ft.seed if ft.score_samples else None}  # the seed only picks the subset
+    if not force and exists(f"{stage}/scores.json") and read_json(f"{stage}/scores.json").get("key") == key:
+        log(f"scores: reusing {stage}")
+        return read_json(f"{stage}/scores.json")
+    ensure_ray(cfg.ray)
+    init, meta, names, numels = _weights(baseline_dir)
+    # One dataset (a `set` column tells Rb, Sb, Su apart): one split coordinator instead of three.
+    parts = [subset(sources[s], ft.score_samples, ft.seed).map_batches(_decode_tagged, fn_kwargs={"set_id": i},
+                                                                       batch_format="numpy")
+             for i, s in enumerate(sel.SETS)]
+    datasets = {"score": parts[0].union(*parts[1:])}
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
+    trainer = TorchTrainer(
+        score_loop_per_worker,
+        train_loop_config={"init": init, "model_meta": meta, "threads": tc.torch_threads},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        datasets=datasets,
+        run_config=RunConfig(name=f"{cfg.name}-{name.replace('/', '-')}", storage_path=cfg.ray_storage),
+    )
+    result = trainer.fit()
+    if result.error or result.checkpoint is None:
+        raise AimfairError(f"scoring failed: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        flat = load_file(f"{d}/grads.safetensors")
+        counts = json.loads(Path(d, "counts.json").read_text())
+    for s, n in counts.items():
+        if n == 0:
+            raise AimfairError(f"scoring: the {s} set ({sources[s]}) has no images")
+    grads = {s: {n: flat[f"{s}/{n}"] for n in names} for s in sel.SETS}
+    domain, bias = sel.scores(grads)
+    out = {"key": key, "counts": counts, "domain": domain, "bias": bias, "numels": numels,
+           "world_size": tc.num_workers}
+    with atomic_dir(stage) as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        save_file(flat, f"{tmp}/grads.safetensors")
+        write_json(f"{tmp}/scores.json", out)
+    log(f"scores: mean gradients over Rb {counts['rb']}, Sb {counts['sb']}, Su {counts['su']} images "
+        f"on {tc.num_workers} worker(s) -> {stage}")
+    return out
+
+
+def load_grads(cfg: Config, names: list[str], stage: str = "finetune/scores") -> dict:
+    from safetensors.torch import load_file
+
+    flat = load_file(f"{cfg.stage_dir(stage)}/grads.safetensors")
+    return {s: {n: flat[f"{s}/{n}"] for n in names} for s in sel.SETS}
+
+
+# ---- choosing what trains ------------------------------------------------------------------
+def choose(cfg: Config, method: str, baseline_dir: str, force: bool = False, log=print,
+           scores_stage: str = "finetune/scores") -> dict:
+    """The tensors (and element masks) a method trains, with the scores behind the choice."""
+    ft = cfg.finetune
+    model, _ = load_classifier(baseline_dir)
+    names = [n for n, _ in model.named_parameters()]
+    numels = {n: p.numel() for n, p in model.named_parameters()}
+    if method == "full":
+        return {"method": method, "trainable": names, "masks": None, "numels": numels}
+    if method == "linear":
+        return {"method": method, "trainable": sel.head_tensors(model), "masks": None, "numels": numels}
+    sc = compute_scores(cfg, baseline_dir, force=force, log=log, stage=scores_stage)
+    k = sel.resolve_k(ft.k, len(names))
+    masks = None
+    if ft.mask == "element":
+        masks = sel.element_masks(load_grads(cfg, names, scores_stage), ft.k if ft.k < 1 else ft.k / sum(numels.values()))
+        chosen = [n for n in names if bool(masks[n].any())]
+        k_used = k
+    else:
+        chosen, k_used = sel.select_at_least(sc["domain"], sc["bias"], k, ft.min_selected)
+        if k_used != k:
+            log(f"selective: only {len(sel.select(sc['domain'], sc['bias'], k))} tensor(s) in both top-{k} lists; "
+                f"k grown to {k_used} (finetune.min_selected={ft.min_selected})")
+    if not chosen:
+        raise AimfairError(f"selective: no tensor is both among the {k} lowest-domain and the {k} highest-bias "
+                           f"tensors; raise finetune.k (now {ft.k}) or set finetune.min_selected=1")
+    if method == "random":
+        chosen = sel.random_tensors(names, len(chosen), ft.seed)
+        masks = None
+    return {"method": method, "trainable": chosen, "masks": masks, "numels": numels, "k": k, "k_used": k_used,
+            "domain": sc["domain"], "bias": sc["bias"]}
+
+
+def _write_selection(stage: str, choice: dict) -> dict:
+    numels = choice["numels"]
+    chosen = choice["trainable"]
+    trained = (sum(int(m.sum()) for m in choice["masks"].values()) if choice["masks"]
+               else sum(numels[n] for n in chosen))
+    info = {"method": choice["method"], "n_tensors": len(numels), "n_trainable_tensors": len(chosen),
+            "trainable": chosen, "trainable_params": trained, "total_params": sum(numels.values()),
+            "trainable_fraction": trained / sum(numels.values()), "k": choice.get("k"), "k_used": choice.get("k_used"),
+            "mask": "element" if choice["masks"] else "tensor"}
+    if "domain" in choice:
+        info.update(domain=choice["domain"], bias=choice["bias"])
+    write_json(f"{stage}/selection.json", info)
+    if "domain" in choice:
+        atomic_write_bytes(f"{stage}/selection.png", sel.plot(choice["domain"], choice["bias"], chosen, choice["method"]))
+    return info
+
+
+def finetune(cfg: Config, method: str | None = None, force: bool = False, log=print, stage: str | None = None,
+             baseline_dir: str | None = None) -> dict:
+    """Fine-tune the baseline with ``method``; returns the run's result (model_dir, history, selection)."""
+    from aimfair_ray.runtime import ensure_ray
+
+    method = method or cfg.finetune.method
+    if method not in METHODS:
+        raise AimfairError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
+    ft = cfg.finetune
+    baseline_dir = baseline_dir or f"{cfg.stage_dir('baseline')}/model"
+    if not exists(f"{baseline_dir}/model.json"):
+        raise AimfairError(f"no baseline at {baseline_dir}: run `aimfair train baseline` first")
+    stage = stage or f"finetune/{method}"
+    ensure_ray(cfg.ray)  # before any Ray Data call, which would otherwise start a default local cluster
+    choice = choose(cfg, method, baseline_dir, force=force, log=log, scores_stage=f"{stage.rsplit('/', 1)[0]}/scores")
+    syn_dir = synthetic_dir(cfg, "balanced")
+    train_ds = read_split(syn_dir)
+    n_syn = read_table(syn_dir, ["id"]).num_rows
+    if ft.mix_real > 0:
+        train_ds = train_ds.union(subset(f"{cfg.data_dir}/train", int(round(ft.mix_real * n_syn)), ft.seed))
+    datasets = {"train": train_ds.map_batches(decode_batch, batch_format="numpy"),
+                "val": read_split(f"{cfg.data_dir}/val").map_batches(decode_batch, batch_format="numpy")}
+    init, meta, _, _ = _weights(baseline_dir)
+    info = _write_selection(cfg.stage_dir(stage), choice)
+    log(f"finetune: {method}: training {info['n_trainable_tensors']}/{info['n_tensors']} tensors "
+        f"({100 * info['trainable_fraction']:.1f}% of the weights) on {n_syn} synthetic"
+        + (f" + {int(round(ft.mix_real * n_syn))} real" if ft.mix_real else "") + " images")
+    tc = cfg.train.model_copy(update={"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "seed": ft.seed,
+                                      "select_metric": "last"})
+    spec = RunSpec(stage=stage, train=tc, init=init, trainable=choice["trainable"],
+                   masks={k: v.numpy() for k, v in choice["masks"].items()} if choice["masks"] else None,
+                   bn_stats=ft.bn_stats,
+                   deepspeed_stage=ft.zero_stage if ft.deepspeed else None,
+                   info={"method": method, "baseline_sha": weights_sha(baseline_dir), "selection": {k: info[k] for k in ("n_trainable_tensors", "n_tensors",
+                                                                             "trainable_fraction", "trainable")}})
+    res = fit(cfg, spec, datasets, meta, force=force, log=log)
+    return res
+
+
+def mean_epoch_time(result: dict) -> float:
+    times = [h["epoch_time_s"] for h in result["history"]]
+    return float(np.mean(times[1:] if len(times) > 1 else times))
+
+
+__all__ = ["finetune", "compute_scores", "choose", "METHODS"]
