@@ -15,7 +15,7 @@ the BatchNorm running statistics of frozen layers.
 from __future__ import annotations
 
 import random
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -177,16 +177,6 @@ class ElementMask:
     def __call__(self) -> None:
         for p, m, init in self.items:
             p.copy_(torch.where(m, p, init))
-
-
-def summary(domain: dict[str, float], bias: dict[str, float], chosen: list[str], k: int,
-            numels: Optional[dict[str, int]] = None) -> dict:
-    numels = numels or {}
-    total = sum(numels.values()) or None
-    picked = sum(numels.get(n, 0) for n in chosen)
-    return {"k": k, "n_tensors": len(domain), "n_selected": len(chosen), "selected": chosen,
-            "selected_param_fraction": (picked / total) if total else None,
-            "domain": domain, "bias": bias}
 
 
 def plot(domain: dict[str, float], bias: dict[str, float], chosen: list[str], title: str) -> bytes:
