@@ -218,6 +218,33 @@ def benchmark_aimfair_cmd(seeds: int = typer.Option(3, "--seeds", min=1, help="n
     _run(body)
 
 
+@app.command("sweep")
+def sweep_cmd(kind: str = typer.Argument(..., help="selective (AIM-Fair k, lr) | minmax (group-weight eta, EMA decay)"),
+              space: Optional[str] = typer.Option(None, "--space", help="sweep YAML; default: the shipped one for KIND"),
+              name: Optional[str] = typer.Option(None, "--name", help="sweep name (its folder under <run>/sweep); default: KIND"),
+              fresh: bool = typer.Option(False, "--fresh", help="discard an earlier sweep of this name instead of resuming it"),
+              wandb: bool = typer.Option(False, "--wandb", help="log every trial to W&B (offline by default)"),
+              preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Ray Tune sweep (ASHA) over the Ray Train trainers; writes trials.csv/json, pareto.png and summary.md.
+    Rerunning resumes: finished and failed trials are kept."""
+    from aimfair_ray.sweep import load_spec, sweep
+
+    def body():
+        cfg = _cfg(preset, config, set_)
+        spec = load_spec(kind, space)
+        out = sweep(cfg, spec, name=name, wandb=wandb, fresh=fresh, log=log)
+        console.print(open(f"{out['dir']}/summary.md").read(), highlight=False)
+        best = out["best"]
+        if best is None:
+            raise AimfairError(f"no trial finished; see {out['dir']}/summary.md for the errors")
+        log(f"sweep: best trial {best['trial_id']}: "
+            + ", ".join(f"{k}={v}" for k, v in best["params"].items())
+            + f" (objective {best['metrics']['objective']:.4f}); {len(out['rows'])} trials in {out['wall_s']:.0f}s; "
+            f"wrote {out['dir']}/trials.csv, trials.json, pareto.png, summary.md")
+
+    _run(body)
+
+
 @gen_app.command("prompts")
 def generate_prompts_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                          force: bool = ForceOpt):

@@ -113,6 +113,7 @@ class GroupDROConfig(_Strict):
     """Group DRO baseline: real data with group labels, exponentiated-gradient weights on the (target, group) cells."""
 
     eta: float = Field(0.01, ge=0, description="step size of the group-weight ascent")
+    ema: float = Field(0.0, ge=0, lt=1, description="decay of the EMA-smoothed group losses the ascent uses; 0: raw batch losses")
     epochs: Optional[int] = Field(None, ge=1, description="null: train.epochs")
 
 
@@ -260,28 +261,19 @@ def _fields(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
     return model
 
 
-def apply_override(raw: dict, item: str) -> dict:
-    """Apply one ``a.b=value`` override; the value is parsed as YAML (numbers, lists, null)."""
-    if "=" not in item:
-        raise AimfairError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
-    key, _, text = item.partition("=")
+def set_value(raw: dict, key: str, value: Any) -> dict:
+    """A copy of ``raw`` with the dotted config path ``key`` set to ``value`` (the path is checked)."""
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise AimfairError(f"--set {item!r}: empty key")
+        raise AimfairError(f"{key!r}: empty config key")
     for depth in range(len(parts)):
         model = _fields(Config, parts[:depth])
         if model is None:
-            raise AimfairError(f"--set {key}: {'.'.join(parts[:depth])} is not a section")
+            raise AimfairError(f"{key}: {'.'.join(parts[:depth])} is not a section")
         if parts[depth] not in model.model_fields:
             where = ".".join(parts[:depth]) or "top level"
-            raise AimfairError(
-                f"--set {key}: unknown field {parts[depth]!r} in {where}; "
-                f"allowed: {', '.join(model.model_fields)}"
-            )
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise AimfairError(f"--set {item!r}: cannot parse value ({e})") from e
+            raise AimfairError(f"{key}: unknown field {parts[depth]!r} in {where}; "
+                               f"allowed: {', '.join(model.model_fields)}")
     out = _merge(raw, {})
     node = out
     for p in parts[:-1]:
@@ -289,6 +281,21 @@ def apply_override(raw: dict, item: str) -> dict:
         node = node[p]
     node[parts[-1]] = value
     return out
+
+
+def apply_override(raw: dict, item: str) -> dict:
+    """Apply one ``a.b=value`` override; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise AimfairError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise AimfairError(f"--set {item!r}: cannot parse value ({e})") from e
+    try:
+        return set_value(raw, key, value)
+    except AimfairError as e:
+        raise AimfairError(f"--set {e}") from None
 
 
 def format_validation_error(err: ValidationError, source: str = "config") -> str:

@@ -91,3 +91,17 @@ def trained(ray_cluster, tmp_path_factory):
     meta = prepare_data(cfg)
     result = train_baseline(cfg)
     return cfg, meta, result
+
+
+@pytest.fixture(scope="session")
+def synth(trained, tiny_pipeline):
+    """The trained tiny run plus tiny synthetic balanced and imbalanced sets (tiny random T2I model)."""
+    from aimfair_ray.config import load_config
+    from aimfair_ray.generate.stage import run_images, run_prompts
+
+    cfg0, _, result = trained
+    cfg = load_config("cmnist", overrides=TINY + tiny_gen(tiny_pipeline) + [
+        f"output_dir={cfg0.output_dir}", "train.num_workers=2", "finetune.epochs=2", "finetune.batch_size=8"])
+    quiet = dict(log=lambda *_: None)
+    run_images(cfg, run_prompts(cfg, **quiet), **quiet)
+    return cfg, result

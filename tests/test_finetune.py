@@ -10,27 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aimfair_ray.config import load_config
 from aimfair_ray.data.io import decode_png, read_table
 from aimfair_ray.train import selective as sel
 from aimfair_ray.train.finetune import compute_scores, finetune, synthetic_dir
 from aimfair_ray.train.models import load_classifier
 
-from conftest import TINY, tiny_gen
 
 QUIET = dict(log=lambda *_: None)
-
-
-@pytest.fixture(scope="session")
-def synth(trained, tiny_pipeline):
-    """The trained tiny run plus tiny synthetic balanced and imbalanced sets (tiny random T2I model)."""
-    from aimfair_ray.generate.stage import run_images, run_prompts
-
-    cfg0, _, result = trained
-    cfg = load_config("cmnist", overrides=TINY + tiny_gen(tiny_pipeline) + [
-        f"output_dir={cfg0.output_dir}", "train.num_workers=2", "finetune.epochs=2", "finetune.batch_size=8"])
-    run_images(cfg, run_prompts(cfg, **QUIET), **QUIET)
-    return cfg, result
 
 
 def _images(directory):

@@ -158,3 +158,18 @@ def test_group_weights_exponentiated_gradient():
     assert torch.allclose(gw2.q, torch.tensor([0.2, 0.8], dtype=torch.float64))
     with pytest.raises(ValueError, match="eta"):
         GroupWeights(2, eta=-1)
+
+
+def test_group_weights_ema_smooths_the_ascent():
+    gw = GroupWeights(2, eta=1.0, ema=0.5)
+    gw(torch.tensor([1.0, 3.0]), torch.tensor([0, 1]))  # first sight: the smoothed losses are the batch's
+    assert torch.allclose(gw.avg, torch.tensor([1.0, 3.0], dtype=torch.float64))
+    gw(torch.tensor([3.0]), torch.tensor([0]))  # group 1 absent: its smoothed loss stays 3.0
+    assert torch.allclose(gw.avg, torch.tensor([2.0, 3.0], dtype=torch.float64))
+    q = torch.tensor([math.exp(1.0 + 2.0), math.exp(3.0 + 3.0)], dtype=torch.float64)
+    assert torch.allclose(gw.q, q / q.sum())  # q ∝ exp(eta * sum of the smoothed losses seen so far)
+    again = GroupWeights(2, eta=1.0, ema=0.5)
+    again.load_state_dict(gw.state_dict())
+    assert torch.equal(again.avg, gw.avg) and torch.equal(again.seen, gw.seen)
+    with pytest.raises(ValueError, match="EMA decay"):
+        GroupWeights(2, eta=1.0, ema=1.0)

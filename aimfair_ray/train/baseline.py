@@ -29,10 +29,11 @@ def train_baseline(cfg: Config, force: bool = False, log=print, stage: str = "ba
     return fit(cfg, spec, real_datasets(cfg), meta, force=force, log=log)
 
 
-def train_group_dro(cfg: Config, force: bool = False, log=print, stage: str = "group_dro") -> dict:
-    """Group DRO on the real train set (uses group labels)."""
+def train_group_dro(cfg: Config, force: bool = False, log=print, stage: str = "group_dro", callbacks=None,
+                    score: dict | None = None) -> dict:
+    """Group DRO on the real train set (uses group labels); ``callbacks``/``score`` as in :func:`raytrain.fit`."""
     meta = model_meta(cfg, load_meta(cfg.data_dir))
     tc = cfg.train.model_copy(update={"epochs": cfg.group_dro.epochs or cfg.train.epochs, "select_metric": "val_wst"})
-    spec = RunSpec(stage=stage, train=tc, objective="group_dro", eta=cfg.group_dro.eta,
-                   info={"method": "group_dro", "eta": cfg.group_dro.eta})
-    return fit(cfg, spec, real_datasets(cfg), meta, force=force, log=log)
+    spec = RunSpec(stage=stage, train=tc, objective="group_dro", eta=cfg.group_dro.eta, ema=cfg.group_dro.ema,
+                   score=score, info={"method": "group_dro", "eta": cfg.group_dro.eta, "ema": cfg.group_dro.ema})
+    return fit(cfg, spec, real_datasets(cfg), meta, force=force, log=log, callbacks=callbacks)

@@ -234,8 +234,12 @@ def _write_selection(stage: str, choice: dict) -> dict:
 
 
 def finetune(cfg: Config, method: str | None = None, force: bool = False, log=print, stage: str | None = None,
-             baseline_dir: str | None = None) -> dict:
-    """Fine-tune the baseline with ``method``; returns the run's result (model_dir, history, selection)."""
+             baseline_dir: str | None = None, scores_stage: str | None = None, callbacks=None,
+             score: dict | None = None) -> dict:
+    """Fine-tune the baseline with ``method``; returns the run's result (model_dir, history, selection).
+
+    ``scores_stage``: where the gradient scores are cached (default: beside ``stage``);
+    ``callbacks``/``score``: as in :func:`raytrain.fit` (a sweep trial passes them)."""
     from aimfair_ray.runtime import ensure_ray
 
     method = method or cfg.finetune.method
@@ -247,7 +251,8 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
         raise AimfairError(f"no baseline at {baseline_dir}: run `aimfair train baseline` first")
     stage = stage or f"finetune/{method}"
     ensure_ray(cfg.ray)  # before any Ray Data call, which would otherwise start a default local cluster
-    choice = choose(cfg, method, baseline_dir, force=force, log=log, scores_stage=f"{stage.rsplit('/', 1)[0]}/scores")
+    choice = choose(cfg, method, baseline_dir, force=force, log=log,
+                    scores_stage=scores_stage or f"{stage.rsplit('/', 1)[0]}/scores")
     syn_dir = synthetic_dir(cfg, "balanced")
     train_ds = read_split(syn_dir)
     n_syn = read_table(syn_dir, ["id"]).num_rows
@@ -264,12 +269,11 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
                                       "select_metric": "last"})
     spec = RunSpec(stage=stage, train=tc, init=init, trainable=choice["trainable"],
                    masks={k: v.numpy() for k, v in choice["masks"].items()} if choice["masks"] else None,
-                   bn_stats=ft.bn_stats,
+                   bn_stats=ft.bn_stats, score=score,
                    deepspeed_stage=ft.zero_stage if ft.deepspeed else None,
                    info={"method": method, "baseline_sha": weights_sha(baseline_dir), "selection": {k: info[k] for k in ("n_trainable_tensors", "n_tensors",
                                                                              "trainable_fraction", "trainable")}})
-    res = fit(cfg, spec, datasets, meta, force=force, log=log)
-    return res
+    return fit(cfg, spec, datasets, meta, force=force, log=log, callbacks=callbacks)
 
 
 def mean_epoch_time(result: dict) -> float:

@@ -47,6 +47,8 @@ class RunSpec:
     bn_stats: str = "update"                    # "keep" | "frozen_layers" | "update" (BatchNorm running stats)
     objective: str = "erm"                      # "erm" or "group_dro"
     eta: float = 0.0                            # Group DRO step size
+    ema: float = 0.0                            # Group DRO: EMA decay of the group losses the ascent uses
+    score: Optional[dict] = None                # {metric: weight}: also report "objective" = sum(weight * metric)
     deepspeed_stage: Optional[int] = None       # None: plain DDP
     info: dict = field(default_factory=dict)    # written into result.json (method, selection, ...)
 
@@ -112,7 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
     frozen_bn = freeze(model, spec.trainable if spec.trainable is not None else [n for n, _ in model.named_parameters()],
                        spec.bn_stats)
     G = len(mmeta["group_names"])
-    dro = GroupWeights(mmeta["num_classes"] * G, spec.eta, reduce=allreduce) if spec.objective == "group_dro" else None
+    dro = GroupWeights(mmeta["num_classes"] * G, spec.eta, reduce=allreduce, ema=spec.ema) if spec.objective == "group_dro" else None
     optimizer = loop.make_optimizer(model.parameters(), tc)  # trainable tensors only
     start, history = 0, []
     ckpt = ray.train.get_checkpoint()
@@ -161,9 +163,13 @@ def train_loop_per_worker(config: dict) -> None:
             "val_acc": rep["acc"],
             "val_wst": rep["wst"],
             "val_eo": rep["eo"],
+            "val_std": rep["std"],
+            "val_gap": max(rep["group_acc"].values()) - min(rep["group_acc"].values()),
             "epoch_time_s": epoch_time,
             "world_size": ctx.get_world_size(),
         }
+        if spec.score:
+            metrics["objective"] = sum(w * metrics[k] for k, w in spec.score.items())
         history.append(metrics)
         if rank == 0:
             log.info("[aimfair] {stage} epoch {epoch}/{total}  loss {train_loss:.4f}  val_acc {val_acc:.4f}  "
@@ -180,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=None)
 
 
-def _trainer(cfg: Config, tc: TrainConfig, datasets: dict, loop_config: dict, run_name: str):
+def _trainer(cfg: Config, tc: TrainConfig, datasets: dict, loop_config: dict, run_name: str, callbacks=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -196,6 +202,7 @@ def _trainer(cfg: Config, tc: TrainConfig, datasets: dict, loop_config: dict, ru
         run_config=RunConfig(
             name=run_name,
             storage_path=cfg.ray_storage,
+            callbacks=list(callbacks or []),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=tc.keep_checkpoints,
@@ -215,8 +222,13 @@ def _fingerprint(cfg: Config, spec: RunSpec) -> dict:
     return {"config": cfg.model_dump(mode="json", exclude={"ray"}), "spec": s}
 
 
-def fit(cfg: Config, spec: RunSpec, datasets: dict, model_meta: dict, force: bool = False, log=print) -> dict:
-    """Train (or resume, or reuse) one run; export its chosen epoch to ``<stage>/model``."""
+def fit(cfg: Config, spec: RunSpec, datasets: dict, model_meta: dict, force: bool = False, log=print,
+        callbacks=None) -> dict:
+    """Train (or resume, or reuse) one run; export its chosen epoch to ``<stage>/model``.
+
+    ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` when a sweep trial runs it.
+    A reused run (same config, finished) returns its ``result.json`` with ``reused: True``.
+    """
     from aimfair_ray.runtime import ensure_ray
 
     stage = cfg.stage_dir(spec.stage)
@@ -227,7 +239,7 @@ def fit(cfg: Config, spec: RunSpec, datasets: dict, model_meta: dict, force: boo
     same = exists(f"{stage}/run.json") and json.loads(read_text(f"{stage}/run.json")) == json.loads(json.dumps(fp))
     if same and not force and exists(f"{model_dir}/{META}") and exists(f"{stage}/result.json"):
         log(f"train: reusing {model_dir} (same config; --force retrains)")
-        return json.loads(read_text(f"{stage}/result.json"))
+        return dict(json.loads(read_text(f"{stage}/result.json")), reused=True)
     if (force or not same) and exists(run_path) and not cfg.ray_storage.startswith(("s3://", "gs://")):
         log(f"train: starting fresh (removing {run_path})")
         shutil.rmtree(run_path, ignore_errors=True)
@@ -240,7 +252,7 @@ def fit(cfg: Config, spec: RunSpec, datasets: dict, model_meta: dict, force: boo
     spec_d = asdict(spec)
     spec_d["train"] = spec.train.model_dump(mode="json")
     loop_config = {"spec": spec_d, "model": cfg.model.model_dump(mode="json"), "model_meta": model_meta}
-    result = _trainer(cfg, spec.train, datasets, loop_config, run_name).fit()
+    result = _trainer(cfg, spec.train, datasets, loop_config, run_name, callbacks).fit()
     if result.error:
         raise AimfairError(f"training failed: {result.error}")
     metric = "epoch" if spec.train.select_metric == "last" else spec.train.select_metric
