@@ -28,7 +28,10 @@ def ensure_ray(rcfg) -> dict:
                                "107 bytes; use a short path such as /tmp/aimfair-ray")
         # Logical CPUs: at least 4, so Ray Data's read tasks can run beside 2 Train workers.
         num_cpus = rcfg.num_cpus or max(os.cpu_count() or 1, 4)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=rcfg.temp_dir, log_to_driver=True)
+        # The dashboard serves the State API, which Ray Train V2 uses to remove the placement groups of a run
+        # whose controller died (a sweep trial that ASHA stopped, a killed driver); without it they leak.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=rcfg.temp_dir,
+                 log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     # Progress bars only on a terminal (or AIMFAIR_PROGRESS=1); logs stay readable in CI and jobs.
     ctx.enable_progress_bars = os.environ.get("AIMFAIR_PROGRESS", "1" if sys.stdout.isatty() else "0") == "1"

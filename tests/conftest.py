@@ -59,7 +59,7 @@ def ray_cluster():
     import ray
 
     tmp = tempfile.mkdtemp(prefix="aft-", dir="/tmp")  # short: AF_UNIX paths < 107 bytes
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=True)
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=tmp, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     address = ray.get_runtime_context().gcs_address
     yield address
