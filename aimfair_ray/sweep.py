@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aimfair_ray import AimfairError
-from aimfair_ray.config import Config, set_value
+from aimfair_ray.config import Config, apply_override, format_validation_error, set_value
 from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, exists, write_json
 
 SWEEP_DIR = Path(__file__).parent / "presets" / "sweeps"
@@ -79,19 +79,10 @@ class SweepSpec(BaseModel):
                     raise ValueError(f"space.{key}.loguniform: bounds must be > 0, got {vals}")
         return v
 
-    @field_validator("objective")
+    @field_validator("objective", "pareto")
     @classmethod
-    def _objective(cls, v):
-        names = [v] if isinstance(v, str) else list(v)
-        bad = [m for m in names if m not in METRICS]
-        if bad:
-            raise ValueError(f"unknown metric(s) {bad}; allowed: {', '.join(METRICS)}")
-        return v
-
-    @field_validator("pareto")
-    @classmethod
-    def _pareto(cls, v):
-        bad = [m for m in v if m not in METRICS]
+    def _metrics(cls, v):
+        bad = [m for m in ([v] if isinstance(v, str) else list(v)) if m not in METRICS]
         if bad:
             raise ValueError(f"unknown metric(s) {bad}; allowed: {', '.join(METRICS)}")
         return v
@@ -131,8 +122,6 @@ def load_spec(kind: str, path: Optional[str] = None) -> SweepSpec:
 
 def trial_config(base: Config, params: dict, spec: SweepSpec) -> Config:
     """A trial's config: the base, the sweep's overrides, then the sampled values."""
-    from aimfair_ray.config import apply_override
-
     raw = base.model_dump(mode="json")
     for item in spec.overrides:
         raw = apply_override(raw, item)
@@ -141,8 +130,6 @@ def trial_config(base: Config, params: dict, spec: SweepSpec) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        from aimfair_ray.config import format_validation_error
-
         raise AimfairError(format_validation_error(e, f"trial config {params}")) from None
 
 
@@ -224,9 +211,9 @@ def _trial_id(result) -> str:
     return (result.metrics or {}).get("trial_id") or (found.group(1) if found else Path(result.path).name)
 
 
-def collect(grid, spec: SweepSpec, cfg: Config, sweep_stage: str, epochs: int) -> list[dict]:
+def collect(grid, spec: SweepSpec, cfg: Config, sweep_stage: str) -> list[dict]:
     rows = []
-    for i, r in enumerate(grid):
+    for r in grid:
         m = dict(r.metrics or {})
         tid = _trial_id(r)
         stage_dir = Path(cfg.stage_dir(f"{sweep_stage}/trials/{tid}"))
@@ -283,7 +270,7 @@ def chart(rows: list[dict], front: list[int], best: Optional[dict], spec: SweepS
     if best is not None:
         ax.scatter([best["metrics"][xk]], [best["metrics"][yk]], s=180, facecolors="none", edgecolors="#c0392b",
                    linewidths=2, label="best objective")
-    for j, r in enumerate(ok):
+    for r in ok:
         ax.annotate(str(rows.index(r)), (r["metrics"][xk], r["metrics"][yk]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
     ax.set_xlabel(f"{xk} (higher is better)")
@@ -454,7 +441,7 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
             f"-> {out}")
     grid = tuner.fit()
     wall = time.time() - t0
-    rows = collect(grid, spec, cfg, sweep_stage, epochs)
+    rows = collect(grid, spec, cfg, sweep_stage)
     ok = [r for r in rows if r["status"] != "ERROR" and all(k in r["metrics"] for k in spec.pareto)]
     front = pareto_front([(r["metrics"][spec.pareto[0]], r["metrics"][spec.pareto[1]]) for r in ok])
     front_ids = {ok[i]["trial_id"] for i in front}
