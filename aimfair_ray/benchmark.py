@@ -25,7 +25,7 @@ def _audit(cfg: Config, model_dir: str, title: str) -> dict:
     from aimfair_ray.evaluate import audit
 
     return audit(model_dir, split_dir(cfg, cfg.audit.split), f"{model_dir.rstrip('/').rsplit('/', 1)[0]}/audit",
-                 cfg.audit.batch_size, title=title)
+                 cfg.audit, title=title)
 
 
 def run_seed(cfg: Config, seed: int, methods=ROWS, log=print) -> dict[str, dict]:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from aimfair_ray import AimfairError
-from aimfair_ray.config import Config, list_presets, load_config
+from aimfair_ray.config import Config, list_presets, list_resource_layers, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets as Parquet splits.")
@@ -24,29 +24,54 @@ app.add_typer(train_app, name="train")
 app.add_typer(config_app, name="config")
 app.add_typer(gen_app, name="generate")
 app.add_typer(bench_app, name="benchmark")
+jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
 # Wide enough for the audit table when output is a pipe or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
 
 PresetOpt = typer.Option("cmnist", "--preset", "-p", help="config preset shipped with the package")
-ConfigOpt = typer.Option(None, "--config", "-c", help="a YAML file merged over the preset")
+ConfigOpt = typer.Option(None, "--config", "-c", help="a YAML file merged over the preset (repeatable, later wins), "
+                         "e.g. --config cluster/resources/gpu.yaml --config my.yaml")
 SetOpt = typer.Option(None, "--set", "-s", help="override a value: --set train.epochs=3 (repeatable)")
 ForceOpt = typer.Option(False, "--force", help="redo the stage even if its outputs exist")
 
 
-def _cfg(preset: str, config: Optional[str], overrides: Optional[List[str]], wandb: bool = False) -> Config:
-    cfg = load_config(preset, config, overrides or [])
+_LOADED: list[Config] = []  # configs of the running command, whose run dirs are published to storage_uri
+
+
+def _cfg(preset: str, config: Optional[List[str]], overrides: Optional[List[str]], wandb: bool = False) -> Config:
+    cfg = load_config(preset, config or [], overrides or [])
     if wandb:
         cfg.train.wandb = True
+    if cfg.storage_uri:
+        from aimfair_ray.storage import pull_run
+
+        n = pull_run(cfg)
+        if n:
+            log(f"storage: fetched {n} files of run {cfg.name} from {cfg.storage_uri}")
+    _LOADED.append(cfg)
     return cfg
 
 
+def _publish() -> None:
+    from aimfair_ray.storage import push_run
+
+    while _LOADED:
+        cfg = _LOADED.pop()
+        if cfg.storage_uri:
+            log(f"storage: published {push_run(cfg)} new files of run {cfg.name} to {cfg.storage_uri}")
+
+
 def _run(fn):
-    """Run a command body; user errors print their message and exit 2."""
+    """Run a command body; user errors print their message and exit 2. The run's outputs,
+    also those a failed command committed, are then published to ``storage_uri``."""
     try:
         return fn()
     except AimfairError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2)
+    finally:
+        _publish()
 
 
 def log(msg: str) -> None:
@@ -106,7 +131,7 @@ def do_audit(cfg: Config, checkpoint: Optional[str], split: Optional[str], out: 
     sdir = split_dir(cfg, split or cfg.audit.split)
     out_dir = out or f"{os.path.dirname(model_dir.rstrip('/'))}/audit"
     log(f"audit: {model_dir} on {sdir}")
-    rep = audit(model_dir, sdir, out_dir, cfg.audit.batch_size, title=title)
+    rep = audit(model_dir, sdir, out_dir, cfg.audit, title=title)
     cfg.save(out_dir)
     log(f"audit: wrote {out_dir}/audit.json and {out_dir}/group_acc.png")
     return rep
@@ -129,14 +154,14 @@ def _headline(name: str, r: dict) -> None:
 
 # ---- commands ------------------------------------------------------------------------------
 @data_app.command("prepare")
-def data_prepare(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+def data_prepare(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                  force: bool = ForceOpt):
     """Build the dataset's Parquet splits (train/val/test, and generator for Colored MNIST)."""
     _run(lambda: do_prepare(_cfg(preset, config, set_), force))
 
 
 @train_app.command("baseline")
-def train_baseline_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+def train_baseline_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                        force: bool = ForceOpt, wandb: bool = typer.Option(False, "--wandb", help="log to W&B (offline by default)")):
     """Train the biased (ERM) baseline on Ray Train; an interrupted run resumes."""
 
@@ -150,7 +175,7 @@ def train_baseline_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOp
 
 
 @train_app.command("groupdro")
-def train_groupdro_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+def train_groupdro_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                        force: bool = ForceOpt):
     """Train the Group DRO baseline on real data with group labels (step size: group_dro.eta)."""
     from aimfair_ray.evaluate import table
@@ -175,7 +200,7 @@ def train_group_dro_stage(cfg: Config, force: bool = False) -> dict:
 @app.command("finetune")
 def finetune_cmd(method: Optional[str] = typer.Option(None, "--method", "-m",
                                                       help="full | linear | random | selective (default: finetune.method)"),
-                 preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                 preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                  force: bool = ForceOpt):
     """Fine-tune the baseline on the synthetic balanced set, then audit it beside the baseline."""
     from aimfair_ray.evaluate import table
@@ -195,7 +220,7 @@ def finetune_cmd(method: Optional[str] = typer.Option(None, "--method", "-m",
 def benchmark_aimfair_cmd(seeds: int = typer.Option(3, "--seeds", min=1, help="number of seeds (0, 1, ...)"),
                           methods: str = typer.Option(",".join(("baseline", "full", "linear", "random", "selective", "group_dro")),
                                                       "--methods", help="comma-separated rows of the table"),
-                          preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+                          preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     """Results table: baseline, full, linear, random, selective and Group DRO, mean ± std over seeds."""
     from aimfair_ray.benchmark import ROWS, benchmark_aimfair
 
@@ -224,7 +249,7 @@ def sweep_cmd(kind: str = typer.Argument(..., help="selective (AIM-Fair k, lr) |
               name: Optional[str] = typer.Option(None, "--name", help="sweep name (its folder under <run>/sweep); default: KIND"),
               fresh: bool = typer.Option(False, "--fresh", help="discard an earlier sweep of this name instead of resuming it"),
               wandb: bool = typer.Option(False, "--wandb", help="log every trial to W&B (offline by default)"),
-              preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+              preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     """Ray Tune sweep (ASHA) over the Ray Train trainers; writes trials.csv/json, pareto.png and summary.md.
     Rerunning resumes: finished and failed trials are kept."""
     from aimfair_ray.sweep import load_spec, sweep
@@ -246,26 +271,26 @@ def sweep_cmd(kind: str = typer.Argument(..., help="selective (AIM-Fair k, lr) |
 
 
 @gen_app.command("prompts")
-def generate_prompts_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+def generate_prompts_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                          force: bool = ForceOpt):
     """Write N checked, de-duplicated prompts per (target, group) cell."""
     _run(lambda: do_generate(_cfg(preset, config, set_), "prompts", force))
 
 
 @gen_app.command("images")
-def generate_images_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+def generate_images_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     """Generate the balanced and imbalanced synthetic sets (resumes where a run stopped)."""
     _run(lambda: do_generate(_cfg(preset, config, set_), "images"))
 
 
 @gen_app.command("all")
-def generate_all_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+def generate_all_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     """Prompts, then images (then the faithfulness filter if generate.filter is on)."""
     _run(lambda: do_generate(_cfg(preset, config, set_), "all"))
 
 
 @gen_app.command("filter")
-def generate_filter_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+def generate_filter_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     """Drop synthetic images whose checker-predicted target or group disagrees with the prompt's."""
     _run(lambda: do_generate(_cfg(preset, config, set_), "filter"))
 
@@ -273,7 +298,7 @@ def generate_filter_cmd(preset: str = PresetOpt, config: Optional[str] = ConfigO
 @gen_app.command("quality")
 def generate_quality_cmd(per_cell: int = typer.Option(200, help="generated images per cell"),
                          pipeline: Optional[str] = typer.Option(None, help="pipeline folder; default: the embedded model"),
-                         preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+                         preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     """The embedded model's quality bar: an independent checker on generated images, before filtering."""
     from aimfair_ray.generate.stage import quality_report, synth_dir
     from aimfair_ray.storage import write_json
@@ -295,7 +320,7 @@ def generate_quality_cmd(per_cell: int = typer.Option(200, help="generated image
 def audit_cmd(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="model folder; default: the run's baseline"),
               split: Optional[str] = typer.Option(None, "--split", help="split name (test, val, ...) or a split folder"),
               out: Optional[str] = typer.Option(None, "--out", help="output folder; default: beside the model"),
-              preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+              preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     """Audit a checkpoint on a labeled split: JSON report, PNG chart and a table."""
     from aimfair_ray.evaluate import table
 
@@ -309,7 +334,7 @@ def audit_cmd(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", hel
 
 
 @app.command("demo")
-def demo(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+def demo(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
          wandb: bool = typer.Option(False, "--wandb", help="log to W&B (offline by default)")):
     """The whole chain on the embedded default: data -> synthetic sets -> biased baseline ->
     AIM-Fair selective fine-tuning -> audits of both."""
@@ -333,17 +358,112 @@ def demo(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optio
     _run(body)
 
 
+# ---- Ray jobs ----------------------------------------------------------------------------------
+AddressOpt = typer.Option(None, "--address", "-a", help="job server, http://<head>:8265; default: RAY_API_SERVER_ADDRESS, "
+                                                        "an http RAY_ADDRESS, or http://127.0.0.1:8265")
+
+
+@app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit_cmd(ctx: typer.Context,
+               stage: str = typer.Argument(..., help="prepare | generate | baseline | finetune | minmax | sweep | audit | pipeline"),
+               address: Optional[str] = AddressOpt,
+               working_dir: str = typer.Option(".", "--working-dir", help="the project checkout, uploaded with the job"),
+               runtime_env: Optional[str] = typer.Option(None, "--runtime-env", help="runtime_env YAML; default: "
+                                                                                     "<working-dir>/cluster/runtime_env.yaml"),
+               python: str = typer.Option("python", "--python", help="the interpreter on the cluster"),
+               entrypoint_cpus: float = typer.Option(0, "--entrypoint-cpus", help="CPUs reserved for the job's driver"),
+               entrypoint_gpus: float = typer.Option(0, "--entrypoint-gpus", help="GPUs reserved for the job's driver"),
+               job_id: Optional[str] = typer.Option(None, "--job-id", help="submission id; default: Ray picks one"),
+               wait: bool = typer.Option(True, "--wait/--no-wait", help="stream the logs and exit with the job's status")):
+    """Submit a stage as a Ray job: `aimfair submit pipeline -- --preset cmnist --set train.epochs=3`.
+    Everything after the stage (or after --) goes to jobs/<stage>.py. With --wait (the default) the
+    logs stream here and the exit status is 0 only if the job SUCCEEDED."""
+    from aimfair_ray import submit
+
+    def body():
+        c, jid = submit.submit(stage, list(ctx.args), address=address, working_dir=working_dir,
+                               runtime_env_file=runtime_env, python=python, entrypoint_cpus=entrypoint_cpus,
+                               entrypoint_gpus=entrypoint_gpus, submission_id=job_id)
+        log(f"submit: job {jid} ({stage}) on {submit.job_address(address)}")
+        if not wait:
+            console.print(jid, highlight=False)
+            return
+        try:
+            status = submit.follow(c, jid, out=lambda s: console.print(s, highlight=False, markup=False))
+        except KeyboardInterrupt:
+            log(f"submit: stopped following; job {jid} keeps running (aimfair jobs stop {jid})")
+            raise typer.Exit(130)
+        info = c.get_job_info(jid)
+        log(f"submit: job {jid} {status}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""))
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+    _run(body)
+
+
+@jobs_app.command("list")
+def jobs_list_cmd(address: Optional[str] = AddressOpt):
+    """The cluster's jobs, oldest first."""
+    from rich.table import Table
+
+    from aimfair_ray import submit
+
+    def body():
+        t = Table("id", "status", "stage", "start", "entrypoint")
+        for r in submit.jobs_table(submit.client(address)):
+            t.add_row(r["id"], r["status"], r["stage"], r["start"], r["entrypoint"])
+        console.print(t)
+
+    _run(body)
+
+
+@jobs_app.command("logs")
+def jobs_logs_cmd(job_id: str = typer.Argument(...), address: Optional[str] = AddressOpt,
+                  follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends")):
+    """A job's logs."""
+    from aimfair_ray import submit
+
+    def body():
+        c = submit.client(address)
+        try:
+            if follow:
+                submit.follow(c, job_id, out=lambda s: console.print(s, highlight=False, markup=False))
+            else:
+                console.print(c.get_job_logs(job_id), highlight=False, markup=False)
+        except RuntimeError as e:  # the job server's 404
+            raise AimfairError(f"no job {job_id!r} on {submit.job_address(address)}: {e}; see `aimfair jobs list`") from None
+
+    _run(body)
+
+
+@jobs_app.command("stop")
+def jobs_stop_cmd(job_id: str = typer.Argument(...), address: Optional[str] = AddressOpt):
+    """Stop a running job."""
+    from aimfair_ray import submit
+
+    def body():
+        try:
+            stopped = submit.client(address).stop_job(job_id)
+        except RuntimeError as e:
+            raise AimfairError(f"no job {job_id!r} on {submit.job_address(address)}: {e}; see `aimfair jobs list`") from None
+        log(f"jobs: {job_id} {'stopping' if stopped else 'had already ended'}")
+
+    _run(body)
+
+
 @config_app.command("show")
-def config_show(preset: str = PresetOpt, config: Optional[str] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+def config_show(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     """Print the resolved config."""
-    _run(lambda: console.print(_cfg(preset, config, set_).to_yaml(), highlight=False))
+    _run(lambda: console.print(load_config(preset, config or [], set_ or []).to_yaml(), highlight=False))
 
 
 @config_app.command("presets")
 def config_presets():
-    """List the shipped presets."""
+    """List the shipped presets and resource layers (--config cpu|gpu)."""
     for p in list_presets():
         console.print(p)
+    for p in list_resource_layers():
+        console.print(f"{p} (resource layer: --config {p})")
 
 
 def main() -> None:  # pragma: no cover

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -14,6 +14,7 @@ from aimfair_ray import AimfairError
 from aimfair_ray.storage import atomic_write_text, is_uri
 
 PRESET_DIR = Path(__file__).parent / "presets"
+RESOURCE_DIR = PRESET_DIR / "resources"  # layers for --config: where stages run (CPUs, GPUs, workers, actors)
 BACKBONES = ("small_cnn", "resnet18", "efficientnet_lite0")
 
 
@@ -78,6 +79,8 @@ class TrainConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     torch_threads: int = Field(1, ge=1, description="intra-op threads per CPU worker")
+    cache_mb: float = Field(512, ge=0, description="decoded train/val sets up to this size are kept in Ray's object "
+                                                   "store across epochs instead of re-read from Parquet; 0: always stream")
     storage_path: Optional[str] = Field(None, description="Ray Train storage: local dir, s3:// or gs://; null: <output_dir>/<name>/ray")
     max_failures: int = Field(1, ge=-1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -126,6 +129,9 @@ class RayConfig(_Strict):
 class AuditConfig(_Strict):
     split: str = "test"
     batch_size: int = Field(256, ge=1)
+    actors: int = Field(1, ge=1, description="prediction actors in the pool")
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
 
 
 class Phrasing(_Strict):
@@ -162,6 +168,7 @@ class GenerateConfig(_Strict):
     temperature: float = Field(0.9, ge=0)
     llm_batch_size: int = Field(16, ge=1)
     llm_actors: int = Field(1, ge=1)
+    llm_cpus: float = Field(1.0, gt=0, description="CPUs per LLM actor (transformers backend)")
     llm_gpus: float = Field(0.0, ge=0, description="GPUs per LLM actor / vLLM engine")
     vllm_engine_kwargs: dict[str, Any] = {"max_model_len": 1024}
     pipeline: Optional[str] = Field(None, description="diffusers pipeline folder or hub id; null: the embedded model")
@@ -182,6 +189,9 @@ class GenerateConfig(_Strict):
 class Config(_Strict):
     name: str = Field("cmnist", pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: str = "runs"
+    storage_uri: Optional[str] = Field(None, description="where each stage publishes its run's outputs, as <uri>/<name>/: "
+                                       "a local path, s3:// or gs://; a stage first fetches what it lacks from there. "
+                                       "null: outputs stay in output_dir")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -197,6 +207,14 @@ class Config(_Strict):
         if is_uri(v):
             raise ValueError("output_dir must be a local or shared-filesystem path; put Ray Train checkpoints "
                              "on object storage with train.storage_path=s3://... or gs://...")
+        return v
+
+    @field_validator("storage_uri")
+    @classmethod
+    def _absolute_storage(cls, v: Optional[str]) -> Optional[str]:
+        if v and not is_uri(v) and not os.path.isabs(v[len("file://"):] if v.startswith("file://") else v):
+            raise ValueError(f"storage_uri {v!r} must be an absolute path or an s3:// / gs:// URI "
+                             "(a job runs in a temporary copy of the working dir)")
         return v
 
     # ---- derived paths -------------------------------------------------------------
@@ -219,6 +237,17 @@ class Config(_Strict):
             return f"{self.run_dir}/ray"
         return sp if is_uri(sp) else str(Path(sp).absolute())
 
+    # Fields that say where and with what a stage runs, not what it computes: changing them
+    # never invalidates a finished run (fingerprints leave them out).
+    RESOURCE_FIELDS: ClassVar[dict] = {"ray": True, "storage_uri": True,
+                       "audit": {"actors", "cpus_per_actor", "gpus_per_actor"},
+                       "train": {"cpus_per_worker", "gpus_per_worker", "cache_mb"},
+                       "generate": {"llm_actors", "llm_cpus", "llm_gpus", "actors", "cpus_per_actor", "gpus_per_actor"}}
+
+    def outcome(self) -> dict:
+        """The config less its resource fields: what decides a run's results."""
+        return self.model_dump(mode="json", exclude=self.RESOURCE_FIELDS)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -234,7 +263,11 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _read_yaml(path: Path) -> dict:
+def list_resource_layers() -> list[str]:
+    return sorted(p.stem for p in RESOURCE_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -313,17 +346,21 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
     return "\n".join(lines)
 
 
-def load_config(preset: str = "cmnist", config_file: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Preset YAML, then a user YAML file, then ``--set`` overrides; validated."""
+def load_config(preset: str = "cmnist", config_file: str | list[str] | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Preset YAML, then user YAML files (later wins), then ``--set`` overrides; validated."""
     path = PRESET_DIR / f"{preset}.yaml"
     if not path.is_file():
         raise AimfairError(f"unknown preset {preset!r}; available presets: {', '.join(list_presets())}")
-    raw = _read_yaml(path)
-    if config_file:
-        cf = Path(config_file)
+    raw = read_yaml(path)
+    for name in [config_file] if isinstance(config_file, str) else config_file or []:
+        cf = Path(name)
+        if not cf.is_file() and (RESOURCE_DIR / f"{name}.yaml").is_file():
+            cf = RESOURCE_DIR / f"{name}.yaml"  # a shipped resource layer: cpu, gpu
         if not cf.is_file():
-            raise AimfairError(f"config file {config_file} does not exist")
-        raw = _merge(raw, _read_yaml(cf))
+            raise AimfairError(f"config file {name} does not exist (shipped resource layers: "
+                               f"{', '.join(list_resource_layers())})")
+        raw = _merge(raw, read_yaml(cf))
     for item in overrides or []:
         raw = apply_override(raw, item)
     if os.environ.get("RAY_ADDRESS"):
@@ -337,6 +374,6 @@ def load_config(preset: str = "cmnist", config_file: str | None = None, override
 def load_saved(path: str | Path) -> Config:
     """Load a ``config.yaml`` that a run wrote."""
     try:
-        return Config.model_validate(_read_yaml(Path(path)))
+        return Config.model_validate(read_yaml(Path(path)))
     except ValidationError as e:
         raise AimfairError(format_validation_error(e, str(path))) from None

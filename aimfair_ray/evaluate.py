@@ -17,11 +17,13 @@ from aimfair_ray.train.models import check_checkpoint_dir, load_classifier
 class Predictor:
     """Ray Data UDF: a checkpoint's predictions for batches of the image schema."""
 
-    def __init__(self, model_dir: str, threads: int = 1):
+    def __init__(self, model_dir: str, threads: int = 1, device: str = "cpu"):
         import torch
 
         torch.set_num_threads(threads)
+        self.device = device
         self.model, self.meta = load_classifier(model_dir)
+        self.model.to(device)
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -30,22 +32,25 @@ class Predictor:
 
         dec = decode_batch(batch)
         b = {k: torch.from_numpy(np.asarray(v)) for k, v in dec.items()}
-        out = predict(self.model, [b], self.meta["mean"], self.meta["std"], "cpu")
+        out = predict(self.model, [b], self.meta["mean"], self.meta["std"], self.device)
         return {k: out[k] for k in ("target", "group", "pred", "prob")}
 
 
-def predict_split(model_dir: str, split_dir: str, batch_size: int = 256, actors: int = 1) -> dict:
+def predict_split(model_dir: str, split_dir: str, batch_size: int = 256, actors: int = 1, cpus: float = 0.5,
+                  gpus: float = 0.0) -> dict:
+    """Predictions in an actor pool of ``actors`` actors with ``cpus`` / ``gpus`` each (audit.* in config)."""
     import ray
 
     check_checkpoint_dir(model_dir)
     ds = read_split(split_dir)
     preds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_dir": model_dir},
+        fn_constructor_kwargs={"model_dir": model_dir, "threads": max(1, int(cpus)), "device": "cuda" if gpus else "cpu"},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=0.5,
+        num_cpus=cpus,
+        num_gpus=gpus or None,
     )
     cols = preds.to_pandas()
     return {k: cols[k].to_numpy() for k in ("target", "group", "pred", "prob")}
@@ -77,10 +82,14 @@ def group_acc_chart(report: dict, title: str) -> bytes:
     return buf.getvalue()
 
 
-def audit(model_dir: str, split_dir: str, out_dir: str, batch_size: int = 256, title: str | None = None) -> dict:
-    """Evaluate ``model_dir`` on ``split_dir``; write audit.json and group_acc.png into ``out_dir``."""
+def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | None = None) -> dict:
+    """Evaluate ``model_dir`` on ``split_dir`` with the resources of ``acfg`` (an AuditConfig;
+    None: its defaults); write audit.json and group_acc.png into ``out_dir``."""
+    from aimfair_ray.config import AuditConfig
+
+    acfg = acfg or AuditConfig()
     _, meta = load_classifier(model_dir)
-    p = predict_split(model_dir, split_dir, batch_size)
+    p = predict_split(model_dir, split_dir, acfg.batch_size, acfg.actors, acfg.cpus_per_actor, acfg.gpus_per_actor)
     if len(p["target"]) == 0:
         raise AimfairError(f"{split_dir} holds no rows to audit")
     report = fairness_report(p["target"], p["pred"], p["group"], meta["num_classes"], len(meta["group_names"]))

@@ -8,6 +8,18 @@ import sys
 from aimfair_ray import AimfairError
 
 
+def use_cluster_token() -> None:
+    """Send the cluster's auth token when one is available locally (~/.ray/auth_token, RAY_AUTH_TOKEN)
+    and RAY_AUTH_MODE is unset: what Ray's own CLI does. Ray 2.60 heads enable token auth by default."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # another Ray version: RAY_AUTH_MODE=token does the same
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def ensure_ray(rcfg) -> dict:
     """Start or join a Ray cluster once per process; returns the cluster's resources."""
     import ray
@@ -17,6 +29,7 @@ def ensure_ray(rcfg) -> dict:
     address = os.environ.get("RAY_ADDRESS") or rcfg.address
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     if address:
+        use_cluster_token()
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as e:  # noqa: BLE001 - re-raised with the fix

@@ -106,3 +106,51 @@ def atomic_dir(directory: str) -> Iterator[str]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- publishing a run to storage_uri ----------------------------------------------------------
+def _files(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
+    """Files under ``root`` by relative path, leaving out unpublished temporaries (``.x.tmp-*``, ``.x.old-*``)."""
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return {}
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = info.path[len(root):].lstrip("/")
+        if info.type == pafs.FileType.File and not any(
+                p.startswith(".") and (".tmp-" in p or ".old-" in p) for p in rel.split("/")):
+            out[rel] = info
+    return out
+
+
+def sync_dir(src: str, dst: str, update: bool = True) -> int:
+    """Copy the files of ``src`` that ``dst`` lacks (with ``update``: or holds older or at another
+    size); returns how many.
+
+    Each file is written whole (a temporary renamed into place, or one object upload), and the
+    ``_COMPLETE`` markers go last, so a reader of ``dst`` never sees a directory as complete
+    before its files are there. Files that only ``dst`` has are kept.
+    """
+    sfs, sp = filesystem(src)
+    dfs, dp = filesystem(dst)
+    have = _files(dfs, dp)
+    todo = [rel for rel, info in _files(sfs, sp).items()
+            if rel not in have or (update and (have[rel].size != info.size or info.mtime > have[rel].mtime))]
+    for rel in sorted(todo, key=lambda r: r.rsplit("/", 1)[-1] == COMPLETE):
+        with sfs.open_input_stream(f"{sp}/{rel}") as f:
+            atomic_write_bytes(f"{dst.rstrip('/')}/{rel}", f.read())
+    return len(todo)
+
+
+def run_uri(cfg) -> str:
+    return f"{cfg.storage_uri.rstrip('/')}/{cfg.name}"
+
+
+def push_run(cfg) -> int:
+    """Publish the run dir (``<output_dir>/<name>``) to ``<storage_uri>/<name>``."""
+    return sync_dir(cfg.run_dir, run_uri(cfg))
+
+
+def pull_run(cfg) -> int:
+    """Fetch the files the local run dir lacks from ``<storage_uri>/<name>`` (a fresh node resumes
+    a run); local files are never overwritten."""
+    return sync_dir(run_uri(cfg), cfg.run_dir, update=False) if exists(run_uri(cfg)) else 0

@@ -391,7 +391,7 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
         from aimfair_ray.train.finetune import compute_scores
 
         compute_scores(first, baseline_dir, log=log, stage=f"{sweep_stage}/scores")
-    saved = {"spec": spec.model_dump(mode="json"), "config": cfg.model_dump(mode="json", exclude={"ray"})}
+    saved = {"spec": spec.model_dump(mode="json"), "config": cfg.outcome()}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), spec=spec.model_dump(mode="json"),
                              sweep_stage=sweep_stage, baseline_dir=baseline_dir),
@@ -452,7 +452,7 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
         from aimfair_ray.evaluate import audit
 
         test_audit = audit(best["model_dir"], split_dir(cfg, cfg.audit.split), f"{out}/best_audit",
-                           cfg.audit.batch_size, title=f"best trial {best['trial_id']}")
+                           cfg.audit, title=f"best trial {best['trial_id']}")
     title = f"{spec.kind} sweep {name!r} on {cfg.data.dataset}"
     for r in rows:
         r["pareto"] = r["trial_id"] in front_ids

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -53,18 +60,68 @@ def tiny_pipeline(tmp_path_factory):
     return str(path)
 
 
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A 4-logical-CPU local cluster with a short temp dir; its address for subprocesses."""
+def ray_head():
+    """A real Ray head started with `ray start --head --block` on loopback: 4 logical CPUs, a
+    short temp dir, the dashboard with its job server. Stopped (SIGTERM to the blocking
+    `ray start`, which drains and stops every process it started) at the end of the session."""
+    tmp = tempfile.mkdtemp(prefix="aft-", dir="/tmp")  # short: AF_UNIX paths < 107 bytes
+    gcs, dash, agent, agent_grpc, env_agent, metrics, client = _free_ports(7)
+    bindir = os.path.dirname(sys.executable)
+    # Token auth on, as Ray 2.60 heads have it by default once a token exists: the same on every machine.
+    subprocess.run([os.path.join(bindir, "ray"), "get-auth-token", "--generate"], check=True, capture_output=True)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}")  # job entrypoints run this venv's python
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # stop at once at the end (no 30 s drain)
+    cmd = [os.path.join(bindir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--num-cpus=4", f"--temp-dir={tmp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+           f"--ray-client-server-port={client}", "--disable-usage-stats"]
+    log = open(os.path.join(tmp, "ray-start.log"), "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 180
+    while True:  # up once the dashboard answers at all (401 without the cluster's auth token)
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray start --head failed: {open(log.name).read()[-3000:]}")
+            time.sleep(1)
+    yield {"address": f"127.0.0.1:{gcs}", "dashboard": url, "temp_dir": tmp}
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_head):
+    """The test process joined to the session's head; its GCS address for subprocesses."""
     import ray
 
-    tmp = tempfile.mkdtemp(prefix="aft-", dir="/tmp")  # short: AF_UNIX paths < 107 bytes
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=tmp, log_to_driver=True)
+    ray.init(address=ray_head["address"], log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    address = ray.get_runtime_context().gcs_address
-    yield address
+    yield ray_head["address"]
     ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture

@@ -125,9 +125,7 @@ def test_killed_generation_resumes_with_exactly_the_planned_ids(ray_cluster, tin
 
 def test_filter_keeps_faithful_images_and_reports_per_cell(ray_cluster, tmp_path):
     """Real Colored MNIST digits relabelled as synthetic: correct labels are kept, flipped ones dropped."""
-    import pandas as pd
-
-    from aimfair_ray.data.io import make_table, write_split
+    from aimfair_ray.data.io import make_table
     from aimfair_ray.data.prepare import prepare_data
     from aimfair_ray.generate.stage import run_filter
 

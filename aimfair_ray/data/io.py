@@ -96,6 +96,14 @@ def read_table(directory: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
 
 
+def decoded(ds, rows: int, image_size: int, cache_mb: float):
+    """The dataset with PNGs decoded to arrays. When the decoded set is small (rows x size² x 3
+    bytes ≤ ``cache_mb``) it is decoded once and kept in Ray's object store, so later epochs
+    skip the Parquet read and PNG decode; larger sets stream from Parquet every epoch."""
+    out = ds.map_batches(decode_batch, batch_format="numpy")
+    return out.materialize() if rows * image_size * image_size * 3 <= cache_mb * 2**20 else out
+
+
 def decode_batch(batch: dict) -> dict:
     """Ray Data UDF: PNG bytes -> uint8 NCHW images, keeping target and group."""
     imgs = np.stack([decode_png(b) for b in batch["image"]]).transpose(0, 3, 1, 2)

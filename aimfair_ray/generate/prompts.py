@@ -173,11 +173,11 @@ def write_batch(ds, gcfg):
     return ds.map_batches(
         PromptWriter,
         fn_constructor_kwargs={"llm": gcfg.llm, "subject": gcfg.task.subject, "max_new_tokens": gcfg.max_new_tokens,
-                               "temperature": gcfg.temperature, "threads": max(1, int(gcfg.cpus_per_actor))},
+                               "temperature": gcfg.temperature, "threads": max(1, int(gcfg.llm_cpus))},
         batch_size=gcfg.llm_batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=gcfg.llm_actors),
-        num_cpus=gcfg.cpus_per_actor,
+        num_cpus=gcfg.llm_cpus,
         num_gpus=gcfg.llm_gpus or None,
     )
 

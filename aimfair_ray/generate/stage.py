@@ -7,7 +7,6 @@ Layout under ``<run>/synthetic/``: ``prompts/`` (Parquet + report.json), ``balan
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -1,6 +1,7 @@
-"""Ray Serve applications for audited classifiers and generators.
+"""Ray Serve applications for audited classifiers.
 
-Empty until the serving issue lands. It will load checkpoints with
-``aimfair_ray.train.models.load_classifier`` (safetensors only) and serve the
-``audit.json`` that ``aimfair audit`` writes beside each model.
+``app.build_app`` (the import path of ``serve/config.yaml``) composes a FastAPI ingress with
+one batched classifier deployment per model. Checkpoints load through
+``aimfair_ray.train.models.load_classifier`` (safetensors only), and each model's card
+carries the ``audit.json`` that ``aimfair audit`` wrote beside it.
 """

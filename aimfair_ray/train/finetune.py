@@ -21,7 +21,7 @@ import torch
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import Config
-from aimfair_ray.data.io import decode_batch, read_split, read_table
+from aimfair_ray.data.io import decode_batch, decoded, read_split, read_table
 from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, read_json, write_json
 from aimfair_ray.train import selective as sel
 from aimfair_ray.train.models import build_model, load_classifier
@@ -258,8 +258,10 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
     n_syn = read_table(syn_dir, ["id"]).num_rows
     if ft.mix_real > 0:
         train_ds = train_ds.union(subset(f"{cfg.data_dir}/train", int(round(ft.mix_real * n_syn)), ft.seed))
-    datasets = {"train": train_ds.map_batches(decode_batch, batch_format="numpy"),
-                "val": read_split(f"{cfg.data_dir}/val").map_batches(decode_batch, batch_format="numpy")}
+    n_train = n_syn + (int(round(ft.mix_real * n_syn)) if ft.mix_real > 0 else 0)
+    n_val = read_table(f"{cfg.data_dir}/val", ["id"]).num_rows
+    datasets = {"train": decoded(train_ds, n_train, cfg.data.image_size, cfg.train.cache_mb),
+                "val": decoded(read_split(f"{cfg.data_dir}/val"), n_val, cfg.data.image_size, cfg.train.cache_mb)}
     init, meta, _, _ = _weights(baseline_dir)
     info = _write_selection(cfg.stage_dir(stage), choice)
     log(f"finetune: {method}: training {info['n_trainable_tensors']}/{info['n_tensors']} tensors "

@@ -219,7 +219,7 @@ def _fingerprint(cfg: Config, spec: RunSpec) -> dict:
     s["train"] = spec.train.model_dump(mode="json")
     s.pop("init")
     s["masks"] = {k: int(np.asarray(v).sum()) for k, v in (spec.masks or {}).items()}
-    return {"config": cfg.model_dump(mode="json", exclude={"ray"}), "spec": s}
+    return {"config": cfg.outcome(), "spec": s}
 
 
 def fit(cfg: Config, spec: RunSpec, datasets: dict, model_meta: dict, force: bool = False, log=print,

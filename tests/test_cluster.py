@@ -1,0 +1,130 @@
+"""The cluster files: launcher YAMLs against Ray's own schema, KubeRay manifests, runtime envs,
+resource layers; and the storage_uri publishing that jobs on ephemeral clusters rely on."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aimfair_ray.config import list_resource_layers, load_config
+from aimfair_ray.submit import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBE = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launcher_yaml_validates_against_rays_schema(name):
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster" / name).read_text())
+    validate_config(prepare_config(cfg))  # raises on any schema error
+    gpu = [t for t, n in cfg["available_node_types"].items() if t != cfg["head_node_type"]]
+    assert gpu and all(cfg["available_node_types"][t]["max_workers"] >= 1 for t in gpu)
+    assert any("[gpu" in c for c in cfg["setup_commands"]) and any("assets.txt" in c for c in cfg["setup_commands"])
+    bad = dict(cfg, max_workers="many")
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(bad))
+
+
+def _entry_scripts(command: str) -> list[str]:
+    return [t for t in shlex.split(command) if t.endswith(".py")]
+
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def test_kuberay_manifests_parse_name_an_image_and_point_at_existing_entrypoints():
+    kinds = {}
+    for f in KUBE:
+        doc = yaml.safe_load(f.read_text())
+        assert doc["apiVersion"] == "ray.io/v1", f
+        kinds[doc["kind"]] = doc
+    assert set(kinds) == {"RayCluster", "RayJob", "RayService"}
+    specs = [kinds["RayCluster"]["spec"], kinds["RayJob"]["spec"]["rayClusterSpec"],
+             kinds["RayService"]["spec"]["rayClusterConfig"]]
+    for spec in specs:
+        pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        for c in (c for p in pods for c in _containers(p)):
+            assert c["image"] and ":" in c["image"], c
+        assert any("nvidia.com/gpu" in c["resources"]["limits"] for g in spec["workerGroupSpecs"]
+                   for c in _containers(g["template"]))
+    # the RayJob's entrypoint is a script of this checkout (inside the image at /home/ray/aimfair-ray)
+    scripts = _entry_scripts(kinds["RayJob"]["spec"]["entrypoint"])
+    assert scripts and all((ROOT / s.split("/home/ray/aimfair-ray/")[-1]).is_file() for s in scripts)
+    # the RayService wraps the app of serve/config.yaml (model paths on the shared volume);
+    # its import paths resolve in this package and the deployments it configures exist
+    import importlib
+
+    local = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    service = yaml.safe_load(kinds["RayService"]["spec"]["serveConfigV2"])
+    for cfg in (local, service):
+        for app in cfg["applications"]:
+            module, _, attr = app["import_path"].partition(":")
+            assert callable(getattr(importlib.import_module(module), attr))
+            assert {d["name"] for d in app["deployments"]} == {"Api"} | {f"Classifier-{m}" for m in app["args"]["models"]}
+    assert [a["import_path"] for a in service["applications"]] == [a["import_path"] for a in local["applications"]]
+    # the Dockerfile that builds the image installs the GPU extras and the assets
+    docker = (ROOT / "cluster" / "Dockerfile").read_text()
+    assert "[gpu" in docker and "assets.txt" in docker
+
+
+def test_every_stage_has_its_job_entrypoint_and_the_runtime_envs_parse():
+    for stage, script in STAGES.items():
+        text = (ROOT / "jobs" / script).read_text()
+        assert "from aimfair_ray.cli import app" in text, stage
+    for f in ("runtime_env.yaml", "runtime_env.gpu.yaml"):
+        env = yaml.safe_load((ROOT / "cluster" / f).read_text())
+        assert set(env) <= {"env_vars", "excludes", "pip", "conda", "py_modules", "working_dir", "config"}
+        assert ".venv" in env["excludes"] and "runs" in env["excludes"]
+
+
+def test_cpu_and_gpu_resource_layers_set_every_resource():
+    assert {"cpu", "gpu"} <= set(list_resource_layers())
+    gpu = load_config("cmnist", ["gpu"], ["generate.backend=template"])
+    cpu = load_config("cmnist", ["cpu"])
+    assert gpu.train.use_gpu and gpu.train.gpus_per_worker == 1 and gpu.generate.gpus_per_actor > 0
+    assert gpu.generate.llm_gpus > 0 and gpu.audit.gpus_per_actor > 0
+    assert not cpu.train.use_gpu and cpu.generate.gpus_per_actor == 0 == cpu.audit.gpus_per_actor == cpu.generate.llm_gpus
+    # layers compose with a user file and --set, later wins
+    assert load_config("cmnist", ["gpu"], ["train.num_workers=8"]).train.num_workers == 8
+
+
+def test_storage_uri_must_be_absolute():
+    from aimfair_ray import AimfairError
+
+    with pytest.raises(AimfairError, match="absolute path"):
+        load_config("cmnist", overrides=["storage_uri=rel/store"])
+
+
+def test_sync_dir_publishes_files_and_markers_last_and_only_what_changed(tmp_path):
+    import os
+
+    from aimfair_ray.storage import COMPLETE, sync_dir
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "data" / "train").mkdir(parents=True)
+    (src / "data" / "train" / "part-0.parquet").write_bytes(b"x" * 10)
+    (src / "data" / "train" / COMPLETE).write_text("")
+    (src / "data" / ".train.tmp-1234").mkdir()
+    (src / "data" / ".train.tmp-1234" / "half").write_text("not published")
+    assert sync_dir(str(src), str(dst)) == 2
+    assert (dst / "data" / "train" / "part-0.parquet").read_bytes() == b"x" * 10
+    assert not (dst / "data" / ".train.tmp-1234").exists()
+    assert sync_dir(str(src), str(dst)) == 0  # nothing changed
+    (src / "data" / "config.yaml").write_text("a: 1\n")
+    later = os.stat(dst / "data" / "train" / "part-0.parquet").st_mtime + 5
+    (src / "data" / "train" / "part-0.parquet").write_bytes(b"y" * 10)
+    os.utime(src / "data" / "train" / "part-0.parquet", (later, later))
+    assert sync_dir(str(src), str(dst)) == 2
+    assert (dst / "data" / "train" / "part-0.parquet").read_bytes() == b"y" * 10
+    # pulling never overwrites local files, only fills what is missing
+    (dst / "extra.json").write_text("{}")
+    (dst / "data" / "config.yaml").write_text("a: 2\n")
+    assert sync_dir(str(dst), str(src), update=False) == 1
+    assert (src / "extra.json").is_file() and (src / "data" / "config.yaml").read_text() == "a: 1\n"
