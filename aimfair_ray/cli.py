@@ -31,7 +31,7 @@ console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
 
 PresetOpt = typer.Option("cmnist", "--preset", "-p", help="config preset shipped with the package")
 ConfigOpt = typer.Option(None, "--config", "-c", help="a YAML file merged over the preset (repeatable, later wins), "
-                         "e.g. --config cluster/resources/gpu.yaml --config my.yaml")
+                         "e.g. --config gpu --config my.yaml (cpu, gpu: the shipped resource layers)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a value: --set train.epochs=3 (repeatable)")
 ForceOpt = typer.Option(False, "--force", help="redo the stage even if its outputs exist")
 

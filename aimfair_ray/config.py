@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aimfair_ray import AimfairError
-from aimfair_ray.storage import atomic_write_text, is_uri
+from aimfair_ray.storage import atomic_write_text, is_uri, local_path
 
 PRESET_DIR = Path(__file__).parent / "presets"
 RESOURCE_DIR = PRESET_DIR / "resources"  # layers for --config: where stages run (CPUs, GPUs, workers, actors)
@@ -212,7 +212,7 @@ class Config(_Strict):
     @field_validator("storage_uri")
     @classmethod
     def _absolute_storage(cls, v: Optional[str]) -> Optional[str]:
-        if v and not is_uri(v) and not os.path.isabs(v[len("file://"):] if v.startswith("file://") else v):
+        if v and not is_uri(v) and not os.path.isabs(local_path(v)):
             raise ValueError(f"storage_uri {v!r} must be an absolute path or an s3:// / gs:// URI "
                              "(a job runs in a temporary copy of the working dir)")
         return v

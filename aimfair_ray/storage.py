@@ -24,14 +24,15 @@ def is_uri(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
-def _local(path: str) -> str:
+def local_path(path: str) -> str:
+    """A local path without its ``file://`` prefix."""
     return str(path)[len("file://"):] if str(path).startswith("file://") else str(path)
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(_local(path)).absolute())
+    return pafs.LocalFileSystem(), str(Path(local_path(path)).absolute())
 
 
 def exists(path: str) -> bool:
@@ -56,7 +57,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         with fs.open_output_stream(p) as f:  # object stores publish a whole object at close
             f.write(data)
         return
-    p = Path(_local(path))
+    p = Path(local_path(path))
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_bytes(data)
@@ -90,7 +91,7 @@ def atomic_dir(directory: str) -> Iterator[str]:
         yield directory
         atomic_write_text(f"{directory}/{COMPLETE}", "")
         return
-    final = Path(_local(directory))
+    final = Path(local_path(directory))
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:

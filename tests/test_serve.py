@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 
 import numpy as np
 import pytest
 import requests
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import _free_ports
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +31,7 @@ def served(ray_cluster, tmp_path_factory):
     rep = fairness_report(np.array([0, 1, 0, 1]), np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]), 2, 2)
     (root / "baseline" / "audit").mkdir()
     (root / "baseline" / "audit" / "audit.json").write_text(json.dumps(rep))
-    port = _free_port()
+    port, = _free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"models": {"baseline": str(root / "baseline" / "model")}, "max_images_per_request": 4}),
               name="aimfair-test", route_prefix="/")

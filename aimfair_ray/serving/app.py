@@ -62,20 +62,17 @@ def model_card(model_id: str, model_dir: str) -> dict:
 
 def decode_image(text: str, size: int) -> np.ndarray:
     """A base64 PNG/JPEG -> HxWx3 uint8 at the model's size; AimfairError on bad input."""
-    import io
-
     from PIL import Image, UnidentifiedImageError
 
+    from aimfair_ray.data.io import decode_png
+
     try:
-        raw = base64.b64decode(text, validate=True)
-        img = Image.open(io.BytesIO(raw)).convert("RGB")
+        img = decode_png(base64.b64decode(text, validate=True))
     except (binascii.Error, ValueError) as e:
         raise AimfairError(f"an image is not valid base64: {e}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise AimfairError(f"an image is not a readable PNG or JPEG: {e}") from None
-    if img.size != (size, size):
-        img = img.resize((size, size))
-    return np.asarray(img, dtype=np.uint8)
+    return img if img.shape[:2] == (size, size) else np.asarray(Image.fromarray(img).resize((size, size)))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})

@@ -27,7 +27,7 @@ def train_baseline(cfg: Config, force: bool = False, log=print, stage: str = "ba
     """Train the ERM baseline; returns ``{"model_dir", "history", "best", ...}``."""
     meta = model_meta(cfg, load_meta(cfg.data_dir))
     spec = RunSpec(stage=stage, train=cfg.train, info={"method": "baseline"})
-    return fit(cfg, spec, real_datasets(cfg), meta, force=force, log=log)
+    return fit(cfg, spec, lambda: real_datasets(cfg), meta, force=force, log=log)
 
 
 def train_group_dro(cfg: Config, force: bool = False, log=print, stage: str = "group_dro", callbacks=None,
@@ -37,4 +37,4 @@ def train_group_dro(cfg: Config, force: bool = False, log=print, stage: str = "g
     tc = cfg.train.model_copy(update={"epochs": cfg.group_dro.epochs or cfg.train.epochs, "select_metric": "val_wst"})
     spec = RunSpec(stage=stage, train=tc, objective="group_dro", eta=cfg.group_dro.eta, ema=cfg.group_dro.ema,
                    score=score, info={"method": "group_dro", "eta": cfg.group_dro.eta, "ema": cfg.group_dro.ema})
-    return fit(cfg, spec, real_datasets(cfg), meta, force=force, log=log, callbacks=callbacks)
+    return fit(cfg, spec, lambda: real_datasets(cfg), meta, force=force, log=log, callbacks=callbacks)

@@ -254,19 +254,23 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
     choice = choose(cfg, method, baseline_dir, force=force, log=log,
                     scores_stage=scores_stage or f"{stage.rsplit('/', 1)[0]}/scores")
     syn_dir = synthetic_dir(cfg, "balanced")
-    train_ds = read_split(syn_dir)
     n_syn = read_table(syn_dir, ["id"]).num_rows
-    if ft.mix_real > 0:
-        train_ds = train_ds.union(subset(f"{cfg.data_dir}/train", int(round(ft.mix_real * n_syn)), ft.seed))
-    n_train = n_syn + (int(round(ft.mix_real * n_syn)) if ft.mix_real > 0 else 0)
-    n_val = read_table(f"{cfg.data_dir}/val", ["id"]).num_rows
-    datasets = {"train": decoded(train_ds, n_train, cfg.data.image_size, cfg.train.cache_mb),
-                "val": decoded(read_split(f"{cfg.data_dir}/val"), n_val, cfg.data.image_size, cfg.train.cache_mb)}
+    n_real = int(round(ft.mix_real * n_syn))
+
+    def datasets() -> dict:  # built only if the run trains
+        train_ds = read_split(syn_dir)
+        if n_real:
+            train_ds = train_ds.union(subset(f"{cfg.data_dir}/train", n_real, ft.seed))
+        val_dir = f"{cfg.data_dir}/val"
+        return {"train": decoded(train_ds, n_syn + n_real, cfg.data.image_size, cfg.train.cache_mb),
+                "val": decoded(read_split(val_dir), read_table(val_dir, ["id"]).num_rows, cfg.data.image_size,
+                               cfg.train.cache_mb)}
+
     init, meta, _, _ = _weights(baseline_dir)
     info = _write_selection(cfg.stage_dir(stage), choice)
     log(f"finetune: {method}: training {info['n_trainable_tensors']}/{info['n_tensors']} tensors "
         f"({100 * info['trainable_fraction']:.1f}% of the weights) on {n_syn} synthetic"
-        + (f" + {int(round(ft.mix_real * n_syn))} real" if ft.mix_real else "") + " images")
+        + (f" + {n_real} real" if n_real else "") + " images")
     tc = cfg.train.model_copy(update={"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "seed": ft.seed,
                                       "select_metric": "last"})
     spec = RunSpec(stage=stage, train=tc, init=init, trainable=choice["trainable"],

@@ -216,16 +216,18 @@ def _trainer(cfg: Config, tc: TrainConfig, datasets: dict, loop_config: dict, ru
 def _fingerprint(cfg: Config, spec: RunSpec) -> dict:
     """What decides a run's outcome: the config (less Ray's address) and the spec."""
     s = asdict(spec)
-    s["train"] = spec.train.model_dump(mode="json")
+    s["train"] = spec.train.model_dump(mode="json", exclude=Config.RESOURCE_FIELDS["train"])
     s.pop("init")
     s["masks"] = {k: int(np.asarray(v).sum()) for k, v in (spec.masks or {}).items()}
     return {"config": cfg.outcome(), "spec": s}
 
 
-def fit(cfg: Config, spec: RunSpec, datasets: dict, model_meta: dict, force: bool = False, log=print,
+def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = False, log=print,
         callbacks=None) -> dict:
     """Train (or resume, or reuse) one run; export its chosen epoch to ``<stage>/model``.
 
+    ``datasets``: the Ray Datasets by name, or a function that builds them; it is called only when
+    the run trains, so a reused run reads no data.
     ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` when a sweep trial runs it.
     A reused run (same config, finished) returns its ``result.json`` with ``reused: True``.
     """
@@ -252,6 +254,8 @@ def fit(cfg: Config, spec: RunSpec, datasets: dict, model_meta: dict, force: boo
     spec_d = asdict(spec)
     spec_d["train"] = spec.train.model_dump(mode="json")
     loop_config = {"spec": spec_d, "model": cfg.model.model_dump(mode="json"), "model_meta": model_meta}
+    if callable(datasets):
+        datasets = datasets()
     result = _trainer(cfg, spec.train, datasets, loop_config, run_name, callbacks).fit()
     if result.error:
         raise AimfairError(f"training failed: {result.error}")
