@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export DS_BUILD_OPS ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/aimfair/torch_extensions
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt assets.txt Makefile
@@ -27,8 +27,14 @@ $(STAMP): pyproject.toml constraints.txt assets.txt Makefile
 demo: setup
 	$(VENV)/bin/aimfair demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q tests
+
+# Debian's Chromium, for the test that loads the Serve audit page in a headless browser.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then S=; else S=sudo; fi; \
+	  $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq chromium >/dev/null; }
 
 clean:
 	rm -rf runs .pytest_cache

@@ -358,6 +358,77 @@ def demo(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_:
     _run(body)
 
 
+# ---- Ray Serve ---------------------------------------------------------------------------------
+@app.command("serve")
+def serve_cmd(config: str = typer.Option("serve/config.yaml", "--config", help="Serve config YAML (serve run format)"),
+              model: Optional[List[str]] = typer.Option(None, "--model", help="ID=MODEL_DIR: serve these models "
+                                                                                "instead of the config's (repeatable)"),
+              host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
+              token: Optional[str] = typer.Option(None, "--token", help="bearer token (else args.token or "
+                                                                          "AIMFAIR_SERVE_TOKEN); /healthz stays open"),
+              out: str = typer.Option("runs/serve", "--out", help="where the resolved Serve config is written")):
+    """Serve the audited models and the generators over HTTP (Ray Serve), on 127.0.0.1 by default:
+    the config's app with --model/--token applied, run with `serve run` until Ctrl-C."""
+    import signal
+    import subprocess
+
+    from aimfair_ray.config import read_yaml
+    from aimfair_ray.serving.app import build_app
+    from aimfair_ray.storage import atomic_write_text
+
+    def body():
+        import yaml
+        from pathlib import Path
+
+        if not Path(config).is_file():
+            raise AimfairError(f"Serve config {config} does not exist; pass --config (the shipped one is serve/config.yaml)")
+        cfg = read_yaml(Path(config))
+        apps = cfg.get("applications") or []
+        if len(apps) != 1:
+            raise AimfairError(f"{config}: expected one application, found {len(apps)}")
+        args = dict(apps[0].get("args") or {})
+        if model:
+            bad = [m for m in model if "=" not in m]
+            if bad:
+                raise AimfairError(f"--model {bad[0]!r}: expected ID=MODEL_DIR, e.g. --model baseline=runs/cmnist/baseline/model")
+            args["models"] = dict(m.split("=", 1) for m in model)
+        # Serve refuses options for deployments the app does not build: keep those it does
+        keep = ({f"Classifier-{i}" for i in args.get("models") or {}} | {"Api"}
+                | ({"ImageGenerator"} if args.get("image_pipeline", "embedded") is not None else set())
+                | ({"TextGenerator"} if args.get("text_model", "smollm2") is not None else set()))
+        apps[0]["deployments"] = [d for d in apps[0].get("deployments", []) if d.get("name") in keep]
+        args["models"] = {i: str(Path(p).resolve()) for i, p in (args.get("models") or {}).items()}
+        if token:
+            args["token"] = token
+        build_app(args)  # checks the args and every model folder before Ray starts
+        apps[0]["args"] = args
+        cfg["http_options"] = dict(cfg.get("http_options") or {}, host=host, port=port)
+        path = f"{Path(out).resolve()}/config.yaml"
+        atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+        log(f"serve: {', '.join(args['models'])} on http://{host}:{port} (audit page at /, API docs at /docs); "
+            f"config {path}")
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", path])
+
+        def interrupt(*_):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop `serve run` (it deletes the app), then make sure
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
+            code = 0
+        if code:
+            raise typer.Exit(code)
+
+    _run(body)
+
+
 # ---- Ray jobs ----------------------------------------------------------------------------------
 AddressOpt = typer.Option(None, "--address", "-a", help="job server, http://<head>:8265; default: RAY_API_SERVER_ADDRESS, "
                                                         "an http RAY_ADDRESS, or http://127.0.0.1:8265")

@@ -30,6 +30,66 @@ def test_help_on_every_command():
     for cmd in ([], ["data", "prepare"], ["train", "baseline"], ["audit"], ["demo"], ["config", "show"],
                 ["generate", "prompts"], ["generate", "images"], ["generate", "all"], ["generate", "filter"],
                 ["generate", "quality"], ["finetune"], ["train", "groupdro"], ["benchmark", "aimfair"], ["submit"],
-                ["jobs", "list"], ["jobs", "logs"], ["jobs", "stop"], ["sweep"]):
+                ["jobs", "list"], ["jobs", "logs"], ["jobs", "stop"], ["sweep"], ["serve"]):
         res = runner.invoke(app, cmd + ["--help"])
         assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, tmp_path):
+    """`aimfair serve` with the shipped config's layout, one model and no generators; a SIGTERM stops it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+    import torch
+    import yaml
+
+    from aimfair_ray.train.models import build_model, save_classifier
+
+    torch.manual_seed(0)
+    meta = {"backbone": "small_cnn", "width": 8, "num_classes": 2, "image_size": 32, "mean": [0.5] * 3,
+            "std": [0.5] * 3, "target_names": ["a", "b"], "group_names": ["g0", "g1"]}
+    save_classifier(build_model("small_cnn", 2, 32, width=8), meta, str(tmp_path / "m" / "model"))
+    cfg = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "serve", "config.yaml")))
+    cfg["applications"][0]["args"].update(image_pipeline=None, text_model=None)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [os.path.join(os.path.dirname(sys.executable), "aimfair"), "serve", "--config", str(tmp_path / "serve.yaml"),
+            "--model", f"mine={tmp_path / 'm' / 'model'}", "--port", str(port), "--token", "t0k",
+            "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(args, env=dict(os.environ, RAY_ADDRESS=ray_cluster), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or the app still deploying
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise AssertionError(f"aimfair serve did not come up: {proc.stdout.read()[-4000:]}")
+            time.sleep(1)
+        ok = requests.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer t0k"}, timeout=10)
+        assert ok.status_code == 200 and [m["id"] for m in ok.json()["models"]] == ["mine"]
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
+        written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+        app0 = written["applications"][0]
+        assert written["http_options"] == {"host": "127.0.0.1", "port": port} and list(app0["args"]["models"]) == ["mine"]
+        # the config's options for other models and for the disabled generators are dropped
+        assert {d["name"] for d in app0["deployments"]} == {"Api"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        from ray import serve
+
+        serve.shutdown()  # `serve run` killed on a timeout leaves its app (route /) on the session cluster
+    res = CliRunner().invoke(app, ["serve", "--model", f"x={tmp_path / 'nope'}"])
+    assert res.exit_code == 2 and "does not exist" in res.output

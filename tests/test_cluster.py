@@ -67,7 +67,8 @@ def test_kuberay_manifests_parse_name_an_image_and_point_at_existing_entrypoints
         for app in cfg["applications"]:
             module, _, attr = app["import_path"].partition(":")
             assert callable(getattr(importlib.import_module(module), attr))
-            assert {d["name"] for d in app["deployments"]} == {"Api"} | {f"Classifier-{m}" for m in app["args"]["models"]}
+            names = {"Api", "ImageGenerator", "TextGenerator"} | {f"Classifier-{m}" for m in app["args"]["models"]}
+            assert {d["name"] for d in app["deployments"]} == names
     assert [a["import_path"] for a in service["applications"]] == [a["import_path"] for a in local["applications"]]
     # the Dockerfile that builds the image installs the GPU extras and the assets
     docker = (ROOT / "cluster" / "Dockerfile").read_text()

@@ -1,38 +1,57 @@
-"""Ray Serve: audited classifiers over HTTP. A FastAPI ingress composed with one batched
-``Classifier`` deployment per model; every model carries its card (training config and the
-fairness audit that ``aimfair audit`` wrote beside it).
+"""Ray Serve: fairness-audited classifiers and generators over HTTP. A FastAPI ingress composed
+with one batched ``Classifier`` deployment per model, an ``ImageGenerator`` and a
+``TextGenerator`` (``deployments.py``). Every model carries its card: the training config,
+the data provenance and the fairness audit that ``aimfair audit`` wrote beside it.
 
-    serve run serve/config.yaml          # or: aimfair serve
+    aimfair serve                        # or: serve run serve/config.yaml
     curl 127.0.0.1:8000/v1/models
 
-Routes: GET /healthz, GET /v1/models, GET /v1/models/{id}/card, POST /v1/classify
-(JSON ``{"model": id, "images": [base64 PNG, ...]}``). Bad input gets a 4xx JSON error.
+Routes: GET /healthz, GET / (the audit page), GET /docs, GET /v1/models,
+GET /v1/models/{id}/card, POST /v1/classify (JSON base64 or multipart), POST /v1/audit,
+POST /v1/generate/image, POST /v1/generate/text. Bad input gets a 4xx JSON error that says
+what is wrong; an optional bearer token covers every route but /healthz.
 """
 
 # (no `from __future__ import annotations`: FastAPI reads the route annotations at runtime)
-
+import asyncio
 import base64
 import binascii
+import hmac
+import html
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
 from aimfair_ray import AimfairError
+from aimfair_ray.serving.deployments import Classifier, ImageGenerator, TextGenerator
+
+TOKEN_ENV = "AIMFAIR_SERVE_TOKEN"
 
 
 class ServeArgs(BaseModel):
     """The application's args (the ``args:`` of serve/config.yaml)."""
 
     models: dict[str, str] = Field(description="model id -> model folder (model.safetensors + model.json)")
+    image_pipeline: Optional[str] = Field("embedded", description="diffusers pipeline folder or hub id; "
+                                                                  "'embedded': the bundled model; null: no image route")
+    text_model: Optional[str] = Field("smollm2", description="HF folder, GGUF file or hub id; 'smollm2': the "
+                                                             "bundled SmolLM2-135M-Instruct; null: no text route")
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_images_per_request: int = Field(256, ge=1)
+    max_request_bytes: int = Field(8 * 2**20, ge=1024, description="larger request bodies get 413")
+    max_prompts_per_request: int = Field(16, ge=1)
+    max_steps: int = Field(100, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    token: Optional[str] = Field(None, description=f"bearer token for every route but /healthz; null: ${TOKEN_ENV} "
+                                                   "or no auth")
 
 
 class ClassifyRequest(BaseModel):
@@ -40,129 +59,291 @@ class ClassifyRequest(BaseModel):
     images: list[str] = Field(min_length=1, description="base64-encoded PNG or JPEG images")
 
 
-def model_card(model_id: str, model_dir: str) -> dict:
-    """The card: checkpoint metadata, the run's training config and its audit (when written)."""
-    from aimfair_ray.train.models import check_checkpoint_dir
+class AuditRequest(ClassifyRequest):
+    targets: list[int] = Field(min_length=1, description="true class of each image")
+    groups: list[int] = Field(min_length=1, description="sensitive group of each image")
 
-    d = check_checkpoint_dir(model_dir)
-    meta = json.loads((d / "model.json").read_text())
-    card = {"id": model_id, "path": str(d.resolve()), "backbone": meta["backbone"],
-            "target_names": meta["target_names"], "group_names": meta["group_names"],
-            "image_size": meta["image_size"], "dataset": meta.get("dataset"), "val_metrics": meta.get("metrics"),
-            "config": None, "audit": None}
+
+class ImageRequest(BaseModel):
+    prompts: list[str] = Field(min_length=1, description="one image per prompt")
+    seed: int = Field(0, ge=0, description="image i uses seed + i")
+    steps: int = Field(30, ge=1)
+
+
+class TextRequest(BaseModel):
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.7, ge=0, le=2)
+    seed: int = Field(0, ge=0)
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, msg: str):
+        self.status, self.msg = status, msg
+
+
+# ---- cards ----------------------------------------------------------------------------------
+def _provenance(model_dir: Path, config: Optional[dict]) -> dict:
+    """Real and synthetic shares of the training data, and the generator, from the run's layout and config."""
+    stage = model_dir.parent
+    if stage.parent.name == "finetune" and config:
+        mix = float(config.get("finetune", {}).get("mix_real", 0.0))
+        pipe = config.get("generate", {}).get("pipeline") or "embedded aimfair-t2i (cmnist)"
+        return {"real_share": mix / (1 + mix), "synthetic_share": 1 / (1 + mix), "generator": pipe,
+                "prompts": config.get("generate", {}).get("backend"), "method": stage.name}
+    if stage.name in ("baseline", "group_dro"):
+        return {"real_share": 1.0, "synthetic_share": 0.0, "generator": None, "method": stage.name}
+    return {"real_share": None, "synthetic_share": None, "generator": None, "method": stage.name}
+
+
+def model_card(model_id: str, model_dir: str) -> tuple[dict, Optional[bytes]]:
+    """The card (checkpoint metadata, training config, provenance, audit) and the audit chart PNG."""
     import yaml
 
-    if (d.parent / "config.yaml").is_file():
-        card["config"] = yaml.safe_load((d.parent / "config.yaml").read_text())
+    from aimfair_ray.evaluate import group_acc_chart
+    from aimfair_ray.train.models import check_checkpoint_dir
+
+    d = check_checkpoint_dir(model_dir).resolve()
+    meta = json.loads((d / "model.json").read_text())
+    config = yaml.safe_load((d.parent / "config.yaml").read_text()) if (d.parent / "config.yaml").is_file() else None
+    card = {"id": model_id, "path": str(d), "backbone": meta["backbone"], "dataset": meta.get("dataset"),
+            "target_names": meta["target_names"], "group_names": meta["group_names"], "image_size": meta["image_size"],
+            "val_metrics": meta.get("metrics"), "provenance": _provenance(d, config), "config": config, "audit": None}
+    chart = None
     if (d.parent / "audit" / "audit.json").is_file():
         a = json.loads((d.parent / "audit" / "audit.json").read_text())
         card["audit"] = {k: a[k] for k in ("acc", "wst", "std", "eo", "eod_worst", "dp", "group_acc", "n") if k in a}
-    return card
+        chart = group_acc_chart(dict(a, target_names=meta["target_names"], group_names=meta["group_names"]),
+                                f"{model_id}: per-group accuracy")
+    return card, chart
 
 
-def decode_image(text: str, size: int) -> np.ndarray:
-    """A base64 PNG/JPEG -> HxWx3 uint8 at the model's size; AimfairError on bad input."""
+def audit_page(cards: dict, charts: dict) -> str:
+    """The HTML audit page: each model's headline metrics, provenance and per-group accuracy chart."""
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>aimfair-ray: fairness audit</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}section{margin-bottom:2em}</style>",
+             "</head><body><h1>Served models and their fairness audit</h1>"]
+    for mid, c in cards.items():
+        e = html.escape
+        parts.append(f"<section id='model-{e(mid)}'><h2>{e(mid)}</h2><p>{e(c['backbone'])} on {e(str(c['dataset']))}; "
+                     f"training data: {e(json.dumps(c['provenance']))}</p>")
+        a = c["audit"]
+        if a is None:
+            parts.append("<p>No audit was written for this model (run <code>aimfair audit</code>).</p>")
+        else:
+            parts.append("<table><tr><th>ACC</th><th>WST</th><th>STD</th><th>EO</th><th>n</th></tr>"
+                         f"<tr><td class='acc'>{a['acc']:.4f}</td><td class='wst'>WST {a['wst']:.4f}</td>"
+                         f"<td class='std'>{a['std']:.4f}</td><td class='eo'>{a['eo']:.4f}</td><td>{a['n']}</td></tr></table>")
+            parts.append("<table><tr>" + "".join(f"<th>{e(k)}</th>" for k in a["group_acc"]) + "</tr><tr>"
+                         + "".join(f"<td>{v:.4f}</td>" for v in a["group_acc"].values()) + "</tr></table>")
+        if charts.get(mid):
+            parts.append(f"<img alt='per-group accuracy of {e(mid)}' "
+                         f"src='data:image/png;base64,{base64.b64encode(charts[mid]).decode()}'>")
+        parts.append("</section>")
+    parts.append("<p><a href='/docs'>API docs</a></p></body></html>")
+    return "".join(parts)
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """PNG/JPEG bytes -> HxWx3 uint8 at the model's size; BadRequest(422) if unreadable."""
     from PIL import Image, UnidentifiedImageError
 
     from aimfair_ray.data.io import decode_png
 
     try:
-        img = decode_png(base64.b64decode(text, validate=True))
-    except (binascii.Error, ValueError) as e:
-        raise AimfairError(f"an image is not valid base64: {e}") from None
+        img = decode_png(data)
     except (UnidentifiedImageError, OSError) as e:
-        raise AimfairError(f"an image is not a readable PNG or JPEG: {e}") from None
+        raise BadRequest(422, f"an image is not a readable PNG or JPEG: {e}") from None
     return img if img.shape[:2] == (size, size) else np.asarray(Image.fromarray(img).resize((size, size)))
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5})
-class Classifier:
-    """One model; requests are batched across callers with ``@serve.batch``."""
-
-    def __init__(self, model_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01):
-        import torch
-
-        from aimfair_ray.train.models import load_classifier
-
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.meta = load_classifier(model_dir)
-        self.model.to(self.device)
-        self.predict_batch.set_max_batch_size(max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, images: list[np.ndarray]) -> list[dict]:
-        import torch
-
-        from aimfair_ray.train.loop import to_input
-
-        x = to_input(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), self.meta["mean"], self.meta["std"],
-                     self.device)
-        with torch.no_grad():
-            probs = self.model(x).float().softmax(1).cpu().numpy()
-        names = self.meta["target_names"]
-        return [{"label": names[int(p.argmax())], "target": int(p.argmax()), "probability": float(p.max())}
-                for p in probs]
-
-    async def __call__(self, image: np.ndarray) -> dict:
-        return await self.predict_batch(image)
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadRequest(422, f"an image is not valid base64: {e}") from None
 
 
-api = FastAPI(title="aimfair-ray", description="Fairness-audited classifiers")
+def _parse(model: type[BaseModel], raw: dict):
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise BadRequest(422, "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors()))
 
 
-def _error(status: int, msg: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": msg})
+async def _json(request: Request) -> dict:
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        raise BadRequest(415, f"content type {request.headers.get('content-type')!r}: send application/json")
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(422, "the JSON body must be an object")
+    return body
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+# ---- the ingress ------------------------------------------------------------------------------
+api = FastAPI(title="aimfair-ray", description="Fairness-audited classifiers and generators (AIM-Fair, EGT)")
+
+
+@api.exception_handler(BadRequest)
+async def _bad_request(_request: Request, exc: BadRequest):
+    return JSONResponse(status_code=exc.status, content={"error": exc.msg})
+
+
+@api.middleware("http")
+async def _guard(request: Request, call_next):
+    """Bearer token (every route but /healthz) and the request size limit, before any route runs."""
+    limits = request.app.state.limits
+    if request.url.path != "/healthz" and limits["token"]:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {limits['token']}".encode()):
+            return JSONResponse(status_code=401, content={"error": "missing or wrong bearer token: send "
+                                                          "'Authorization: Bearer <token>'"})
+    if request.method == "POST":
+        length = request.headers.get("content-length")
+        if length is None:
+            return JSONResponse(status_code=411, content={"error": "send a Content-Length header"})
+        if int(length) > limits["max_request_bytes"]:
+            return JSONResponse(status_code=413, content={"error": f"request body of {length} bytes; the limit is "
+                                                          f"{limits['max_request_bytes']} (max_request_bytes)"})
+    return await call_next(request)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Api:
-    def __init__(self, classifiers: dict, cards: dict, max_images_per_request: int = 256):
-        self.classifiers, self.cards, self.max_images = classifiers, cards, max_images_per_request
+    def __init__(self, classifiers: dict, cards: dict, charts: dict, image_gen=None, text_gen=None,
+                 limits: Optional[dict] = None):
+        self.classifiers, self.cards, self.charts = classifiers, cards, charts
+        self.image_gen, self.text_gen = image_gen, text_gen
+        self.limits = limits or ServeArgs(models={}).model_dump()
+        self.limits["token"] = self.limits.get("token") or os.environ.get(TOKEN_ENV) or None
+        api.state.limits = self.limits
+        self.page = audit_page(cards, charts)
 
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "models": list(self.cards)}
+        return {"status": "ok", "models": list(self.cards),
+                "generators": {"image": self.image_gen is not None, "text": self.text_gen is not None}}
+
+    @api.get("/", response_class=HTMLResponse)
+    def page(self):
+        return HTMLResponse(self.page)
 
     @api.get("/v1/models")
     def models(self) -> dict:
-        return {"models": [{"id": i, "backbone": c["backbone"],
+        return {"models": [{"id": i, "backbone": c["backbone"], "provenance": c["provenance"],
                             "audit": {k: c["audit"][k] for k in ("acc", "wst", "std", "eo")} if c["audit"] else None}
                            for i, c in self.cards.items()]}
 
     @api.get("/v1/models/{model_id}/card")
     def card(self, model_id: str):
-        if model_id not in self.cards:
-            return _error(404, f"unknown model id {model_id!r}; served: {', '.join(self.cards)}")
-        return self.cards[model_id]
+        return self.cards[self._model(model_id)]
 
-    @api.post("/v1/classify")
-    async def classify(self, req: ClassifyRequest):
-        import asyncio
+    def _model(self, model_id: Optional[str]) -> str:
+        mid = model_id or next(iter(self.cards))
+        if mid not in self.cards:
+            raise BadRequest(404, f"unknown model id {mid!r}; served: {', '.join(self.cards)}")
+        return mid
 
-        model_id = req.model or next(iter(self.cards))
-        if model_id not in self.cards:
-            return _error(404, f"unknown model id {model_id!r}; served: {', '.join(self.cards)}")
-        if len(req.images) > self.max_images:
-            return _error(413, f"{len(req.images)} images in one request; the limit is {self.max_images}")
-        size = self.cards[model_id]["image_size"]
-        try:
-            images = [decode_image(t, size) for t in req.images]
-        except AimfairError as e:
-            return _error(422, str(e))
-        handle = self.classifiers[model_id]
-        preds = await asyncio.gather(*[handle.remote(img) for img in images])
-        return {"model": model_id, "predictions": preds}
+    async def _images(self, request: Request) -> tuple[str, list[np.ndarray], dict]:
+        """(model id, decoded images, the JSON body or the form fields) from JSON base64 or multipart."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form()
+            files = form.getlist("images")
+            if not files or not all(hasattr(f, "read") for f in files):
+                raise BadRequest(422, "multipart: send the images as file fields named 'images'")
+            fields = {k: v for k, v in form.items() if k != "images"}
+            mid, raw = self._model(fields.get("model")), [await f.read() for f in files]
+        else:
+            fields = await _json(request)
+            req = _parse(ClassifyRequest, {k: fields.get(k) for k in ("model", "images") if k in fields})
+            mid, raw = self._model(req.model), [_b64(t) for t in req.images]
+        if len(raw) > self.limits["max_images_per_request"]:
+            raise BadRequest(413, f"{len(raw)} images in one request; the limit is {self.limits['max_images_per_request']}")
+        size = self.cards[mid]["image_size"]
+        return mid, [decode_image(b, size) for b in raw], fields
+
+    async def _predict(self, mid: str, images: list[np.ndarray]) -> list[dict]:
+        return list(await asyncio.gather(*[self.classifiers[mid].remote(img) for img in images]))
+
+    @api.post("/v1/classify", openapi_extra={"requestBody": {"content": {
+        "application/json": {"schema": ClassifyRequest.model_json_schema()},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "model": {"type": "string"}, "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}})
+    async def classify(self, request: Request):
+        mid, images, _ = await self._images(request)
+        return {"model": mid, "predictions": await self._predict(mid, images)}
+
+    @api.post("/v1/audit", openapi_extra={"requestBody": {"content": {
+        "application/json": {"schema": AuditRequest.model_json_schema()}}}})
+    async def audit(self, request: Request):
+        from aimfair_ray.metrics import fairness_report
+
+        body = await _json(request)
+        req = _parse(AuditRequest, body)
+        mid = self._model(req.model)
+        card = self.cards[mid]
+        n_cls, n_grp = len(card["target_names"]), len(card["group_names"])
+        if not len(req.images) == len(req.targets) == len(req.groups):
+            raise BadRequest(422, f"images ({len(req.images)}), targets ({len(req.targets)}) and groups "
+                                  f"({len(req.groups)}) must have the same length")
+        if any(not 0 <= t < n_cls for t in req.targets) or any(not 0 <= g < n_grp for g in req.groups):
+            raise BadRequest(422, f"targets must be in 0..{n_cls - 1} ({card['target_names']}) and groups in "
+                                  f"0..{n_grp - 1} ({card['group_names']})")
+        if len(req.images) > self.limits["max_images_per_request"]:
+            raise BadRequest(413, f"{len(req.images)} images; the limit is {self.limits['max_images_per_request']}")
+        preds = await self._predict(mid, [decode_image(_b64(t), card["image_size"]) for t in req.images])
+        rep = fairness_report(req.targets, [p["target"] for p in preds], req.groups, n_cls, n_grp)
+        return {"model": mid, "audit": rep, "target_names": card["target_names"], "group_names": card["group_names"]}
+
+    @api.post("/v1/generate/image", openapi_extra={"requestBody": {"content": {
+        "application/json": {"schema": ImageRequest.model_json_schema()}}}})
+    async def generate_image(self, request: Request):
+        if self.image_gen is None:
+            raise BadRequest(404, "no image generator is configured (args.image_pipeline is null)")
+        req = _parse(ImageRequest, await _json(request))
+        if len(req.prompts) > self.limits["max_prompts_per_request"]:
+            raise BadRequest(413, f"{len(req.prompts)} prompts; the limit is {self.limits['max_prompts_per_request']}")
+        if req.steps > self.limits["max_steps"]:
+            raise BadRequest(422, f"steps {req.steps}; the limit is {self.limits['max_steps']}")
+        pngs = await self.image_gen.remote(req.prompts, req.seed, req.steps)
+        return {"images": [base64.b64encode(p).decode() for p in pngs], "format": "png", "seed": req.seed,
+                "steps": req.steps, "prompts": req.prompts}
+
+    @api.post("/v1/generate/text", openapi_extra={"requestBody": {"content": {
+        "application/json": {"schema": TextRequest.model_json_schema()}}}})
+    async def generate_text(self, request: Request):
+        if self.text_gen is None:
+            raise BadRequest(404, "no text generator is configured (args.text_model is null)")
+        req = _parse(TextRequest, await _json(request))
+        if req.max_new_tokens > self.limits["max_new_tokens"]:
+            raise BadRequest(422, f"max_new_tokens {req.max_new_tokens}; the limit is {self.limits['max_new_tokens']}")
+        text = await self.text_gen.remote(req.prompt, req.max_new_tokens, req.temperature, req.seed)
+        return {"text": text, "prompt": req.prompt}
 
 
 def build_app(args: dict) -> serve.Application:
-    """The application from its args (``serve run serve/config.yaml`` calls this)."""
-    a = ServeArgs.model_validate(args)
+    """The application from its args (``serve run serve/config.yaml`` and ``aimfair serve`` call this)."""
+    try:
+        a = ServeArgs.model_validate(args)
+    except ValidationError as e:
+        raise AimfairError(f"serve args: {e}") from None
     if not a.models:
         raise AimfairError("serve args: models is empty; give at least one id: model folder")
-    cards = {i: model_card(i, p) for i, p in a.models.items()}
+    cards, charts = {}, {}
+    for i, p in a.models.items():
+        cards[i], charts[i] = model_card(i, p)
     classifiers = {i: Classifier.options(name=f"Classifier-{i}").bind(str(Path(p).resolve()), a.max_batch_size,
                                                                        a.batch_wait_timeout_s)
                    for i, p in a.models.items()}
-    return Api.bind(classifiers, cards, a.max_images_per_request)
+    image_gen = None if a.image_pipeline is None else ImageGenerator.bind(
+        None if a.image_pipeline == "embedded" else a.image_pipeline)
+    text_gen = None if a.text_model is None else TextGenerator.bind(None if a.text_model == "smollm2" else a.text_model)
+    limits = a.model_dump(include={"max_images_per_request", "max_request_bytes", "max_prompts_per_request",
+                                   "max_steps", "max_new_tokens", "token"})
+    return Api.bind(classifiers, cards, charts, image_gen, text_gen, limits)

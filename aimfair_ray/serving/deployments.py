@@ -1,0 +1,96 @@
+"""The model deployments behind the ingress: a batched classifier per model, a diffusers
+text-to-image generator and a causal-LM text generator. Each wraps the plain-PyTorch call
+that the pipeline stages use (``loop.to_input``, ``images.generate_batch``)."""
+
+from __future__ import annotations
+
+import numpy as np
+from ray import serve
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)  # >= max_batch_size, so batches can fill
+class Classifier:
+    """One model (safetensors only); requests are batched across callers with ``@serve.batch``."""
+
+    def __init__(self, model_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01):
+        import torch
+
+        from aimfair_ray.train.models import load_classifier
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.meta = load_classifier(model_dir)
+        self.model.to(self.device)
+        self.predict_batch.set_max_batch_size(max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, images: list[np.ndarray]) -> list[dict]:
+        import torch
+
+        from aimfair_ray.train.loop import to_input
+
+        x = to_input(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), self.meta["mean"], self.meta["std"],
+                     self.device)
+        with torch.no_grad():
+            probs = self.model(x).float().softmax(1).cpu().numpy()
+        names = self.meta["target_names"]
+        return [{"label": names[int(p.argmax())], "target": int(p.argmax()), "probability": float(p.max())}
+                for p in probs]
+
+    async def __call__(self, image: np.ndarray) -> dict:
+        return await self.predict_batch(image)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class ImageGenerator:
+    """Any diffusers text-to-image pipeline folder or hub id (default: the embedded model)."""
+
+    def __init__(self, pipeline: str | None = None, dtype: str = "float32", guidance_scale: float = 3.0):
+        import torch
+
+        from aimfair_ray.generate.t2i import embedded_weights, load_pipeline
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.name = pipeline or "embedded"
+        self.pipe = load_pipeline(pipeline or embedded_weights(), device=self.device,
+                                  dtype=dtype if self.device == "cuda" else "float32")
+        self.guidance = guidance_scale
+
+    def __call__(self, prompts: list[str], seed: int, steps: int) -> list[bytes]:
+        from aimfair_ray.data.io import encode_png
+        from aimfair_ray.generate.images import generate_batch
+
+        imgs = generate_batch(self.pipe, prompts, [seed + i for i in range(len(prompts))], steps, self.guidance)
+        return [encode_png(im) for im in imgs]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class TextGenerator:
+    """A causal LM: an HF folder, a GGUF file or a hub id (default: the bundled SmolLM2-135M-Instruct)."""
+
+    def __init__(self, model: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from aimfair_ray.generate.prompts import resolve_llm
+
+        path, gguf = resolve_llm(model)
+        kw = {"gguf_file": gguf} if gguf else {}
+        self.name = model or "smollm2-135m-instruct"
+        self.tok = AutoTokenizer.from_pretrained(path, **kw)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(path, **kw).eval().to(self.device)
+
+    def __call__(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+        import torch
+
+        messages = [{"role": "user", "content": prompt}]
+        text = (self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                if self.tok.chat_template else prompt)
+        enc = self.tok(text, return_tensors="pt").to(self.device)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                      temperature=max(temperature, 1e-5), top_p=0.95,
+                                      pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)
+        return self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,152 @@
+"""Loopback load test of POST /v1/classify: the batched Ray Serve app against a plain
+single-process FastAPI + uvicorn server around the same model, in the same run.
+
+    python benchmarks/serve_load.py [--model runs/cmnist/baseline/model] [--requests 400] [--seconds 30]
+
+For 1, 8 and 32 concurrent clients it prints requests/s and p50/p99 latency for each server,
+and the Serve/plain throughput ratio at 32 clients. Each level stops after --requests
+requests or --seconds seconds, whichever comes first. Writes benchmarks/results/serve_load.json.
+"""
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PLAIN = '''
+import base64, io, sys
+import numpy as np, torch, uvicorn
+from fastapi import FastAPI
+from PIL import Image
+from pydantic import BaseModel
+from aimfair_ray.train.loop import to_input
+from aimfair_ray.train.models import load_classifier
+
+torch.set_num_threads(1)
+model, meta = load_classifier(sys.argv[1])
+app = FastAPI()
+
+class Req(BaseModel):
+    images: list[str]
+
+@app.post("/v1/classify")
+def classify(req: Req):
+    imgs = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(t))).convert("RGB")) for t in req.images])
+    with torch.no_grad():
+        p = model(to_input(torch.from_numpy(imgs).permute(0, 3, 1, 2), meta["mean"], meta["std"], "cpu")).softmax(1)
+    return {"predictions": [{"target": int(r.argmax()), "probability": float(r.max())} for r in p]}
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, body: dict, timeout: float = 300) -> None:
+    import httpx
+
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            if httpx.post(url, json=body, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+async def load(url: str, body: dict, clients: int, n_max: int, seconds: float) -> dict:
+    import httpx
+
+    lat: list[float] = []
+    sent = 0
+    end = time.perf_counter() + seconds
+
+    async def client(c: httpx.AsyncClient):
+        nonlocal sent
+        while sent < n_max and time.perf_counter() < end:
+            sent += 1
+            t = time.perf_counter()
+            r = await c.post(url, json=body, timeout=60)
+            r.raise_for_status()
+            lat.append(time.perf_counter() - t)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client(c) for _ in range(clients)])
+        wall = time.perf_counter() - t0
+    ms = np.asarray(lat) * 1000
+    return {"clients": clients, "requests": len(lat), "seconds": round(wall, 2), "rps": round(len(lat) / wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/cmnist/baseline/model")
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--clients", default="1,8,32")
+    a = ap.parse_args()
+    if not Path(a.model, "model.safetensors").is_file():
+        sys.exit(f"no model at {a.model}: run `aimfair demo` first or pass --model")
+    import ray
+    from ray import serve
+
+    from aimfair_ray.data.io import encode_png
+    from aimfair_ray.serving.app import build_app
+
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    body = {"images": [base64.b64encode(encode_png(img)).decode()]}
+    levels = [int(c) for c in a.clients.split(",")]
+    results = {}
+
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="afb-", dir="/tmp"))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"models": {"m": a.model}, "image_pipeline": None, "text_model": None}), name="bench",
+              route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/classify"
+    wait_up(url, body)
+    results["serve"] = [asyncio.run(load(url, body, c, a.requests, a.seconds)) for c in levels]
+    serve.shutdown()
+    ray.shutdown()
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", PLAIN, a.model, str(port)], env=dict(os.environ))
+    try:
+        url = f"http://127.0.0.1:{port}/v1/classify"
+        wait_up(url, body)
+        results["plain"] = [asyncio.run(load(url, body, c, a.requests, a.seconds)) for c in levels]
+    finally:
+        proc.terminate()
+        proc.wait()
+
+    print(f"{'server':8} {'clients':>7} {'req':>5} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, rows in results.items():
+        for r in rows:
+            print(f"{name:8} {r['clients']:>7} {r['requests']:>5} {r['rps']:>7} {r['p50_ms']:>8} {r['p99_ms']:>8}")
+    top = levels[-1]
+    ratio = results["serve"][-1]["rps"] / results["plain"][-1]["rps"]
+    print(f"throughput ratio at {top} clients, Serve / plain FastAPI+uvicorn: {ratio:.2f} (target >= 2)")
+    out = Path("benchmarks/results/serve_load.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": results, "ratio_at_max_clients": ratio, "cpus": os.cpu_count()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
