@@ -216,6 +216,78 @@ def finetune_cmd(method: Optional[str] = typer.Option(None, "--method", "-m",
     _run(body)
 
 
+@app.command("minmax")
+def minmax_cmd(kind: str = typer.Argument(..., help="image (diffusion) | text (causal LM)"),
+               preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+               force: bool = ForceOpt):
+    """EGT min–max fine-tuning of a generator on group-imbalanced data (objective: egt.objective), then
+    its per-group quality and the EGT gap beside the pretrained model's."""
+
+    def body():
+        from aimfair_ray.egt.run import KINDS, finetune, pretrained_quality
+
+        if kind not in KINDS:
+            raise AimfairError(f"unknown EGT task {kind!r}; choose image or text")
+        cfg = _cfg(preset, config, set_)
+        e = cfg.egt
+        log(f"egt: {kind}, objective {e.objective} (eta {e.eta}), {e.steps} steps on {cfg.train.num_workers} "
+            f"Ray Train worker(s)")
+        base = pretrained_quality(cfg, kind, log)
+        res = finetune(cfg, kind, force, log)
+        _egt_table(kind, {"pretrained": base, e.objective: res["quality"]})
+        log(f"egt: wrote {res['model_dir']} and its quality.json")
+
+    _run(body)
+
+
+def _egt_table(kind: str, rows: dict) -> None:
+    from rich.table import Table
+
+    from aimfair_ray.egt.benchmark import METRICS
+
+    t = Table(title=f"EGT {kind}: per-group quality (lower is better)")
+    first = next(iter(rows.values()))
+    groups = list(first[METRICS[kind][0]])
+    t.add_column("model")
+    for m in METRICS[kind]:
+        for g in groups:
+            t.add_column(f"{m} {g}", justify="right")
+        t.add_column(f"{m} gap", justify="right")
+        t.add_column(f"{m} overall", justify="right")
+    for name, q in rows.items():
+        t.add_row(name, *[f"{v:.4g}" for m in METRICS[kind] for v in [*(q[m][g] for g in groups), q["gap"][m], q["overall"][m]]])
+    console.print(t)
+
+
+@bench_app.command("egt")
+def benchmark_egt_cmd(kind: str = typer.Argument("all", help="image | text | all"),
+                      seeds: int = typer.Option(2, "--seeds", min=1, help="number of seeds (0, 1, ...)"),
+                      objectives: Optional[str] = typer.Option(None, "--objectives",
+                                                               help="comma-separated: erm, reweight, minmax, conditional (text)"),
+                      preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """EGT table: ERM, reweighting and min–max (and group-conditional for text) over seeds: per-group
+    quality, the gap and overall quality; Markdown, CSV and JSON."""
+
+    def body():
+        from aimfair_ray.egt.benchmark import OBJECTIVES, benchmark_egt
+
+        kinds = ["image", "text"] if kind == "all" else [kind]
+        if any(k not in OBJECTIVES for k in kinds):
+            raise AimfairError(f"unknown EGT task {kind!r}; choose image, text or all")
+        cfg = _cfg(preset, config, set_)
+        for k in kinds:
+            objs = [o.strip() for o in objectives.split(",") if o.strip()] if objectives else None
+            bad = [o for o in objs or [] if o not in OBJECTIVES[k]]
+            if bad:
+                raise AimfairError(f"unknown --objectives {bad} for {k}; choose from {', '.join(OBJECTIVES[k])}")
+            t0 = time.time()
+            out = benchmark_egt(cfg, k, list(range(seeds)), objs, log=log)
+            console.print(open(f"{out['dir']}/results.md").read(), highlight=False)
+            log(f"benchmark egt {k}: wrote {out['dir']}/results.md, .csv and .json in {time.time() - t0:.0f}s")
+
+    _run(body)
+
+
 @bench_app.command("aimfair")
 def benchmark_aimfair_cmd(seeds: int = typer.Option(3, "--seeds", min=1, help="number of seeds (0, 1, ...)"),
                           methods: str = typer.Option(",".join(("baseline", "full", "linear", "random", "selective", "group_dro")),

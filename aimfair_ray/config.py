@@ -120,6 +120,50 @@ class GroupDROConfig(_Strict):
     epochs: Optional[int] = Field(None, ge=1, description="null: train.epochs")
 
 
+class EGTImageConfig(_Strict):
+    """EGT on the embedded (or any diffusers) text-to-image model; groups are data.colors."""
+
+    pipeline: Optional[str] = Field(None, description="diffusers pipeline folder or hub id; null: the embedded model")
+    n_train: int = Field(512, ge=8, description="fine-tuning images (group-imbalanced)")
+    n_eval_per_group: int = Field(64, ge=2, description="held-out real images per group for the quality metrics")
+    noise_levels: int = Field(8, ge=1, description="evenly spaced noise levels of the denoising-loss metric")
+    sample_steps: int = Field(20, ge=1, description="DDIM steps of the images the Fréchet distance compares")
+    guidance_scale: float = Field(3.0, ge=1)
+    features: str = Field("efficientnet_lite0", description="feature extractor of the Fréchet distance: "
+                          "efficientnet_lite0 (bundled ImageNet weights) or a transformers vision model")
+    feature_size: int = Field(96, ge=32, description="images are resized to this for the feature extractor")
+
+
+class EGTTextConfig(_Strict):
+    """EGT on a causal LM with BOLD's gender-grouped sentences (group 1, female, is the minority)."""
+
+    model: Optional[str] = Field(None, description="HF model folder, hub id or .gguf file; null: the bundled SmolLM2-135M")
+    train_layers: int = Field(4, ge=0, description="train the top N transformer blocks and the final norm; 0: all")
+    max_len: int = Field(32, ge=8, description="tokens per sentence")
+    n_train: int = Field(400, ge=8)
+    n_eval_per_group: int = Field(64, ge=2)
+    deepspeed: bool = Field(False, description="run the loop through DeepSpeed ZeRO (extra: aimfair-ray[deepspeed])")
+    zero_stage: Literal[0, 1, 2] = 2
+
+
+class EGTConfig(_Strict):
+    """EGT min–max fine-tuning of generators (aimfair minmax image|text, aimfair benchmark egt).
+    Workers and resources come from the train section."""
+
+    objective: Literal["erm", "reweight", "minmax", "conditional"] = "minmax"
+    eta: float = Field(1.0, ge=0, description="min–max: step size of the group-weight ascent")
+    ema: float = Field(0.0, ge=0, lt=1, description="min–max: EMA decay of the group losses the ascent uses")
+    n_buckets: int = Field(4, ge=1, description="diffusion: timestep buckets, each with its own group weights")
+    minority_share: float = Field(0.1, gt=0, lt=1, description="share of group 1 in the fine-tuning set (0.1: 90% / 10%)")
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(32, ge=2, description="global batch, split over the Train workers")
+    lr: float = Field(2e-4, gt=0)
+    checkpoint_every: int = Field(25, ge=1, description="steps between checkpoints (an interrupted run resumes from the last)")
+    seed: int = 0
+    image: EGTImageConfig = EGTImageConfig()
+    text: EGTTextConfig = EGTTextConfig()
+
+
 class RayConfig(_Strict):
     address: Optional[str] = Field(None, description="cluster address; RAY_ADDRESS wins; null starts a local cluster")
     num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local cluster; null: max(cores, 4)")
@@ -200,6 +244,7 @@ class Config(_Strict):
     generate: GenerateConfig = GenerateConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     group_dro: GroupDROConfig = GroupDROConfig()
+    egt: EGTConfig = EGTConfig()
 
     @field_validator("output_dir")
     @classmethod

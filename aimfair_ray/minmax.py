@@ -7,6 +7,11 @@ weights toward the worst groups, ``q_g <- q_g * exp(eta * L_g)``, then renormali
 (Sagawa et al., Group DRO, Algorithm 1). With ``eta = 0`` the weights stay uniform.
 With ``ema > 0`` the ascent uses exponentially smoothed group losses instead of the
 noisy per-batch ones (a group absent from a batch keeps its smoothed loss).
+
+For diffusion (EGT), :class:`NoiseLevelWeights` keeps one set of weights per bucket of
+timesteps, so the min–max acts at each noise level. :class:`Objective` names the
+training objectives that EGT compares: ERM, group-balanced reweighting, min–max, and
+group-conditional fine-tuning (ERM on group-conditioned inputs).
 """
 
 from __future__ import annotations
@@ -66,11 +71,18 @@ class GroupWeights:
         self.seen |= present
         return self.avg
 
-    def __call__(self, losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """Robust loss for per-sample ``losses`` of samples in ``groups``; updates ``q`` first (as Group DRO)."""
+    def step(self, losses: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Update ``q`` from this batch (as Group DRO, before the model step); return the
+        robust loss ``sum_g q_g L_g`` over the groups present (``q`` renormalised over them),
+        the group losses and the group counts."""
         gl, counts = self.group_losses(losses, groups)
         self.update(self.smooth(gl, counts))
-        return (self.q.to(gl.device, gl.dtype) * gl).sum()
+        q = self.q.to(gl.device, gl.dtype) * (counts > 0)  # groups absent from the batch don't dilute the loss
+        return (q * gl).sum() / q.sum().clamp(min=1e-12), gl, counts
+
+    def __call__(self, losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """Robust loss for per-sample ``losses`` of samples in ``groups``; updates ``q`` first (as Group DRO)."""
+        return self.step(losses, groups)[0]
 
     def state_dict(self) -> dict:
         return {"q": self.q.tolist(), "eta": self.eta, "ema": self.ema, "avg": self.avg.tolist(),
@@ -84,3 +96,94 @@ class GroupWeights:
         if "avg" in state:
             self.avg = torch.tensor(state["avg"], dtype=torch.float64)
             self.seen = torch.tensor(state["seen"], dtype=torch.bool)
+
+
+class NoiseBuckets:
+    """Equal-width buckets of diffusion timesteps ``[0, T)``: ``bucket(t) = t * B // T``."""
+
+    def __init__(self, n_buckets: int, num_timesteps: int):
+        if not 1 <= n_buckets <= num_timesteps:
+            raise ValueError(f"n_buckets must be in [1, {num_timesteps}] (the number of timesteps), got {n_buckets}")
+        self.n_buckets, self.num_timesteps = n_buckets, num_timesteps
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.long()
+        if len(t) and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+            raise ValueError(f"timesteps must be in [0, {self.num_timesteps}), got {int(t.min())}..{int(t.max())}")
+        return t * self.n_buckets // self.num_timesteps
+
+    def edges(self) -> list[tuple[int, int]]:
+        """[first, last] timestep of each bucket."""
+        b = self(torch.arange(self.num_timesteps))
+        return [(int(torch.nonzero(b == k).min()), int(torch.nonzero(b == k).max())) for k in range(self.n_buckets)]
+
+
+class NoiseLevelWeights:
+    """Min–max at each noise level: one :class:`GroupWeights` per timestep bucket. The loss is
+    ``sum_b (n_b / n) sum_g q_bg L_bg``: every bucket's worst groups are up-weighted."""
+
+    def __init__(self, n_groups: int, eta: float, n_buckets: int, num_timesteps: int,
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, ema: float = 0.0):
+        self.buckets = NoiseBuckets(n_buckets, num_timesteps)
+        self.levels = [GroupWeights(n_groups, eta, reduce, ema) for _ in range(n_buckets)]
+
+    @property
+    def q(self) -> torch.Tensor:
+        return torch.stack([w.q for w in self.levels])
+
+    def __call__(self, losses: torch.Tensor, groups: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        b = self.buckets(timesteps).to(losses.device)
+        total, n = losses.new_zeros(()), losses.new_zeros(())
+        for k, w in enumerate(self.levels):  # every bucket, also empty ones: reduce is a collective
+            robust, _, counts = w.step(losses[b == k], groups[b == k])
+            total, n = total + counts.sum() * robust, n + counts.sum()
+        return total / n.clamp(min=1)
+
+    def state_dict(self) -> dict:
+        return {"levels": [w.state_dict() for w in self.levels]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["levels"]) != len(self.levels):
+            raise ValueError(f"saved weights have {len(state['levels'])} noise buckets, expected {len(self.levels)}")
+        for w, s in zip(self.levels, state["levels"]):
+            w.load_state_dict(s)
+
+
+OBJECTIVES = ("erm", "reweight", "minmax", "conditional")
+
+
+class Objective:
+    """Per-sample losses -> the training loss, for each objective EGT compares:
+
+    - ``erm``: the mean loss (the majority group dominates);
+    - ``reweight``: importance reweighting to balanced groups, ``mean_g L_g`` (uniform ``q``);
+    - ``minmax``: exponentiated-gradient group weights (per noise bucket when ``n_buckets`` > 1);
+    - ``conditional``: ERM; the trainer conditions the model on the group instead.
+    """
+
+    def __init__(self, kind: str, n_groups: int, eta: float = 0.0, ema: float = 0.0, n_buckets: int = 1,
+                 num_timesteps: Optional[int] = None, reduce=None):
+        if kind not in OBJECTIVES:
+            raise ValueError(f"unknown objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
+        self.kind, self.n_groups = kind, n_groups
+        self.weights: Optional[GroupWeights | NoiseLevelWeights] = None
+        if kind in ("reweight", "minmax"):
+            step = eta if kind == "minmax" else 0.0
+            if num_timesteps is not None and n_buckets > 1:
+                self.weights = NoiseLevelWeights(n_groups, step, n_buckets, num_timesteps, reduce, ema)
+            else:
+                self.weights = GroupWeights(n_groups, step, reduce, ema)
+
+    def __call__(self, losses: torch.Tensor, groups: torch.Tensor, timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.weights is None:
+            return losses.mean()
+        if isinstance(self.weights, NoiseLevelWeights):
+            return self.weights(losses, groups, timesteps)
+        return self.weights(losses, groups)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "weights": self.weights.state_dict() if self.weights is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("weights") is not None and self.weights is not None:
+            self.weights.load_state_dict(state["weights"])

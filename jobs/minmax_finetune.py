@@ -1,8 +1,10 @@
-"""Ray job entrypoint: min-max fine-tuning, `aimfair train groupdro` (Group DRO over the
-(target, group) cells, exponentiated-gradient group weights with step size group_dro.eta).
+"""Ray job entrypoint: min–max fine-tuning.
 
-    ray job submit --working-dir . -- python jobs/minmax_finetune.py --set group_dro.eta=0.01 \
-        --set train.num_workers=4 --set train.use_gpu=true
+    image | text: EGT on a generator (`aimfair minmax image|text`), e.g.
+        ray job submit --working-dir . -- python jobs/minmax_finetune.py text --set egt.eta=0.5 \
+            --set train.num_workers=4 --set train.use_gpu=true --set egt.text.model=HuggingFaceTB/SmolLM2-1.7B
+    groupdro (the default when no task is named): the Group DRO classifier baseline,
+        `aimfair train groupdro`, with step size group_dro.eta.
 
 Inside a job, RAY_ADDRESS is set, so the stage joins the job's cluster.
 """
@@ -12,4 +14,8 @@ import sys
 from aimfair_ray.cli import app
 
 if __name__ == "__main__":
-    app(["train", "groupdro", *sys.argv[1:]])
+    args = sys.argv[1:]
+    if args[:1] in (["image"], ["text"]):
+        app(["minmax", *args])
+    else:
+        app(["train", "groupdro", *(args[1:] if args[:1] == ["groupdro"] else args)])

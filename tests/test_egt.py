@@ -1,0 +1,98 @@
+"""EGT min–max fine-tuning of generators on the session's Ray cluster (tiny, real runs), and
+the results table. The toy problems of the objective itself are in test_minmax.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from aimfair_ray.cli import app
+
+
+def _cfg(tmp_path, *extra):
+    from aimfair_ray.config import load_config
+
+    return load_config("cmnist", overrides=[f"output_dir={tmp_path}", "egt.steps=4", "egt.checkpoint_every=2",
+                                            "egt.batch_size=8", "train.num_workers=2", *extra])
+
+
+def test_image_minmax_on_ray_train_then_reuse(ray_cluster, tiny_pipeline, tmp_path):
+    from aimfair_ray.egt.run import finetune
+    from aimfair_ray.generate.t2i import load_pipeline
+
+    cfg = _cfg(tmp_path, f"egt.image.pipeline={tiny_pipeline}", "egt.image.n_train=48", "egt.image.n_eval_per_group=4",
+               "egt.image.sample_steps=2", "egt.image.noise_levels=3", "egt.image.feature_size=32", "egt.n_buckets=3",
+               "egt.eta=2.0")
+    res = finetune(cfg, "image")
+    assert res["steps"] == 4 and [h["step"] for h in res["history"]] == [2, 4]
+    assert res["history"][0]["world_size"] == 2
+    q = res["quality"]
+    for m in ("denoise", "fd"):
+        assert set(q[m]) == {"red", "green"}
+        assert q["gap"][m] == pytest.approx(max(q[m].values()) - min(q[m].values()))
+    assert 0 <= q["overall"]["group_confirmed"] <= 1 and q["n_per_group"] == 4
+    levels = res["group_weights"]["weights"]["levels"]  # one set of group weights per noise bucket, all moved
+    assert len(levels) == 3 and all(abs(sum(w["q"]) - 1) < 1e-9 and w["q"] != [0.5, 0.5] for w in levels)
+    stage = Path(res["model_dir"]).parent
+    assert json.loads((stage / "quality.json").read_text()) == q
+    assert (stage / "config.yaml").is_file()
+    pipe = load_pipeline(res["model_dir"])  # the fine-tuned generator is a diffusers pipeline folder
+    assert pipe.unet.config.sample_size == 32
+    again = finetune(cfg, "image")
+    assert again["reused"] and again["quality"] == q
+
+
+def test_text_conditional_on_ray_train(ray_cluster, tmp_path):
+    """The bundled SmolLM2, its top block trained on tagged BOLD sentences; per-group perplexity."""
+    from safetensors.torch import load_file
+
+    from aimfair_ray.egt.run import finetune
+
+    cfg = _cfg(tmp_path, "egt.objective=conditional", "egt.steps=2", "train.num_workers=1", "egt.text.n_train=16",
+               "egt.text.n_eval_per_group=4", "egt.text.max_len=16", "egt.text.train_layers=1", "egt.batch_size=4")
+    res = finetune(cfg, "text")
+    q = res["quality"]
+    assert set(q["ppl"]) == {"male", "female"} and all(1 < v < 1e5 for v in q["ppl"].values())
+    assert q["gap"]["ppl"] == pytest.approx(abs(q["ppl"]["male"] - q["ppl"]["female"]))
+    trained = load_file(str(Path(res["model_dir"]) / "trained.safetensors"))
+    assert trained and all(".layers.29." in k or k.startswith("model.norm") for k in trained)
+
+
+def test_text_sets_split_people_and_follow_the_share():
+    from aimfair_ray.egt.text import bold_gender, text_sets
+
+    tr, ev = text_sets(200, 0.1, 40, data_seed=0, seed=0)
+    assert len(tr.texts) == 200 and int(tr.groups.sum()) == 20
+    assert len(ev.texts) == 80 and int(ev.groups.sum()) == 40
+    people = {s: p for rows in bold_gender().values() for p, s in rows}
+    assert not {people[t] for t in tr.texts} & {people[t] for t in ev.texts}
+    tr2, ev2 = text_sets(200, 0.1, 40, data_seed=0, seed=1)
+    assert ev2.texts == ev.texts and tr2.texts != tr.texts  # the evaluation set is the same for every seed
+
+
+def test_results_table_and_targets():
+    from aimfair_ray.egt.benchmark import row, targets, to_csv, to_markdown
+
+    def q(a, b):
+        return {"ppl": {"male": a, "female": b}, "gap": {"ppl": abs(a - b)}, "overall": {"ppl": (a + b) / 2}}
+
+    groups = ["male", "female"]
+    table = {"erm": row([q(10, 20), q(10, 22)], "text", groups), "minmax": row([q(12, 15), q(12, 16)], "text", groups)}
+    t = targets(table, "text")["ppl"]
+    assert t["gap_cut"] == pytest.approx(1 - 3.5 / 11) and t["gap_target_met"]
+    assert t["overall_worse"] == pytest.approx(13.75 / 15.5 - 1) and t["overall_target_met"]
+    res = {"kind": "text", "model": "m", "seeds": [0, 1], "groups": groups, "steps": 3, "minority_share": 0.1,
+           "n_per_group": 4, "table": table, "targets": targets(table, "text")}
+    md = to_markdown(res)
+    assert "| minmax | 12 ± 0 | 15.5 ± 0.71 | 3.5 ± 0.71 |" in md and "gap cut 68.2%" in md
+    assert to_csv(res).splitlines()[0].startswith("objective,metric,male_mean,female_mean,gap_mean")
+
+
+def test_minmax_cli_rejects_bad_input():
+    res = CliRunner().invoke(app, ["minmax", "video"])
+    assert res.exit_code == 2 and "choose image or text" in res.output
+    res = CliRunner().invoke(app, ["benchmark", "egt", "image", "--objectives", "conditional"])
+    assert res.exit_code == 2 and "unknown --objectives" in res.output
+    res = CliRunner().invoke(app, ["minmax", "text", "--set", "egt.minority_share=1.5"])
+    assert res.exit_code == 2 and "minority_share" in res.output
