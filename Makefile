@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-EXTRAS := dev,wandb,deepspeed
+EXTRAS := dev,wandb,deepspeed,lora
 STAMP  := $(VENV)/.aimfair-setup
 
 export RAY_TMPDIR ?= /tmp/aimfair-ray

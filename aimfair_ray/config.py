@@ -139,6 +139,8 @@ class EGTTextConfig(_Strict):
 
     model: Optional[str] = Field(None, description="HF model folder, hub id or .gguf file; null: the bundled SmolLM2-135M")
     train_layers: int = Field(4, ge=0, description="train the top N transformer blocks and the final norm; 0: all")
+    lora_rank: int = Field(0, ge=0, description="> 0: train LoRA adapters of this rank on the attention projections of "
+                                                "those blocks instead (extra: aimfair-ray[lora], peft)")
     max_len: int = Field(32, ge=8, description="tokens per sentence")
     n_train: int = Field(400, ge=8)
     n_eval_per_group: int = Field(64, ge=2)

