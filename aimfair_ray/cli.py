@@ -435,6 +435,9 @@ def demo(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_:
 def serve_cmd(config: str = typer.Option("serve/config.yaml", "--config", help="Serve config YAML (serve run format)"),
               model: Optional[List[str]] = typer.Option(None, "--model", help="ID=MODEL_DIR: serve these models "
                                                                                 "instead of the config's (repeatable)"),
+              image_pipeline: Optional[str] = typer.Option(None, "--image-pipeline",
+                                                           help="diffusers pipeline folder for /v1/generate/image, e.g. "
+                                                                "an EGT run's runs/cmnist/egt/image/minmax-seed0/model"),
               host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
               token: Optional[str] = typer.Option(None, "--token", help="bearer token (else args.token or "
                                                                           "AIMFAIR_SERVE_TOKEN); /healthz stays open"),
@@ -464,6 +467,11 @@ def serve_cmd(config: str = typer.Option("serve/config.yaml", "--config", help="
             if bad:
                 raise AimfairError(f"--model {bad[0]!r}: expected ID=MODEL_DIR, e.g. --model baseline=runs/cmnist/baseline/model")
             args["models"] = dict(m.split("=", 1) for m in model)
+        if image_pipeline:
+            if not Path(image_pipeline, "model_index.json").is_file():
+                raise AimfairError(f"--image-pipeline {image_pipeline}: no diffusers pipeline there (model_index.json "
+                                   "is missing); pass a pipeline folder, e.g. the model/ of an `aimfair minmax image` run")
+            args["image_pipeline"] = str(Path(image_pipeline).resolve())
         # Serve refuses options for deployments the app does not build: keep those it does
         keep = ({f"Classifier-{i}" for i in args.get("models") or {}} | {"Api"}
                 | ({"ImageGenerator"} if args.get("image_pipeline", "embedded") is not None else set())

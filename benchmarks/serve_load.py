@@ -2,6 +2,7 @@
 single-process FastAPI + uvicorn server around the same model, in the same run.
 
     python benchmarks/serve_load.py [--model runs/cmnist/baseline/model] [--requests 400] [--seconds 30]
+    python benchmarks/serve_load.py --backbone resnet18 --image-size 128   # a heavier (random-init) model
 
 For 1, 8 and 32 concurrent clients it prints requests/s and p50/p99 latency for each server,
 and the Serve/plain throughput ratio at 32 clients. Each level stops after --requests
@@ -47,6 +48,20 @@ def classify(req: Req):
 
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 '''
+
+
+def random_model(backbone: str, size: int) -> str:
+    """A randomly initialised 2-class classifier saved as a checkpoint folder; returns its path."""
+    import torch
+
+    from aimfair_ray.train.models import build_model, save_classifier
+
+    torch.manual_seed(0)
+    meta = {"backbone": backbone, "width": 32, "num_classes": 2, "image_size": size, "mean": [0.5] * 3,
+            "std": [0.5] * 3, "target_names": ["a", "b"], "group_names": ["g0", "g1"]}
+    path = Path(tempfile.mkdtemp(prefix="serve-load-")) / "model"
+    save_classifier(build_model(backbone, 2, size, pretrained=False, width=32).eval(), meta, str(path))
+    return str(path)
 
 
 def free_port() -> int:
@@ -101,7 +116,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--backbone", help="serve a random-init classifier of this backbone instead of --model "
+                                       "(small_cnn, resnet18, efficientnet_lite0): the cost of the model decides what batching buys")
+    ap.add_argument("--image-size", type=int, default=32)
     a = ap.parse_args()
+    if a.backbone:
+        a.model = random_model(a.backbone, a.image_size)
     if not Path(a.model, "model.safetensors").is_file():
         sys.exit(f"no model at {a.model}: run `aimfair demo` first or pass --model")
     import ray
@@ -110,7 +130,8 @@ def main() -> None:
     from aimfair_ray.data.io import encode_png
     from aimfair_ray.serving.app import build_app
 
-    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    size = json.loads(Path(a.model, "model.json").read_text()).get("image_size", 32) if Path(a.model, "model.json").is_file() else 32
+    img = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     body = {"images": [base64.b64encode(encode_png(img)).decode()]}
     levels = [int(c) for c in a.clients.split(",")]
     results = {}
@@ -143,9 +164,10 @@ def main() -> None:
     top = levels[-1]
     ratio = results["serve"][-1]["rps"] / results["plain"][-1]["rps"]
     print(f"throughput ratio at {top} clients, Serve / plain FastAPI+uvicorn: {ratio:.2f} (target >= 2)")
-    out = Path("benchmarks/results/serve_load.json")
+    out = Path(f"benchmarks/results/serve_load{f'-{a.backbone}-{size}' if a.backbone else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"results": results, "ratio_at_max_clients": ratio, "cpus": os.cpu_count()}, indent=2))
+    out.write_text(json.dumps({"model": a.model, "backbone": a.backbone, "image_size": size, "results": results,
+                               "ratio_at_max_clients": ratio, "cpus": os.cpu_count()}, indent=2))
 
 
 if __name__ == "__main__":
