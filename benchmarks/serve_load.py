@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--backbone", help="serve a random-init classifier of this backbone instead of --model "
                                        "(small_cnn, resnet18, efficientnet_lite0): the cost of the model decides what batching buys")
     ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--replicas", type=int, default=1, help="Classifier replicas on the Serve side")
     a = ap.parse_args()
     if a.backbone:
         a.model = random_model(a.backbone, a.image_size)
@@ -139,7 +140,8 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="afb-", dir="/tmp"))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"models": {"m": a.model}, "image_pipeline": None, "text_model": None}), name="bench",
+    serve.run(build_app({"models": {"m": a.model}, "image_pipeline": None, "text_model": None,
+                         "classifier_replicas": a.replicas}), name="bench",
               route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/classify"
     wait_up(url, body)
@@ -164,9 +166,11 @@ def main() -> None:
     top = levels[-1]
     ratio = results["serve"][-1]["rps"] / results["plain"][-1]["rps"]
     print(f"throughput ratio at {top} clients, Serve / plain FastAPI+uvicorn: {ratio:.2f} (target >= 2)")
-    out = Path(f"benchmarks/results/serve_load{f'-{a.backbone}-{size}' if a.backbone else ''}.json")
+    out = Path(f"benchmarks/results/serve_load{f'-{a.backbone}-{size}' if a.backbone else ''}"
+               f"{f'-r{a.replicas}' if a.replicas > 1 else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": a.model, "backbone": a.backbone, "image_size": size, "results": results,
+    out.write_text(json.dumps({"model": a.model, "backbone": a.backbone, "image_size": size, "replicas": a.replicas,
+                               "results": results,
                                "ratio_at_max_clients": ratio, "cpus": os.cpu_count()}, indent=2))
 
 
