@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--backbone", help="serve a random-init classifier of this backbone instead of --model "
                                        "(small_cnn, resnet18, efficientnet_lite0): the cost of the model decides what batching buys")
     ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--replicas", type=int, default=1, help="Classifier replicas on the Serve side")
+    ap.add_argument("--replicas", type=int, default=None, help="Classifier replicas on the Serve side (default 1)")
     a = ap.parse_args()
     if a.backbone:
         a.model = random_model(a.backbone, a.image_size)
@@ -167,7 +167,7 @@ def main() -> None:
     ratio = results["serve"][-1]["rps"] / results["plain"][-1]["rps"]
     print(f"throughput ratio at {top} clients, Serve / plain FastAPI+uvicorn: {ratio:.2f} (target >= 2)")
     out = Path(f"benchmarks/results/serve_load{f'-{a.backbone}-{size}' if a.backbone else ''}"
-               f"{f'-r{a.replicas}' if a.replicas > 1 else ''}.json")
+               f"{f'-r{a.replicas}' if a.replicas else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": a.model, "backbone": a.backbone, "image_size": size, "replicas": a.replicas,
                                "results": results,

@@ -44,8 +44,8 @@ class ServeArgs(BaseModel):
     text_model: Optional[str] = Field("smollm2", description="HF folder, GGUF file or hub id; 'smollm2': the "
                                                              "bundled SmolLM2-135M-Instruct; null: no text route")
     max_batch_size: int = Field(32, ge=1)
-    classifier_replicas: int = Field(1, ge=1, description="replicas of each model's Classifier deployment (a "
-                                                          "deployment's num_replicas in the config wins)")
+    classifier_replicas: Optional[int] = Field(None, ge=1, description="fixed replicas of each model's Classifier; "
+                                               "null: the deployment's own num_replicas or autoscaling_config")
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_images_per_request: int = Field(256, ge=1)
     max_request_bytes: int = Field(8 * 2**20, ge=1024, description="larger request bodies get 413")
@@ -340,7 +340,8 @@ def build_app(args: dict) -> serve.Application:
     cards, charts = {}, {}
     for i, p in a.models.items():
         cards[i], charts[i] = model_card(i, p)
-    classifiers = {i: Classifier.options(name=f"Classifier-{i}", num_replicas=a.classifier_replicas).bind(str(Path(p).resolve()), a.max_batch_size,
+    replicas = {} if a.classifier_replicas is None else {"num_replicas": a.classifier_replicas}
+    classifiers = {i: Classifier.options(name=f"Classifier-{i}", **replicas).bind(str(Path(p).resolve()), a.max_batch_size,
                                                                        a.batch_wait_timeout_s)
                    for i, p in a.models.items()}
     image_gen = None if a.image_pipeline is None else ImageGenerator.bind(
