@@ -4,7 +4,8 @@ One small class shared by the Group DRO baseline (classifiers, per-group task lo
 and the EGT min–max fine-tuning of generators (per-group denoising loss or NLL).
 The model minimises ``sum_g q_g * L_g``; after every step the adversary moves the
 weights toward the worst groups, ``q_g <- q_g * exp(eta * L_g)``, then renormalises
-(Sagawa et al., Group DRO, Algorithm 1). With ``eta = 0`` the weights stay uniform.
+(Sagawa et al., Group DRO, Algorithm 1). Only the groups present in the batch take part
+in a step (see :meth:`GroupWeights.update`). With ``eta = 0`` the weights stay uniform.
 With ``ema > 0`` the ascent uses exponentially smoothed group losses instead of the
 noisy per-batch ones (a group absent from a batch keeps its smoothed loss).
 
@@ -54,29 +55,40 @@ class GroupWeights:
         return sums / counts.clamp(min=1), counts
 
     @torch.no_grad()
-    def update(self, group_loss: torch.Tensor) -> torch.Tensor:
-        """One ascent step on the weights; groups with zero loss (or absent) keep their mass ratio."""
-        self.q = self.q * torch.exp(self.eta * group_loss.detach().double().cpu())
-        self.q = self.q / self.q.sum()
+    def update(self, group_loss: torch.Tensor, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One ascent step that moves weight only among the ``active`` groups (default: all):
+        ``q_g * exp(eta * L_g)`` for them, rescaled to their previous total mass. With every group
+        active this is the usual step; a group without a loss (absent from the batch) keeps its
+        weight, and a batch with one group moves nothing. Counting an absent group as a zero
+        loss instead would drift the weights toward the majority group when batches are small."""
+        gl = group_loss.detach().double().cpu()
+        active = torch.ones_like(gl, dtype=torch.bool) if active is None else active.detach().cpu().bool()
+        if active.any():
+            stepped = self.q[active] * torch.exp(self.eta * (gl[active] - gl[active].max()))  # shifted: no overflow
+            q = self.q.clone()
+            q[active] = stepped * (self.q[active].sum() / stepped.sum())
+            self.q = q / q.sum()
         return self.q
 
     @torch.no_grad()
-    def smooth(self, group_loss: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The losses the ascent uses: raw (ema = 0) or the EMA over the batches where a group appeared."""
+    def smooth(self, group_loss: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The losses the ascent uses and the groups they exist for: the batch's present groups
+        (ema = 0), or the EMA over the batches where a group appeared, for every group seen so far."""
+        present = counts.detach().cpu() > 0
         if self.ema == 0:
-            return group_loss.detach()
-        gl, present = group_loss.detach().double().cpu(), counts.detach().cpu() > 0
+            return group_loss.detach(), present
+        gl = group_loss.detach().double().cpu()
         first = present & ~self.seen
         self.avg = torch.where(first, gl, torch.where(present, self.ema * self.avg + (1 - self.ema) * gl, self.avg))
         self.seen |= present
-        return self.avg
+        return self.avg, self.seen.clone()
 
     def step(self, losses: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Update ``q`` from this batch (as Group DRO, before the model step); return the
         robust loss ``sum_g q_g L_g`` over the groups present (``q`` renormalised over them),
         the group losses and the group counts."""
         gl, counts = self.group_losses(losses, groups)
-        self.update(self.smooth(gl, counts))
+        self.update(*self.smooth(gl, counts))
         q = self.q.to(gl.device, gl.dtype) * (counts > 0)  # groups absent from the batch don't dilute the loss
         return (q * gl).sum() / q.sum().clamp(min=1e-12), gl, counts
 

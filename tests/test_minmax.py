@@ -80,3 +80,15 @@ def test_objectives():
     assert rw(losses, groups, torch.tensor([0, 300, 600, 900])).item() == pytest.approx(2.0)  # one sample per bucket
     with pytest.raises(ValueError, match="unknown objective"):
         Objective("dro", 2)
+
+
+def test_absent_groups_do_not_drift_the_weights_toward_the_majority():
+    """Small batches often miss the minority group: such a batch must not move the weights, and a
+    batch without some groups moves only the present ones' ratios (by the usual EG step)."""
+    gw = GroupWeights(3, eta=1.0)
+    for _ in range(10):
+        gw(torch.tensor([0.5, 0.7]), torch.tensor([0, 0]))  # only group 0 present
+    assert torch.allclose(gw.q, torch.full((3,), 1 / 3, dtype=torch.float64))
+    gw(torch.tensor([1.0, 3.0]), torch.tensor([0, 1]))  # group 2 absent
+    assert gw.q[2] == pytest.approx(1 / 3)
+    assert math.log(gw.q[1] / gw.q[0]) == pytest.approx(2.0)
