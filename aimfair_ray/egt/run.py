@@ -127,7 +127,9 @@ def train_loop_per_worker(config: dict) -> None:
         if kind == "image":
             losses, t = task.losses(model, x0[b].to(device), {k: v[b].to(device) for k, v in text.items()}, g)
         else:
-            losses, _ = task.losses(model, task.batch([train_set.texts[shard[i]] for i in b.tolist()]))
+            rows = [shard[i] for i in b.tolist()]
+            pre = [train_set.prefixes[i] for i in rows] if train_set.prefixes else None
+            losses, _ = task.losses(model, task.batch([train_set.texts[i] for i in rows], pre))
             t = None
         loss = objective(losses, groups[b].to(losses.device), t)
         if optimizer is None:

@@ -33,6 +33,7 @@ GROUPS = {"male": "American_actors", "female": "American_actresses"}
 class TextSet:
     texts: list[str]
     groups: np.ndarray
+    prefixes: list[str] | None = None   # group tags that start the texts (conditional); not scored
 
 
 def bold_gender() -> dict[str, list[tuple[str, str]]]:
@@ -78,7 +79,8 @@ def text_sets(n_train: int, minority_share: float, n_eval_per_group: int, data_s
 
 def with_group_tags(data: TextSet) -> TextSet:
     names = list(GROUPS)
-    return TextSet([f"[{names[g]}] {t}" for t, g in zip(data.texts, data.groups)], data.groups)
+    tags = [f"[{names[g]}]" for g in data.groups]
+    return TextSet([f"{tag} {t}" for tag, t in zip(tags, data.texts)], data.groups, tags)
 
 
 class LMTask:
@@ -127,15 +129,21 @@ class LMTask:
         self.model = get_peft_model(self.model, conf)
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
 
-    def batch(self, texts: list[str]) -> dict:
+    def batch(self, texts: list[str], prefixes: list[str] | None = None) -> dict:
+        """Tokens of the texts (right-padded); ``skip``: how many leading tokens (a group tag) are context only."""
+        if self.tok.padding_side != "right":
+            self.tok.padding_side = "right"
         enc = self.tok([t + (self.tok.eos_token or "") for t in texts], return_tensors="pt", padding=True,
                        truncation=True, max_length=self.max_len)
-        return {k: v.to(self.device) for k, v in enc.items()}
+        skip = [len(self.tok(p, add_special_tokens=False)["input_ids"]) if p else 0 for p in (prefixes or [None] * len(texts))]
+        return dict({k: v.to(self.device) for k, v in enc.items()}, skip=torch.tensor(skip, device=self.device))
 
     def losses(self, model, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sentence mean token NLL and token counts."""
+        """Per-sentence mean token NLL (the tag tokens of a conditional text are not scored) and token counts."""
         logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, :-1].float()
         tgt, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].float()
+        pos = torch.arange(tgt.shape[1], device=tgt.device)
+        mask = mask * (pos[None, :] >= enc["skip"][:, None] - 1)  # target j is token j + 1
         nll = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none") * mask
         n = mask.sum(1)
         return nll.sum(1) / n.clamp(min=1), n
@@ -159,7 +167,8 @@ def text_quality(task: LMTask, data: TextSet, batch_size: int = 32) -> dict:
     task.model.eval()
     nll_sum, tokens = np.zeros(len(data.texts)), np.zeros(len(data.texts))
     for i in range(0, len(data.texts), batch_size):
-        nll, n = task.losses(task.model, task.batch(data.texts[i:i + batch_size]))
+        pre = data.prefixes[i:i + batch_size] if data.prefixes else None
+        nll, n = task.losses(task.model, task.batch(data.texts[i:i + batch_size], pre))
         nll_sum[i:i + batch_size] = (nll * n).cpu().numpy()
         tokens[i:i + batch_size] = n.cpu().numpy()
     out = {"ppl": {}, "nll": {}}
