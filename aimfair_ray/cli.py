@@ -224,10 +224,9 @@ def minmax_cmd(kind: str = typer.Argument(..., help="image (diffusion) | text (c
     its per-group quality and the EGT gap beside the pretrained model's."""
 
     def body():
-        from aimfair_ray.egt.run import KINDS, finetune, pretrained_quality
+        from aimfair_ray.egt.run import check_kind, finetune, pretrained_quality
 
-        if kind not in KINDS:
-            raise AimfairError(f"unknown EGT task {kind!r}; choose image or text")
+        check_kind(kind)
         cfg = _cfg(preset, config, set_)
         e = cfg.egt
         log(f"egt: {kind}, objective {e.objective} (eta {e.eta}), {e.steps} steps on {cfg.train.num_workers} "

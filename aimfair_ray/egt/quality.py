@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from aimfair_ray import AimfairError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -42,10 +41,8 @@ class Features:
             net = efficientnet_lite0(2, size, pretrained=True)
             self.fn = lambda x: net.extract_features(x).mean((2, 3))
         else:
-            try:
-                from transformers import AutoModel
-            except ImportError:  # pragma: no cover - transformers is a core dependency
-                raise AimfairError("a custom feature extractor needs transformers") from None
+            from transformers import AutoModel
+
             net = AutoModel.from_pretrained(name)
             self.fn = lambda x: net(pixel_values=x).pooler_output.flatten(1)
         self.net = net.eval().to(device)

@@ -31,7 +31,7 @@ KINDS = ("image", "text")
 TRAINED = "trained.safetensors"
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise AimfairError(f"unknown EGT task {kind!r}; choose image or text")
 
@@ -76,11 +76,10 @@ def datasets(cfg: Config, kind: str, seed: int):
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from aimfair_ray.minmax import Objective
-    from aimfair_ray.train.models import load_optimizer, save_optimizer
-    from aimfair_ray.train.raytrain import allreduce, deepspeed_engine, log
+    from aimfair_ray.train.raytrain import allreduce, deepspeed_engine, log, report_checkpoint, restore_checkpoint
 
     cfg, kind = Config.model_validate(config["cfg"]), config["kind"]
     e, tc = cfg.egt, cfg.train
@@ -104,13 +103,8 @@ def train_loop_per_worker(config: dict) -> None:
     params = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=e.lr, weight_decay=0.0)
     start, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            task.load_trained(load_file(str(Path(d) / TRAINED)))
-            state = json.loads((Path(d) / "state.json").read_text())
-            if (Path(d) / "optimizer.safetensors").is_file():
-                load_optimizer(optimizer, d)
+    state = restore_checkpoint(task.load_trained, TRAINED, optimizer)
+    if state:
         start, history = state["step"], state["history"]
         objective.load_state_dict(state["objective"])
     if kind == "text" and e.text.deepspeed:
@@ -151,15 +145,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             log.info(f"[aimfair] egt {kind} {e.objective} step {step + 1}/{e.steps} loss {metrics['loss']:.4f} "
                      f"{metrics['s_per_step']:.2f}s/step q {np.round(q, 3).tolist() if q else None}")
-            with tempfile.TemporaryDirectory() as d:
-                save_file(task.trained_state(), str(Path(d) / TRAINED))
-                if optimizer is not None:
-                    save_optimizer(optimizer, d)
-                Path(d, "state.json").write_text(json.dumps({"step": step + 1, "history": history,
-                                                             "objective": objective.state_dict()}))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics, checkpoint=None)
+        report_checkpoint(metrics, {"step": step + 1, "history": history, "objective": objective.state_dict()},
+                          lambda d: save_file(task.trained_state(), str(Path(d) / TRAINED)), optimizer)
 
 
 def _fingerprint(cfg: Config, kind: str) -> dict:
@@ -185,7 +172,7 @@ def finetune(cfg: Config, kind: str, force: bool = False, log=print) -> dict:
 
     from aimfair_ray.runtime import ensure_ray
 
-    _check_kind(kind)
+    check_kind(kind)
     datasets(cfg, kind, cfg.egt.seed)  # bad sizes fail here, before any cluster work
     stage = stage_of(cfg, kind)
     fp = _fingerprint(cfg, kind)

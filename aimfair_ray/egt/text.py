@@ -17,6 +17,7 @@ Quality per group: perplexity on the held-out sentences; the EGT gap is its max 
 from __future__ import annotations
 
 import json
+from collections import Counter
 import math
 from dataclasses import dataclass
 
@@ -56,9 +57,7 @@ def text_sets(n_train: int, minority_share: float, n_eval_per_group: int, data_s
         people = sorted({p for p, _ in rows})
         order = np.random.default_rng(data_seed + g).permutation(len(people))
         held, n_held = set(), 0
-        counts = {}
-        for p, _ in rows:
-            counts[p] = counts.get(p, 0) + 1
+        counts = Counter(p for p, _ in rows)
         for i in order:  # held-out people until the evaluation set is full
             if n_held >= n_eval_per_group:
                 break
@@ -83,6 +82,11 @@ def with_group_tags(data: TextSet) -> TextSet:
     return TextSet([f"{tag} {t}" for tag, t in zip(tags, data.texts)], data.groups, tags)
 
 
+def _block(name: str) -> int | None:
+    """The block number of a parameter named like ``model.layers.<i>.…``, else None."""
+    return int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None
+
+
 class LMTask:
     """What the min–max trains: the top blocks of a causal LM."""
 
@@ -97,6 +101,7 @@ class LMTask:
         self.tok = AutoTokenizer.from_pretrained(path, **kw)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
+        self.tok.padding_side = "right"  # losses() reads targets left-aligned
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).to(device)
         self.device, self.max_len = device, max_len
         self.trainable = self._select(train_layers)
@@ -109,12 +114,11 @@ class LMTask:
         names = [n for n, _ in self.model.named_parameters()]
         if k == 0:
             return names
-        blocks = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in names if ".layers." in n})
+        blocks = sorted({b for b in map(_block, names) if b is not None})
         if not blocks:
             raise AimfairError("egt.text.train_layers > 0 needs a model with numbered '.layers.' blocks; set it to 0")
         top = set(blocks[-k:])
-        return [n for n in names if (".layers." in n and int(n.split(".layers.")[1].split(".")[0]) in top)
-                or n.startswith("model.norm")]
+        return [n for n in names if _block(n) in top or n.startswith("model.norm")]
 
     def _lora(self, rank: int) -> None:
         """LoRA adapters on the attention projections of the selected blocks; only they train."""
@@ -123,7 +127,7 @@ class LMTask:
         except ImportError:
             raise AimfairError("egt.text.lora_rank > 0 needs peft: pip install 'aimfair-ray[lora]', "
                                "or set egt.text.lora_rank=0") from None
-        blocks = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in self.trainable if ".layers." in n})
+        blocks = sorted({b for b in map(_block, self.trainable) if b is not None})
         conf = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                           layers_to_transform=blocks or None)
         self.model = get_peft_model(self.model, conf)
@@ -131,8 +135,6 @@ class LMTask:
 
     def batch(self, texts: list[str], prefixes: list[str] | None = None) -> dict:
         """Tokens of the texts (right-padded); ``skip``: how many leading tokens (a group tag) are context only."""
-        if self.tok.padding_side != "right":
-            self.tok.padding_side = "right"
         enc = self.tok([t + (self.tok.eos_token or "") for t in texts], return_tensors="pt", padding=True,
                        truncation=True, max_length=self.max_len)
         skip = [len(self.tok(p, add_special_tokens=False)["input_ids"]) if p else 0 for p in (prefixes or [None] * len(texts))]

@@ -174,6 +174,11 @@ def _parse(model: type[BaseModel], raw: dict):
         raise BadRequest(422, "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors()))
 
 
+def _json_body(model: type[BaseModel]) -> dict:
+    """OpenAPI ``requestBody`` of a route that reads ``model`` as JSON itself (for /docs)."""
+    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 async def _json(request: Request) -> dict:
     if not request.headers.get("content-type", "").startswith("application/json"):
         raise BadRequest(415, f"content type {request.headers.get('content-type')!r}: send application/json")
@@ -265,10 +270,14 @@ class Api:
             fields = await _json(request)
             req = _parse(ClassifyRequest, {k: fields.get(k) for k in ("model", "images") if k in fields})
             mid, raw = self._model(req.model), [_b64(t) for t in req.images]
-        if len(raw) > self.limits["max_images_per_request"]:
-            raise BadRequest(413, f"{len(raw)} images in one request; the limit is {self.limits['max_images_per_request']}")
+        self._cap(len(raw), "max_images_per_request", "images in one request", 413)
         size = self.cards[mid]["image_size"]
         return mid, [decode_image(b, size) for b in raw], fields
+
+    def _cap(self, value: int, key: str, what: str, status: int) -> None:
+        """A 413/422 naming the value and its limit when ``value`` is over ``limits[key]``."""
+        if value > self.limits[key]:
+            raise BadRequest(status, f"{value} {what}; the limit is {self.limits[key]} ({key})")
 
     async def _predict(self, mid: str, images: list[np.ndarray]) -> list[dict]:
         return list(await asyncio.gather(*[self.classifiers[mid].remote(img) for img in images]))
@@ -281,8 +290,7 @@ class Api:
         mid, images, _ = await self._images(request)
         return {"model": mid, "predictions": await self._predict(mid, images)}
 
-    @api.post("/v1/audit", openapi_extra={"requestBody": {"content": {
-        "application/json": {"schema": AuditRequest.model_json_schema()}}}})
+    @api.post("/v1/audit", openapi_extra=_json_body(AuditRequest))
     async def audit(self, request: Request):
         from aimfair_ray.metrics import fairness_report
 
@@ -297,34 +305,28 @@ class Api:
         if any(not 0 <= t < n_cls for t in req.targets) or any(not 0 <= g < n_grp for g in req.groups):
             raise BadRequest(422, f"targets must be in 0..{n_cls - 1} ({card['target_names']}) and groups in "
                                   f"0..{n_grp - 1} ({card['group_names']})")
-        if len(req.images) > self.limits["max_images_per_request"]:
-            raise BadRequest(413, f"{len(req.images)} images; the limit is {self.limits['max_images_per_request']}")
+        self._cap(len(req.images), "max_images_per_request", "images", 413)
         preds = await self._predict(mid, [decode_image(_b64(t), card["image_size"]) for t in req.images])
         rep = fairness_report(req.targets, [p["target"] for p in preds], req.groups, n_cls, n_grp)
         return {"model": mid, "audit": rep, "target_names": card["target_names"], "group_names": card["group_names"]}
 
-    @api.post("/v1/generate/image", openapi_extra={"requestBody": {"content": {
-        "application/json": {"schema": ImageRequest.model_json_schema()}}}})
+    @api.post("/v1/generate/image", openapi_extra=_json_body(ImageRequest))
     async def generate_image(self, request: Request):
         if self.image_gen is None:
             raise BadRequest(404, "no image generator is configured (args.image_pipeline is null)")
         req = _parse(ImageRequest, await _json(request))
-        if len(req.prompts) > self.limits["max_prompts_per_request"]:
-            raise BadRequest(413, f"{len(req.prompts)} prompts; the limit is {self.limits['max_prompts_per_request']}")
-        if req.steps > self.limits["max_steps"]:
-            raise BadRequest(422, f"steps {req.steps}; the limit is {self.limits['max_steps']}")
+        self._cap(len(req.prompts), "max_prompts_per_request", "prompts", 413)
+        self._cap(req.steps, "max_steps", "steps", 422)
         pngs = await self.image_gen.remote(req.prompts, req.seed, req.steps)
         return {"images": [base64.b64encode(p).decode() for p in pngs], "format": "png", "seed": req.seed,
                 "steps": req.steps, "prompts": req.prompts}
 
-    @api.post("/v1/generate/text", openapi_extra={"requestBody": {"content": {
-        "application/json": {"schema": TextRequest.model_json_schema()}}}})
+    @api.post("/v1/generate/text", openapi_extra=_json_body(TextRequest))
     async def generate_text(self, request: Request):
         if self.text_gen is None:
             raise BadRequest(404, "no text generator is configured (args.text_model is null)")
         req = _parse(TextRequest, await _json(request))
-        if req.max_new_tokens > self.limits["max_new_tokens"]:
-            raise BadRequest(422, f"max_new_tokens {req.max_new_tokens}; the limit is {self.limits['max_new_tokens']}")
+        self._cap(req.max_new_tokens, "max_new_tokens", "max_new_tokens", 422)
         text = await self.text_gen.remote(req.prompt, req.max_new_tokens, req.temperature, req.seed)
         return {"text": text, "prompt": req.prompt}
 

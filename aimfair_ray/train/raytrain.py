@@ -76,6 +76,38 @@ def allreduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def restore_checkpoint(load_weights, weights_file: str, optimizer=None) -> Optional[dict]:
+    """On a Train worker: the run's latest checkpoint, if any, loaded (weights through
+    ``load_weights``, the optimizer state when saved); returns its ``state.json``, else None."""
+    import ray.train
+    from safetensors.torch import load_file
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return None
+    with ckpt.as_directory() as d:
+        load_weights(load_file(str(Path(d) / weights_file)))
+        if optimizer is not None and (Path(d) / "optimizer.safetensors").is_file():
+            load_optimizer(optimizer, d)
+        return json.loads((Path(d) / "state.json").read_text())
+
+
+def report_checkpoint(metrics: dict, state: dict, write_weights, optimizer=None) -> None:
+    """On a Train worker: report ``metrics``; rank 0 attaches a checkpoint (the weights that
+    ``write_weights(dir)`` writes, the optimizer state, ``state`` as ``state.json``)."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        write_weights(d)
+        if optimizer is not None:
+            save_optimizer(optimizer, d)
+        Path(d, "state.json").write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
 def deepspeed_engine(model, optimizer, batch_size: int, stage: int):
     """A DeepSpeed ZeRO engine around a model and a client optimizer (no fused-op build)."""
     try:
@@ -93,7 +125,6 @@ def deepspeed_engine(model, optimizer, batch_size: int, stage: int):
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file
 
     from aimfair_ray.minmax import GroupWeights
     from aimfair_ray.train.selective import ElementMask, freeze
@@ -118,13 +149,8 @@ def train_loop_per_worker(config: dict) -> None:
     dro = GroupWeights(mmeta["num_classes"] * G, spec.eta, reduce=allreduce, ema=spec.ema) if spec.objective == "group_dro" else None
     optimizer = loop.make_optimizer(model.parameters(), tc)  # trainable tensors only
     start, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            model.load_state_dict(load_file(str(Path(d) / WEIGHTS)))
-            state = json.loads((Path(d) / "state.json").read_text())
-            if (Path(d) / "optimizer.safetensors").is_file():
-                load_optimizer(optimizer, d)
+    state = restore_checkpoint(model.load_state_dict, WEIGHTS, optimizer)
+    if state:
         start, history = state["epoch"], state["history"]
         if dro is not None and state.get("group_weights"):
             dro.load_state_dict(state["group_weights"])
@@ -175,16 +201,9 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             log.info("[aimfair] {stage} epoch {epoch}/{total}  loss {train_loss:.4f}  val_acc {val_acc:.4f}  "
                      "val_wst {val_wst:.4f}  {epoch_time_s:.1f}s".format(stage=spec.stage, total=tc.epochs, **metrics))
-            with tempfile.TemporaryDirectory() as d:
-                write_classifier(unwrap(model), dict(mmeta, epoch=epoch + 1, metrics=metrics), d)
-                state = {"epoch": epoch + 1, "history": history,
-                         "group_weights": dro.state_dict() if dro is not None else None}
-                if optimizer is not None:
-                    save_optimizer(optimizer, d)
-                Path(d, "state.json").write_text(json.dumps(state))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics, checkpoint=None)
+        state = {"epoch": epoch + 1, "history": history, "group_weights": dro.state_dict() if dro is not None else None}
+        report_checkpoint(metrics, state, lambda d: write_classifier(unwrap(model), dict(mmeta, epoch=epoch + 1,
+                                                                                    metrics=metrics), d), optimizer)
 
 
 def _trainer(cfg: Config, tc: TrainConfig, datasets: dict, loop_config: dict, run_name: str, callbacks=None):
