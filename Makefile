@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/aimfair demo
 
 test: setup browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # Debian's Chromium, for the test that loads the Serve audit page in a headless browser.
 browser:

@@ -123,6 +123,25 @@ def test_killed_generation_resumes_with_exactly_the_planned_ids(ray_cluster, tin
     assert (out / "_COMPLETE").exists() and not list(out.glob("*.tmp"))
 
 
+def test_shard_commit_is_whole_and_idempotent(tmp_path):
+    """Plain pyarrow, no Ray: a batch is committed by rename; writing it again (a retried task)
+    replaces its own shard, so its ids never appear twice."""
+    import pandas as pd
+
+    from aimfair_ray.data.io import encode_png
+    from aimfair_ray.generate.images import write_shard, written_ids
+
+    png = encode_png(np.zeros((8, 8, 3), np.uint8))
+    batch = pd.DataFrame({"id": ["b-0", "b-1"], "image": [png, png], "target": [0, 1], "group": [1, 0],
+                          "split": "balanced", "source": "synthetic", "prompt": ["p", "q"], "generator": "{}"})
+    assert write_shard(batch, str(tmp_path))["id"].tolist() == ["b-0", "b-1"]
+    write_shard(batch, str(tmp_path))
+    other = write_shard(batch.assign(id=["b-2", "b-3"]), str(tmp_path))
+    assert other["id"].tolist() == ["b-2", "b-3"]
+    assert len(list(tmp_path.glob("shard-*.parquet"))) == 2 and not list(tmp_path.glob("*.tmp"))
+    assert sorted(written_ids(str(tmp_path))) == ["b-0", "b-1", "b-2", "b-3"]
+
+
 def test_filter_keeps_faithful_images_and_reports_per_cell(ray_cluster, tmp_path):
     """Real Colored MNIST digits relabelled as synthetic: correct labels are kept, flipped ones dropped."""
     from aimfair_ray.data.io import make_table

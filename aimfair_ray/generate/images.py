@@ -4,17 +4,18 @@ actor pool -> PNG rows in the shared schema, committed shard by shard.
 - The plan is deterministic: ids are ``{set}-{cell}-{k}``, prompts are dealt round-robin
   from the cell's prompts, and each id has its own seed, so the same id gives the same
   image.
-- Each batch is written to ``shard-*.parquet.tmp`` and renamed, so a killed run leaves
-  only whole shards. A rerun skips the ids already written: nothing is lost, nothing is
-  written twice. ``_COMPLETE`` marks a finished set.
+- The generating actor commits each batch itself: ``shard-<ids hash>.parquet.tmp``, then
+  a rename. A killed run leaves only whole shards; a retried batch rewrites its own shard
+  (the name depends on its ids only); a rerun skips the ids already written. Nothing is
+  lost and nothing is written twice. ``_COMPLETE`` marks a finished set.
 - It streams: only the small plan and the written ids pass through the driver.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-import uuid
 import zlib
 from pathlib import Path
 
@@ -59,9 +60,14 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guida
 
 
 class ImageGenerator:
-    """Ray Data UDF: plan rows -> image-schema rows."""
+    """Ray Data UDF: plan rows -> images, committed as one Parquet shard in ``out_dir``; returns the ids.
 
-    def __init__(self, pipeline: str, dtype: str, steps: int, guidance: float, size: int | None, meta: dict, threads: int = 1):
+    Writing in the actor (PNG encoding and a small Parquet file per batch) keeps the
+    pipeline to one stage: no second worker process per batch, no image bytes through
+    the object store."""
+
+    def __init__(self, pipeline: str, dtype: str, steps: int, guidance: float, size: int | None, meta: dict,
+                 out_dir: str, threads: int = 1):
         import torch
 
         from aimfair_ray.generate.t2i import load_pipeline
@@ -70,21 +76,23 @@ class ImageGenerator:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(pipeline, device=device, dtype=dtype if device == "cuda" else "float32")
         self.steps, self.guidance, self.size = steps, guidance, size
-        self.meta = json.dumps(meta)
+        self.meta, self.out_dir = json.dumps(meta), out_dir
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         imgs = generate_batch(self.pipe, batch["prompt"].tolist(), batch["seed"].tolist(), self.steps, self.guidance, self.size)
-        return pd.DataFrame({
+        return write_shard(pd.DataFrame({
             "id": batch["id"].to_numpy(), "image": [encode_png(im) for im in imgs],
             "target": batch["target"].astype("int64").to_numpy(), "group": batch["group"].astype("int64").to_numpy(),
             "split": batch["split"].to_numpy(), "source": "synthetic", "prompt": batch["prompt"].to_numpy(),
             "generator": self.meta,
-        })
+        }), self.out_dir)
 
 
 def write_shard(batch: pd.DataFrame, out_dir: str) -> pd.DataFrame:
-    """Ray Data UDF: commit one batch as one Parquet shard (temp file, then rename)."""
-    name = f"shard-{uuid.uuid4().hex[:12]}.parquet"
+    """Commit one batch as one Parquet shard (temp file, then rename); the name hashes the
+    batch's ids, so writing the same batch again replaces its shard. Returns the ids."""
+    digest = hashlib.sha1("\n".join(batch["id"]).encode()).hexdigest()[:16]
+    name = f"shard-{digest}.parquet"
     tmp = Path(out_dir) / f"{name}.tmp"
     pq.write_table(pa.Table.from_pandas(batch, schema=SCHEMA, preserve_index=False), tmp)
     tmp.replace(Path(out_dir) / name)
@@ -120,11 +128,11 @@ def generate_images(gcfg, plan_df: pd.DataFrame, out_dir: str, meta: dict, log=p
             ImageGenerator,
             fn_constructor_kwargs={"pipeline": pipeline, "dtype": gcfg.dtype, "steps": gcfg.steps,
                                    "guidance": gcfg.guidance_scale, "size": gcfg.image_size, "meta": meta,
-                                   "threads": max(1, int(gcfg.cpus_per_actor))},
+                                   "out_dir": str(out), "threads": max(1, int(gcfg.cpus_per_actor))},
             batch_size=gcfg.batch_size, batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=gcfg.actors),
             num_cpus=gcfg.cpus_per_actor, num_gpus=gcfg.gpus_per_actor or None,
-        ).map_batches(write_shard, fn_kwargs={"out_dir": str(out)}, batch_size=None, batch_format="pandas", num_cpus=0.25)
+        )
         for b in ds.iter_batches(batch_size=None, batch_format="pandas"):
             n += len(b)
             log(f"images: {out.name}: {len(done) + n}/{len(plan_df)} written, {n / (time.time() - t0):.2f} images/s")

@@ -2,7 +2,9 @@
 
 Data: the Colored MNIST ``generator`` split (uniform colours), with captions that name
 the digit (as a word or numeral), its colour and its style (stroke thickness, slant),
-in several phrasings. Objective: v-prediction on a cosine noise schedule, 10% of
+in several phrasings. Caption bank ``all`` (the default) adds the prompt stage's own
+template phrasings with its context words (pen, marker, background...), so that
+generation prompts are in-distribution; ``recipe`` uses the recipe's templates only. Objective: v-prediction on a cosine noise schedule, 10% of
 captions dropped for classifier-free guidance, AdamW with warm-up and cosine decay,
 EMA weights. Checkpoints every ``save_every`` steps make the run resumable; the EMA
 pipeline is exported with ``save_pretrained``.
@@ -55,8 +57,29 @@ def captions(digit: int, color: str, thick: str, slant: str, rng, k: int) -> lis
     return [TEMPLATES[i].format(num=digit, word=WORDS[digit], color=color, thick=thick, slant=slant) for i in picks]
 
 
-def caption_images(imgs: np.ndarray, digits, groups, group_names: list[str], k: int, seed: int) -> list[list[str]]:
-    """k captions per RGB digit image, naming its digit, colour and style (thickness by tercile, slant)."""
+def stage_captions(digit: int, color: str, thick: str, slant: str, rng, k: int) -> list[str]:
+    """Captions in the prompt stage's template phrasings, with the image's true slant and
+    thickness and random other context words (the default task's context axes)."""
+    from aimfair_ray.config import TaskConfig
+    from aimfair_ray.generate.prompts import TEMPLATES as STAGE
+
+    task = TaskConfig()
+    out = []
+    for _ in range(k):
+        ctx = {a: str(rng.choice(v)) for a, v in task.context.items()}
+        ctx.update({a: v for a, v in (("slant", slant), ("thickness", thick)) if a in ctx})
+        cls = WORDS[digit] if rng.random() < 0.5 else str(digit)
+        out.append(STAGE[int(rng.integers(len(STAGE)))].format(subject=task.subject, cls=cls, grp=color,
+                                                               ctx=", ".join(ctx.values())))
+    return out
+
+
+def caption_images(imgs: np.ndarray, digits, groups, group_names: list[str], k: int, seed: int,
+                   bank: str = "all") -> list[list[str]]:
+    """k captions per RGB digit image, naming its digit, colour and style (thickness by tercile, slant);
+    with bank ``all``, half of them in the prompt stage's phrasings."""
+    if bank not in ("all", "recipe"):
+        raise ValueError(f"caption bank {bank!r}: choose all or recipe")
     st = np.array([style(im) for im in imgs])
     t1, t2 = np.quantile(st[:, 0], [1 / 3, 2 / 3])
     rng = np.random.default_rng(seed)
@@ -64,7 +87,11 @@ def caption_images(imgs: np.ndarray, digits, groups, group_names: list[str], k: 
     for (ink, sl), d, g in zip(st, digits, groups):
         thick = "thin" if ink < t1 else "medium" if ink < t2 else "thick"
         slant = "slanted right" if sl > 0.15 else "slanted left" if sl < -0.15 else "upright"
-        caps.append(captions(int(d), group_names[int(g)], thick, slant, rng, k))
+        n = k if bank == "recipe" else k // 2
+        cs = captions(int(d), group_names[int(g)], thick, slant, rng, n)
+        if bank == "all":
+            cs += stage_captions(int(d), group_names[int(g)], thick, slant, rng, k - n)
+        caps.append(cs)
     return caps
 
 
@@ -73,26 +100,29 @@ def to_unit(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def load_generator_split(split_dir: str, group_names: list[str], k: int, seed: int):
+def load_generator_split(split_dir: str, group_names: list[str], k: int, seed: int, bank: str = "all"):
     """Images [N, 3, 32, 32] in [-1, 1] and k captions per image."""
     table = pq.read_table(split_dir, columns=["id", "image", "group"])
     _, labels = load_mnist_5k()
     imgs = np.stack([decode_png(b) for b in table["image"].to_pylist()])
     digits = [int(labels[int(i.rsplit("-", 1)[1])]) for i in table["id"].to_pylist()]
     groups = table["group"].to_pylist()
-    caps = caption_images(imgs, digits, groups, group_names, k, seed)
+    caps = caption_images(imgs, digits, groups, group_names, k, seed, bank)
     return to_unit(imgs), caps, np.array(digits), np.array(groups)
 
 
 def train(split_dir: str, out_dir: str, group_names: list[str], steps: int = 4000, batch_size: int = 64,
           lr: float = 4e-4, ema_decay: float = 0.999, cond_drop: float = 0.1, save_every: int = 250,
-          captions_per_image: int = 8, seed: int = 0, threads: int = 2, log=print) -> str:
+          captions_per_image: int = 8, seed: int = 0, threads: int = 2, caption_bank: str = "all",
+          stop_at: int | None = None, log=print) -> str:
+    """Train (or resume) to ``steps``; ``stop_at`` ends the run early at that step, with the
+    learning-rate schedule still that of ``steps``."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out = Path(out_dir)
     ck = out / "ckpt"
     ck.mkdir(parents=True, exist_ok=True)
-    x, caps, _, _ = load_generator_split(split_dir, group_names, captions_per_image, seed)
+    x, caps, _, _ = load_generator_split(split_dir, group_names, captions_per_image, seed, caption_bank)
     enc = TextEncoder()
     flat = [c for cs in caps for c in cs]
     L = max(len(enc.tokenizer(c)["input_ids"]) for c in flat)
@@ -100,13 +130,13 @@ def train(split_dir: str, out_dir: str, group_names: list[str], steps: int = 400
     tokens = torch.cat([p[0] for p in parts]).view(len(caps), captions_per_image, L, TEXT_DIM)
     masks = torch.cat([p[1] for p in parts]).view(len(caps), captions_per_image, L)
     null_t, null_m = enc([""], length=L)  # caption dropout uses the empty prompt
-    log(f"t2i: {len(x)} images, {len(flat)} captions encoded ({L} tokens)")
+    log(f"t2i: {len(x)} images, {len(flat)} captions encoded ({L} tokens, bank {caption_bank})")
 
     unet, proj, sched = make_unet(), TextProjection(out_dim=128), make_scheduler()
     params = list(unet.parameters()) + list(proj.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    start = 0
+    start, banks = 0, []
     if (ck / "state.json").is_file():
         state = json.loads((ck / "state.json").read_text())
         w = load_file(str(ck / "train.safetensors"))
@@ -114,16 +144,19 @@ def train(split_dir: str, out_dir: str, group_names: list[str], steps: int = 400
             p.data.copy_(w[f"p{i}"])
             ema[i].copy_(w[f"ema{i}"])
         load_optimizer(opt, ck / "optim")
-        start = state["step"]
+        start, banks = state["step"], state.get("caption_banks", [[0, "recipe"]])
         log(f"t2i: resuming at step {start}")
     warm = 200
 
     def lr_at(s):
         return lr * min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
 
+    if not banks or banks[-1][1] != caption_bank:
+        banks.append([start, caption_bank])  # [first step, bank]: the recipe's caption history
     g = torch.Generator().manual_seed(seed + start)
     t0, losses = time.time(), []
-    for step in range(start, steps):
+    end = min(steps, stop_at or steps)
+    for step in range(start, end):
         idx = torch.randint(0, len(x), (batch_size,), generator=g)
         x0 = x[idx]
         j = torch.randint(0, captions_per_image, (batch_size,), generator=g)
@@ -149,7 +182,7 @@ def train(split_dir: str, out_dir: str, group_names: list[str], steps: int = 400
         losses.append(float(loss.detach()))
         if (step + 1) % 50 == 0:
             log(f"t2i: step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} {(time.time() - t0) / len(losses):.2f}s/step")
-        if (step + 1) % save_every == 0 or step + 1 == steps:
+        if (step + 1) % save_every == 0 or step + 1 == end:
             w = {f"p{i}": p.detach().contiguous() for i, p in enumerate(params)}
             w.update({f"ema{i}": pe.contiguous() for i, pe in enumerate(ema)})
             save_file(w, str(ck / "train.safetensors.tmp"))
@@ -158,7 +191,8 @@ def train(split_dir: str, out_dir: str, group_names: list[str], steps: int = 400
             (ck / "train.safetensors.tmp").replace(ck / "train.safetensors")
             shutil.rmtree(ck / "optim", ignore_errors=True)
             (ck / "optim.tmp").replace(ck / "optim")
-            (ck / "state.json").write_text(json.dumps({"step": step + 1, "loss": float(np.mean(losses[-50:]))}))
+            (ck / "state.json").write_text(json.dumps({"step": step + 1, "loss": float(np.mean(losses[-50:])),
+                                                         "caption_banks": banks}))
             export(unet, proj, sched, params, ema, out / "pipeline")
     return str(out / "pipeline")
 
