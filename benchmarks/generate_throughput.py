@@ -5,8 +5,9 @@ the same model, the same batch size and the same CPU threads, printed as a ratio
 
 The Ray figure is taken at steady state, from the first committed shard to the last (the
 actor's model load is reported apart). With ``--repeats N`` the two run alternately N
-times and the median ratio is reported: on a 2-core machine single runs vary by about 5%. With a GPU at hand it also times one generation
-batch of an SD-1.5-sized pipeline at 512x512 (random weights: compute, not quality).
+times and the median ratio is reported: on a 2-core machine single runs vary by about 5%.
+With a GPU at hand it also times one generation batch of an SD-1.5-sized pipeline at
+512x512 (random weights: compute, not quality).
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def main() -> None:
     else:
         res["gpu_sd15_512"] = "no GPU here: run this script on a GPU machine for the SD-1.5-sized figure"
     print(json.dumps(res, indent=2))
-    print(f"median of {a.repeats}: plain loop {res['plain_loop']['images_per_s']} images/s; Ray Data {res['ray_data']['images_per_s']} images/s "
+    print(f"median of {a.repeats}: plain loop {res['plain_loop']['images_per_s']} images/s; "
+          f"Ray Data {res['ray_data']['images_per_s']} images/s "
           f"(steady state); ratio {res['ratio_ray_over_plain']} -> overhead {res['overhead_pct']}% (target <= 10%)")
 
 

@@ -34,5 +34,5 @@ if __name__ == "__main__":
     a = ap.parse_args()
     groups = json.load(open(f"{a.data}/dataset.json"))["group_names"]
     print(train(f"{a.data}/generator", a.out, groups, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                threads=a.threads, seed=a.seed,
-                caption_bank=a.caption_bank, captions_per_image=a.captions_per_image, stop_at=a.stop_at, log=lambda m: print(m, flush=True)))
+                threads=a.threads, seed=a.seed, caption_bank=a.caption_bank, captions_per_image=a.captions_per_image,
+                stop_at=a.stop_at, log=lambda m: print(m, flush=True)))

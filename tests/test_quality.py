@@ -14,7 +14,7 @@ from aimfair_ray.generate.t2i import embedded_weights
 
 
 @pytest.mark.skipif(not (embedded_weights() / "model_index.json").is_file(), reason="embedded weights not shipped")
-def test_embedded_model_colour_bar_and_report(ray_cluster, tmp_path):
+def test_embedded_model_meets_its_quality_bar(ray_cluster, tmp_path):
     from aimfair_ray.data.prepare import prepare_data
     from aimfair_ray.generate.stage import quality_report
 

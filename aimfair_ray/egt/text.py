@@ -17,8 +17,8 @@ Quality per group: perplexity on the held-out sentences; the EGT gap is its max 
 from __future__ import annotations
 
 import json
-from collections import Counter
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np

@@ -68,9 +68,14 @@ def requests(task, n_per_cell: dict, seed: int, round_: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def render(template: int, subject: str, cls: str, grp: str, ctx: str) -> str:
+    """One template prompt: ``TEMPLATES[template]`` filled with the class and group phrases and the context."""
+    return TEMPLATES[template].format(subject=subject, cls=cls, grp=grp, ctx=ctx)
+
+
 def template_batch(batch: pd.DataFrame, subject: str) -> pd.DataFrame:
     out = batch.copy()
-    out["prompt"] = [TEMPLATES[t].format(subject=subject, cls=c, grp=g, ctx=x)
+    out["prompt"] = [render(t, subject, c, g, x)
                      for t, c, g, x in zip(batch["template"], batch["cls"], batch["grp"], batch["ctx"])]
     return out
 

@@ -4,8 +4,8 @@ Data: the Colored MNIST ``generator`` split (uniform colours), with captions tha
 the digit (as a word or numeral), its colour and its style (stroke thickness, slant),
 in several phrasings. Caption bank ``all`` (the default) adds the prompt stage's own
 template phrasings with its context words (pen, marker, background...), so that
-generation prompts are in-distribution; ``recipe`` uses the recipe's templates only. Objective: v-prediction on a cosine noise schedule, 10% of
-captions dropped for classifier-free guidance, AdamW with warm-up and cosine decay,
+generation prompts are in-distribution; ``recipe`` uses the recipe's templates only.
+Objective: v-prediction on a cosine noise schedule, 10% of captions dropped for classifier-free guidance, AdamW with warm-up and cosine decay,
 EMA weights. Checkpoints every ``save_every`` steps make the run resumable; the EMA
 pipeline is exported with ``save_pretrained``.
 """
@@ -24,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from aimfair_ray.config import DIGITS as WORDS
+from aimfair_ray.config import TaskConfig
 from aimfair_ray.data.cmnist import load_mnist_5k
 from aimfair_ray.data.io import decode_png
+from aimfair_ray.generate.prompts import TEMPLATES as STAGE
+from aimfair_ray.generate.prompts import render
 from aimfair_ray.train.models import load_optimizer, save_optimizer
 from aimfair_ray.generate.t2i import TEXT_DIM, AimfairT2IPipeline, TextEncoder, TextProjection, make_scheduler, make_unet
 
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = [
     "a handwritten digit {num} in {color}",
     "the number {word} written in {color} ink, {thick} stroke, {slant}",
@@ -57,20 +60,15 @@ def captions(digit: int, color: str, thick: str, slant: str, rng, k: int) -> lis
     return [TEMPLATES[i].format(num=digit, word=WORDS[digit], color=color, thick=thick, slant=slant) for i in picks]
 
 
-def stage_captions(digit: int, color: str, thick: str, slant: str, rng, k: int) -> list[str]:
+def stage_captions(digit: int, color: str, thick: str, slant: str, rng, k: int, task: TaskConfig) -> list[str]:
     """Captions in the prompt stage's template phrasings, with the image's true slant and
-    thickness and random other context words (the default task's context axes)."""
-    from aimfair_ray.config import TaskConfig
-    from aimfair_ray.generate.prompts import TEMPLATES as STAGE
-
-    task = TaskConfig()
+    thickness and random other context words (the task's context axes)."""
     out = []
     for _ in range(k):
         ctx = {a: str(rng.choice(v)) for a, v in task.context.items()}
         ctx.update({a: v for a, v in (("slant", slant), ("thickness", thick)) if a in ctx})
         cls = WORDS[digit] if rng.random() < 0.5 else str(digit)
-        out.append(STAGE[int(rng.integers(len(STAGE)))].format(subject=task.subject, cls=cls, grp=color,
-                                                               ctx=", ".join(ctx.values())))
+        out.append(render(int(rng.integers(len(STAGE))), task.subject, cls, color, ", ".join(ctx.values())))
     return out
 
 
@@ -80,6 +78,7 @@ def caption_images(imgs: np.ndarray, digits, groups, group_names: list[str], k: 
     with bank ``all``, half of them in the prompt stage's phrasings."""
     if bank not in ("all", "recipe"):
         raise ValueError(f"caption bank {bank!r}: choose all or recipe")
+    task = TaskConfig()  # the default (Colored MNIST) task's context axes
     st = np.array([style(im) for im in imgs])
     t1, t2 = np.quantile(st[:, 0], [1 / 3, 2 / 3])
     rng = np.random.default_rng(seed)
@@ -90,7 +89,7 @@ def caption_images(imgs: np.ndarray, digits, groups, group_names: list[str], k: 
         n = k if bank == "recipe" else k // 2
         cs = captions(int(d), group_names[int(g)], thick, slant, rng, n)
         if bank == "all":
-            cs += stage_captions(int(d), group_names[int(g)], thick, slant, rng, k - n)
+            cs += stage_captions(int(d), group_names[int(g)], thick, slant, rng, k - n, task)
         caps.append(cs)
     return caps
 
