@@ -11,7 +11,7 @@ from aimfair_ray import AimfairError
 from aimfair_ray.data.io import decode_batch, read_split
 from aimfair_ray.metrics import fairness_report
 from aimfair_ray.storage import atomic_write_bytes, write_json
-from aimfair_ray.train.models import check_checkpoint_dir, load_classifier
+from aimfair_ray.models import check_checkpoint_dir, load_classifier
 
 
 class Predictor:

@@ -25,7 +25,7 @@ def plain(model_dir: str, images: torch.Tensor, targets: torch.Tensor, trainable
           device: str, threads: int) -> float:
     from aimfair_ray.config import TrainConfig
     from aimfair_ray.train import loop, selective
-    from aimfair_ray.train.models import load_classifier
+    from aimfair_ray.models import load_classifier
 
     torch.set_num_threads(threads)
     model, meta = load_classifier(model_dir)
@@ -55,7 +55,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from aimfair_ray.config import load_config
-    from aimfair_ray.data.io import decode_png, read_table
+    from aimfair_ray.data.codecs import decode_png
+    from aimfair_ray.data.io import read_table
     from aimfair_ray.train.finetune import choose, finetune, mean_epoch_time, synthetic_dir
 
     cfg = load_config(a.preset, overrides=a.sets + [f"finetune.epochs={a.epochs}"])

@@ -23,7 +23,7 @@ import torch
 
 
 def plain_loop(pipeline: str, plan, batch_size: int, steps: int, guidance: float, threads: int) -> dict:
-    from aimfair_ray.data.io import encode_png
+    from aimfair_ray.data.codecs import encode_png
     from aimfair_ray.generate.images import generate_batch
     from aimfair_ray.generate.t2i import load_pipeline
 

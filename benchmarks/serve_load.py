@@ -30,7 +30,7 @@ from fastapi import FastAPI
 from PIL import Image
 from pydantic import BaseModel
 from aimfair_ray.train.loop import to_input
-from aimfair_ray.train.models import load_classifier
+from aimfair_ray.models import load_classifier
 
 torch.set_num_threads(1)
 model, meta = load_classifier(sys.argv[1])
@@ -54,7 +54,7 @@ def random_model(backbone: str, size: int) -> str:
     """A randomly initialised 2-class classifier saved as a checkpoint folder; returns its path."""
     import torch
 
-    from aimfair_ray.train.models import build_model, save_classifier
+    from aimfair_ray.models import build_model, save_classifier
 
     torch.manual_seed(0)
     meta = {"backbone": backbone, "width": 32, "num_classes": 2, "image_size": size, "mean": [0.5] * 3,
@@ -128,7 +128,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from aimfair_ray.data.io import encode_png
+    from aimfair_ray.data.codecs import encode_png
     from aimfair_ray.serving.app import build_app
 
     size = json.loads(Path(a.model, "model.json").read_text()).get("image_size", 32) if Path(a.model, "model.json").is_file() else 32

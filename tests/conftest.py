@@ -40,6 +40,21 @@ TINY = [
 ]
 
 
+# Fixtures that start or need the session's Ray cluster; a test using one is marked `ray`, so
+# `make test-fast` (pytest -m "not ray") runs the plain-PyTorch and config tests alone.
+RAY_FIXTURES = {"ray_head", "ray_cluster", "trained", "synth", "served"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray: needs the session's Ray cluster (left out by make test-fast)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 def tiny_gen(pipeline_dir) -> list[str]:
     """Overrides that point generation at a tiny random pipeline (fast; not the shipped model)."""
     return [f"generate.pipeline={pipeline_dir}"]

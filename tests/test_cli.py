@@ -48,7 +48,7 @@ def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, tm
     import torch
     import yaml
 
-    from aimfair_ray.train.models import build_model, save_classifier
+    from aimfair_ray.models import build_model, save_classifier
 
     torch.manual_seed(0)
     meta = {"backbone": "small_cnn", "width": 8, "num_classes": 2, "image_size": 32, "mean": [0.5] * 3,

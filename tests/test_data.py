@@ -7,7 +7,8 @@ from aimfair_ray import AimfairError
 from aimfair_ray.config import load_config
 from aimfair_ray.data import cmnist
 from aimfair_ray.data.bias import cell_counts, draw_biased_subset
-from aimfair_ray.data.io import SCHEMA, decode_png, make_table, read_split, write_split
+from aimfair_ray.data.codecs import decode_png
+from aimfair_ray.data.io import SCHEMA, make_table, read_split, write_split
 from aimfair_ray.data.prepare import prepare_data
 from aimfair_ray.data.readers import read_celeba, read_manifest, read_utkface
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aimfair_ray.data.io import decode_png, read_table
+from aimfair_ray.data.codecs import decode_png
+from aimfair_ray.data.io import read_table
 from aimfair_ray.train import selective as sel
 from aimfair_ray.train.finetune import compute_scores, finetune, synthetic_dir
-from aimfair_ray.train.models import load_classifier
+from aimfair_ray.models import load_classifier
 
 
 QUIET = dict(log=lambda *_: None)

@@ -12,7 +12,8 @@ import pytest
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import load_config
-from aimfair_ray.data.io import SCHEMA, decode_png, read_split
+from aimfair_ray.data.codecs import decode_png
+from aimfair_ray.data.io import SCHEMA, read_split
 from aimfair_ray.generate.prompts import check_prompt, generate_prompts
 from aimfair_ray.generate.stage import run_images, run_prompts, set_counts, synth_dir
 
@@ -128,7 +129,7 @@ def test_shard_commit_is_whole_and_idempotent(tmp_path):
     replaces its own shard, so its ids never appear twice."""
     import pandas as pd
 
-    from aimfair_ray.data.io import encode_png
+    from aimfair_ray.data.codecs import encode_png
     from aimfair_ray.generate.images import write_shard, written_ids
 
     png = encode_png(np.zeros((8, 8, 3), np.uint8))

@@ -3,7 +3,7 @@ import torch
 
 from aimfair_ray import AimfairError
 from aimfair_ray.assets import asset_path
-from aimfair_ray.train.models import build_model, load_classifier, save_classifier
+from aimfair_ray.models import build_model, load_classifier, save_classifier
 
 
 @pytest.mark.parametrize("backbone", ["small_cnn", "resnet18", "efficientnet_lite0"])

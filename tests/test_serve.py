@@ -23,7 +23,7 @@ def _model(root, name, seed, with_audit=True):
     import torch
 
     from aimfair_ray.metrics import fairness_report
-    from aimfair_ray.train.models import build_model, save_classifier
+    from aimfair_ray.models import build_model, save_classifier
 
     torch.manual_seed(seed)
     model = build_model("small_cnn", 2, 32, width=8).eval()
@@ -65,7 +65,7 @@ def served(ray_cluster, tiny_pipeline, tmp_path_factory):
 
 
 def _png(img: np.ndarray) -> str:
-    from aimfair_ray.data.io import encode_png
+    from aimfair_ray.data.codecs import encode_png
 
     return base64.b64encode(encode_png(img)).decode()
 
@@ -129,7 +129,7 @@ def test_live_audit_matches_the_metrics_on_the_models_own_predictions(served):
 
 
 def test_generators_give_deterministic_pngs_and_text(served):
-    from aimfair_ray.data.io import decode_png
+    from aimfair_ray.data.codecs import decode_png
 
     url = served["url"]
     body = {"prompts": ["a red digit seven", "a green digit two"], "seed": 3, "steps": 2}

@@ -17,7 +17,8 @@ from PIL import Image
 from aimfair_ray import AimfairError
 from aimfair_ray.assets import asset_path
 from aimfair_ray.data.bias import cell_counts
-from aimfair_ray.data.io import encode_png, make_table
+from aimfair_ray.data.codecs import encode_png
+from aimfair_ray.data.io import make_table
 
 TARGET_NAMES = ["digit<5", "digit>=5"]
 COLOR_NAMES = {(230, 40, 40): "red", (40, 200, 40): "green", (40, 80, 230): "blue", (230, 200, 40): "yellow"}
@@ -43,6 +44,18 @@ def colorize(digits: np.ndarray, groups: np.ndarray, colors, jitter: int, size: 
 
 def group_names(colors) -> list[str]:
     return [COLOR_NAMES.get(tuple(c), "rgb({},{},{})".format(*c)) for c in colors]
+
+
+def stroke_color(images: np.ndarray, colors) -> np.ndarray:
+    """Index of the configured colour nearest to each image's mean stroke colour."""
+    x = images.reshape(len(images), -1, 3).astype(float)
+    bright = x.max(axis=2)
+    w = bright >= 0.5 * bright.max(axis=1, keepdims=True)
+    mean = (x * w[..., None]).sum(1) / np.maximum(w.sum(1, keepdims=True), 1)
+    mean /= np.maximum(mean.max(axis=1, keepdims=True), 1)
+    ref = np.asarray(colors, float)
+    ref /= ref.max(axis=1, keepdims=True)
+    return np.argmin(((mean[:, None, :] - ref[None]) ** 2).sum(-1), axis=1)
 
 
 def _biased_groups(n: int, y: int, G: int, b: float | None, rng) -> np.ndarray:

@@ -4,14 +4,13 @@ a ``_COMPLETE`` marker; readers refuse a directory without it."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from aimfair_ray import AimfairError
+from aimfair_ray.data.codecs import decode_png
 from aimfair_ray.storage import atomic_dir, exists, is_complete, is_uri
 
 SCHEMA = pa.schema(
@@ -27,19 +26,6 @@ SCHEMA = pa.schema(
     ]
 )
 SOURCES = ("real", "synthetic")
-
-
-def encode_png(img: np.ndarray) -> bytes:
-    """uint8 HxWx3 array -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8), mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG (or any PIL-readable) bytes -> uint8 HxWx3 array."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def make_table(columns: dict) -> pa.Table:

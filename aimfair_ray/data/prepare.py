@@ -14,7 +14,8 @@ import pandas as pd
 from aimfair_ray import AimfairError
 from aimfair_ray.data import cmnist
 from aimfair_ray.data.bias import count_cells, counts_dict, draw_biased_subset
-from aimfair_ray.data.io import decode_png, encode_png, read_split, write_split
+from aimfair_ray.data.codecs import decode_png, encode_png
+from aimfair_ray.data.io import read_split, write_split
 from aimfair_ray.data.readers import check_files, read_dataset
 from aimfair_ray.storage import exists, read_json, write_json
 

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from aimfair_ray.data.cmnist import colorize, load_mnist_5k
-from aimfair_ray.generate.checker import stroke_color
+from aimfair_ray.data.captions import caption_images
+from aimfair_ray.data.cmnist import colorize, load_mnist_5k, stroke_color
+from aimfair_ray.data.codecs import to_unit
 from aimfair_ray.generate.t2i import AimfairT2IPipeline, TextEncoder, as_uint8, embedded_weights, load_pipeline
-from aimfair_ray.generate.t2i_train import caption_images, to_unit
 
 
 @dataclass

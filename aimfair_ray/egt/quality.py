@@ -36,7 +36,7 @@ class Features:
     def __init__(self, name: str = "efficientnet_lite0", size: int = 96, device: str = "cpu"):
         self.size, self.device = size, device
         if name == "efficientnet_lite0":
-            from aimfair_ray.train.models import efficientnet_lite0
+            from aimfair_ray.models import efficientnet_lite0
 
             net = efficientnet_lite0(2, size, pretrained=True)
             self.fn = lambda x: net.extract_features(x).mean((2, 3))

@@ -92,17 +92,10 @@ class LMTask:
 
     def __init__(self, model: str | None, train_layers: int = 4, max_len: int = 48, device: str = "cpu",
                  lora_rank: int = 0):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from aimfair_ray.llm import load_causal_lm
 
-        from aimfair_ray.generate.prompts import resolve_llm
-
-        path, gguf = resolve_llm(model)
-        kw = {"gguf_file": gguf} if gguf else {}
-        self.tok = AutoTokenizer.from_pretrained(path, **kw)
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.tok.padding_side = "right"  # losses() reads targets left-aligned
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).to(device)
+        # right padding: losses() reads targets left-aligned
+        self.tok, self.model = load_causal_lm(model, device, padding_side="right", dtype=torch.float32)
         self.device, self.max_len = device, max_len
         self.trainable = self._select(train_layers)
         if lora_rank:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from aimfair_ray.data.cmnist import load_mnist_5k
-from aimfair_ray.train.models import SmallCNN
+from aimfair_ray.data.cmnist import load_mnist_5k, stroke_color
+from aimfair_ray.models import SmallCNN
 
 
 def grey(images: np.ndarray) -> torch.Tensor:
@@ -22,18 +22,6 @@ def grey(images: np.ndarray) -> torch.Tensor:
     g = torch.from_numpy(np.ascontiguousarray(images)).float().amax(dim=3, keepdim=True).permute(0, 3, 1, 2) / 255.0
     g = g / g.amax(dim=(2, 3), keepdim=True).clamp(min=1e-3)  # colour brightness does not matter
     return F.interpolate(g, size=32, mode="bilinear", align_corners=False) if g.shape[-1] != 32 else g
-
-
-def stroke_color(images: np.ndarray, colors) -> np.ndarray:
-    """Index of the configured colour nearest to each image's mean stroke colour."""
-    x = images.reshape(len(images), -1, 3).astype(float)
-    bright = x.max(axis=2)
-    w = bright >= 0.5 * bright.max(axis=1, keepdims=True)
-    mean = (x * w[..., None]).sum(1) / np.maximum(w.sum(1, keepdims=True), 1)
-    mean /= np.maximum(mean.max(axis=1, keepdims=True), 1)
-    ref = np.asarray(colors, float)
-    ref /= ref.max(axis=1, keepdims=True)
-    return np.argmin(((mean[:, None, :] - ref[None]) ** 2).sum(-1), axis=1)
 
 
 class Checker:

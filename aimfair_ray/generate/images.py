@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aimfair_ray import AimfairError
-from aimfair_ray.data.io import SCHEMA, encode_png
+from aimfair_ray.data.codecs import encode_png
+from aimfair_ray.data.io import SCHEMA
 from aimfair_ray.storage import COMPLETE, write_json
 
 

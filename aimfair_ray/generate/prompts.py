@@ -19,14 +19,7 @@ import numpy as np
 import pandas as pd
 
 from aimfair_ray import AimfairError
-
-TEMPLATES = [
-    "{subject} {cls} in {grp}, {ctx}",
-    "a {grp} {cls}, {ctx}",
-    "{ctx}: the number {cls} written in {grp}",
-    "an image of {subject} {cls}, drawn in {grp}, {ctx}",
-    "{cls} in {grp} ink, {ctx}",
-]
+from aimfair_ray.data.captions import TEMPLATES, render
 
 
 def cells(task) -> list[tuple[int, int]]:
@@ -68,11 +61,6 @@ def requests(task, n_per_cell: dict, seed: int, round_: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def render(template: int, subject: str, cls: str, grp: str, ctx: str) -> str:
-    """One template prompt: ``TEMPLATES[template]`` filled with the class and group phrases and the context."""
-    return TEMPLATES[template].format(subject=subject, cls=cls, grp=grp, ctx=ctx)
-
-
 def template_batch(batch: pd.DataFrame, subject: str) -> pd.DataFrame:
     out = batch.copy()
     out["prompt"] = [render(t, subject, c, g, x)
@@ -95,34 +83,18 @@ def clean(text: str) -> str:
     return line.strip().strip('"\'“”').strip()
 
 
-def resolve_llm(llm: str | None) -> tuple[str, str | None]:
-    """(model folder or hub id, GGUF file name or None)."""
-    if llm is None:
-        from aimfair_ray.assets import asset_path
-
-        p = asset_path("smollm2")
-        return str(p.parent), p.name
-    if llm.endswith(".gguf"):
-        return str(Path(llm).parent), Path(llm).name
-    return llm, None
-
-
 class PromptWriter:
     """Ray Data UDF: a causal LM (transformers) writes one caption per request row."""
 
     def __init__(self, llm: str | None, subject: str, max_new_tokens: int, temperature: float, threads: int = 1):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from aimfair_ray.llm import load_causal_lm
 
         torch.set_num_threads(threads)
-        path, gguf = resolve_llm(llm)
-        kw = {"gguf_file": gguf} if gguf else {}
-        self.tok = AutoTokenizer.from_pretrained(path, **kw)
-        self.tok.padding_side = "left"
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(path, **kw).eval().to(self.device)
+        self.tok, self.model = load_causal_lm(llm, self.device, padding_side="left")
+        self.model.eval()
         self.subject, self.max_new, self.temp = subject, max_new_tokens, temperature
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -147,6 +119,8 @@ def _vllm(ds, gcfg):
                            "(pip install 'aimfair-ray[gpu]') on the GPU cluster, or use generate.backend=transformers "
                            "or template here")
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from aimfair_ray.llm import resolve_llm
 
     path, gguf = resolve_llm(gcfg.llm)
     subject, temp, max_new = gcfg.task.subject, gcfg.temperature, gcfg.max_new_tokens

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 
 from aimfair_ray import AimfairError
 from aimfair_ray.data.bias import cell_counts
-from aimfair_ray.data.io import SCHEMA, decode_png, write_split
+from aimfair_ray.data.codecs import decode_png
+from aimfair_ray.data.io import SCHEMA, write_split
 from aimfair_ray.generate.images import generate_images, plan
 from aimfair_ray.generate.prompts import cells, generate_prompts
 from aimfair_ray.storage import atomic_dir, exists, read_json, write_json

@@ -103,7 +103,7 @@ def model_card(model_id: str, model_dir: str) -> tuple[dict, Optional[bytes]]:
     import yaml
 
     from aimfair_ray.evaluate import group_acc_chart
-    from aimfair_ray.train.models import check_checkpoint_dir
+    from aimfair_ray.models import check_checkpoint_dir
 
     d = check_checkpoint_dir(model_dir).resolve()
     meta = json.loads((d / "model.json").read_text())
@@ -151,7 +151,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     """PNG/JPEG bytes -> HxWx3 uint8 at the model's size; BadRequest(422) if unreadable."""
     from PIL import Image, UnidentifiedImageError
 
-    from aimfair_ray.data.io import decode_png
+    from aimfair_ray.data.codecs import decode_png
 
     try:
         img = decode_png(data)

@@ -15,7 +15,7 @@ class Classifier:
     def __init__(self, model_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01):
         import torch
 
-        from aimfair_ray.train.models import load_classifier
+        from aimfair_ray.models import load_classifier
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.meta = load_classifier(model_dir)
@@ -57,7 +57,7 @@ class ImageGenerator:
         self.guidance = guidance_scale
 
     def __call__(self, prompts: list[str], seed: int, steps: int) -> list[bytes]:
-        from aimfair_ray.data.io import encode_png
+        from aimfair_ray.data.codecs import encode_png
         from aimfair_ray.generate.images import generate_batch
 
         imgs = generate_batch(self.pipe, prompts, [seed + i for i in range(len(prompts))], steps, self.guidance)
@@ -70,16 +70,13 @@ class TextGenerator:
 
     def __init__(self, model: str | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from aimfair_ray.generate.prompts import resolve_llm
+        from aimfair_ray.llm import load_causal_lm
 
-        path, gguf = resolve_llm(model)
-        kw = {"gguf_file": gguf} if gguf else {}
         self.name = model or "smollm2-135m-instruct"
-        self.tok = AutoTokenizer.from_pretrained(path, **kw)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(path, **kw).eval().to(self.device)
+        self.tok, self.model = load_causal_lm(model, self.device)
+        self.model.eval()
 
     def __call__(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
         import torch

@@ -11,7 +11,7 @@ from __future__ import annotations
 from aimfair_ray.config import Config
 from aimfair_ray.data.io import decoded, read_split, read_table
 from aimfair_ray.data.prepare import load_meta
-from aimfair_ray.train.models import model_meta
+from aimfair_ray.models import model_meta
 from aimfair_ray.train.raytrain import RunSpec, fit
 
 

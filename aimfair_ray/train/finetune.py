@@ -24,7 +24,7 @@ from aimfair_ray.config import Config
 from aimfair_ray.data.io import decode_batch, decoded, read_split, read_table
 from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, read_json, write_json
 from aimfair_ray.train import selective as sel
-from aimfair_ray.train.models import build_model, load_classifier
+from aimfair_ray.models import build_model, load_classifier
 from aimfair_ray.train.raytrain import RunSpec, allreduce, fit
 
 METHODS = ("full", "linear", "random", "selective")

@@ -28,7 +28,7 @@ from aimfair_ray.config import Config, TrainConfig
 from aimfair_ray.metrics import fairness_report
 from aimfair_ray.storage import exists, read_text, write_json
 from aimfair_ray.train import loop
-from aimfair_ray.train.models import (META, WEIGHTS, build_model, load_optimizer, save_classifier, save_optimizer,
+from aimfair_ray.models import (META, WEIGHTS, build_model, load_optimizer, save_classifier, save_optimizer,
                                       unwrap, write_classifier)
 
 # A child of Ray Train's logger: shown once on the driver (plain print() is echoed twice by Train V2).
