@@ -1,9 +1,12 @@
 """aimfair-ray: fairer models with synthetic data (AIM-Fair, EGT) at cluster scale on Ray.
 
 Stages, in the one direction data flows:
-    data -> generate -> train -> evaluate -> serving
-Algorithms are plain PyTorch (``metrics``, ``train.loop``, ``train.models``);
-the Ray code (``data.io``, ``train.baseline``, ``evaluate``) wraps them.
+    data -> generate -> train (and egt) -> evaluate -> serving
+with shared pieces below them: ``config``, ``paths``, ``storage``, ``models`` (classifiers and
+their safetensors checkpoints), ``llm`` (causal LMs), ``data.codecs``, ``distributed`` (the one
+Ray Train runner), ``metrics``, ``minmax`` and ``reports``. Algorithms are plain PyTorch
+(``metrics``, ``minmax``, ``train.loop``, ``train.selective``); the Ray code wraps them.
+``pipeline`` chains the stages; ``cli`` exposes them as the ``aimfair`` command.
 """
 
 __version__ = "0.1.0"

@@ -8,16 +8,24 @@ every finished run.
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 
 from aimfair_ray.config import Config
+from aimfair_ray.metrics import HEADLINE
+from aimfair_ray.reports import csv_text, figure_png, markdown_table, mean_std, pyplot
 from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, write_json
 
-ROWS = ("baseline", "full", "linear", "random", "selective", "group_dro")
-METRICS = ("acc", "wst", "std", "eo")
+
+
+def rows() -> tuple[str, ...]:
+    """The table's rows: the baseline, every registered fine-tuning method, then Group DRO."""
+    from aimfair_ray.train.methods import METHODS
+
+    return ("baseline", *METHODS, "group_dro")
+
+
 
 
 def _audit(cfg: Config, model_dir: str, title: str) -> dict:
@@ -28,10 +36,12 @@ def _audit(cfg: Config, model_dir: str, title: str) -> dict:
                  cfg.audit, title=title)
 
 
-def run_seed(cfg: Config, seed: int, methods=ROWS, log=print) -> dict[str, dict]:
+def run_seed(cfg: Config, seed: int, methods=None, log=print) -> dict[str, dict]:
     from aimfair_ray.train.baseline import train_baseline, train_group_dro
     from aimfair_ray.train.finetune import finetune
+    from aimfair_ray.train.methods import METHODS
 
+    methods = methods or rows()
     scfg = cfg.model_copy(deep=True)
     scfg.train.seed = seed
     scfg.finetune.seed = seed
@@ -40,7 +50,7 @@ def run_seed(cfg: Config, seed: int, methods=ROWS, log=print) -> dict[str, dict]
     base = train_baseline(scfg, log=log, stage=f"{root}/baseline")
     if "baseline" in methods:
         out["baseline"] = _audit(scfg, base["model_dir"], f"baseline, seed {seed}")
-    for m in ("full", "linear", "random", "selective"):
+    for m in METHODS:
         if m in methods:
             res = finetune(scfg, m, log=log, stage=f"{root}/{m}", baseline_dir=base["model_dir"])
             out[m] = dict(_audit(scfg, res["model_dir"], f"{m}, seed {seed}"),
@@ -54,15 +64,14 @@ def run_seed(cfg: Config, seed: int, methods=ROWS, log=print) -> dict[str, dict]
 
 def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """Mean and sample std over seeds of each method's metrics."""
-    methods = [m for m in ROWS if all(m in r for r in per_seed.values())]
+    methods = [m for m in rows() if all(m in r for r in per_seed.values())]
     table = {}
     for m in methods:
         row = {}
-        for k in METRICS + ("epoch_time_s", "trainable_fraction"):
+        for k in HEADLINE + ("epoch_time_s", "trainable_fraction"):
             vals = [r[m][k] for r in per_seed.values() if r[m].get(k) is not None]
             if vals:
-                row[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-                          "values": vals}
+                row[k] = mean_std(vals)
         table[m] = row
     return table
 
@@ -72,37 +81,28 @@ def to_markdown(table: dict, seeds: list[int], title: str) -> str:
         v = r.get(k)
         return "—" if v is None else f"{scale * v['mean']:.1f} ± {scale * v['std']:.1f}"
 
-    lines = [f"# {title}", "", f"Seeds: {', '.join(map(str, seeds))}. Test split; mean ± std over seeds, in %.", "",
-             "| method | ACC ↑ | WST ↑ | STD ↓ | EO ↓ | trained weights | epoch time (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"# {title}", "", f"Seeds: {', '.join(map(str, seeds))}. Test split; mean ± std over seeds, in %.", ""]
+    body = []
     for m, r in table.items():
         tf, et = r.get("trainable_fraction"), r.get("epoch_time_s")
         trained = "100%" if m in ("baseline", "group_dro") else "—" if tf is None else f"{100 * tf['mean']:.1f}%"
-        epoch = "—" if et is None else f"{et['mean']:.2f}"
-        lines.append(f"| {m} | {cell(r, 'acc')} | {cell(r, 'wst')} | {cell(r, 'std')} | {cell(r, 'eo')} | "
-                     f"{trained} | {epoch} |")
+        body.append([m, cell(r, "acc"), cell(r, "wst"), cell(r, "std"), cell(r, "eo"), trained,
+                     "—" if et is None else f"{et['mean']:.2f}"])
+    lines += markdown_table(["method", "ACC ↑", "WST ↑", "STD ↓", "EO ↓", "trained weights", "epoch time (s)"], body)
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: dict) -> str:
-    head = ["method"] + [f"{k}_{s}" for k in METRICS for s in ("mean", "std")] + ["epoch_time_s_mean", "trainable_fraction_mean"]
-    rows = [",".join(head)]
-    for m, r in table.items():
-        vals = [f"{r[k][s]:.6f}" for k in METRICS for s in ("mean", "std")]
-        vals += [f"{r[k]['mean']:.6f}" if k in r else "" for k in ("epoch_time_s", "trainable_fraction")]
-        rows.append(",".join([m] + vals))
-    return "\n".join(rows) + "\n"
+    head = ["method"] + [f"{k}_{s}" for k in HEADLINE for s in ("mean", "std")] + ["epoch_time_s_mean", "trainable_fraction_mean"]
+    return csv_text(head, [[m, *(f"{r[k][s]:.6f}" for k in HEADLINE for s in ("mean", "std")),
+                            *(f"{r[k]['mean']:.6f}" if k in r else "" for k in ("epoch_time_s", "trainable_fraction"))]
+                           for m, r in table.items()])
 
 
 def chart(table: dict, title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     methods = list(table)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2), dpi=100)
-    for ax, k in zip(axes, METRICS):
+    fig, axes = pyplot().subplots(1, len(HEADLINE), figsize=(3.2 * len(HEADLINE), 3.2), dpi=100)
+    for ax, k in zip(axes, HEADLINE):
         means = [table[m][k]["mean"] for m in methods]
         stds = [0 if math.isnan(table[m][k]["std"]) else table[m][k]["std"] for m in methods]
         ax.bar(range(len(methods)), means, yerr=stds, capsize=3,
@@ -112,13 +112,10 @@ def chart(table: dict, title: str) -> bytes:
         ax.set_title(k.upper(), fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
-def benchmark_aimfair(cfg: Config, seeds: list[int], methods=ROWS, log=print) -> dict:
+def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print) -> dict:
     per_seed = {}
     for s in seeds:
         log(f"benchmark: seed {s}")
@@ -127,7 +124,7 @@ def benchmark_aimfair(cfg: Config, seeds: list[int], methods=ROWS, log=print) ->
     out = cfg.stage_dir("benchmark/aimfair")
     title = f"AIM-Fair on {cfg.data.dataset} ({cfg.model.backbone})"
     write_json(f"{out}/results.json", {"seeds": seeds, "table": table, "per_seed": {
-        str(s): {m: {k: r[k] for k in METRICS + ("eod_worst", "dp", "group_acc")} for m, r in res.items()}
+        str(s): {m: {k: r[k] for k in HEADLINE + ("eod_worst", "dp", "group_acc")} for m, r in res.items()}
         for s, res in per_seed.items()}})
     atomic_write_text(f"{out}/results.md", to_markdown(table, seeds, title))
     atomic_write_text(f"{out}/results.csv", to_csv(table))

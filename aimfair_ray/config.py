@@ -94,7 +94,7 @@ class TrainConfig(_Strict):
 class FinetuneConfig(_Strict):
     """AIM-Fair fine-tuning of the baseline on synthetic data (and its controls)."""
 
-    method: Literal["full", "linear", "random", "selective"] = "selective"
+    method: str = Field("selective", description="a fine-tuning method registered in train/methods.py")
     k: float = Field(0.5, gt=0, description="selective: k lowest-domain ∩ k highest-bias tensors; < 1 is a fraction of the tensors")
     min_selected: int = Field(1, ge=0, description="if the intersection holds fewer tensors, k grows until it holds this many; 0: never grow (an empty selection is an error)")
     mask: Literal["tensor", "element"] = Field("tensor", description="element: the same rule on single weights (k as a fraction of all weights)")
@@ -107,6 +107,16 @@ class FinetuneConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from aimfair_ray.train.methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown fine-tuning method {v!r}; choose one of {', '.join(METHODS)}")
+        return v
+
     deepspeed: bool = Field(False, description="run the loop through DeepSpeed on the Ray Train workers (extra: aimfair-ray[deepspeed])")
     zero_stage: Literal[0, 1, 2] = 2
     seed: int = 0
@@ -269,6 +279,13 @@ class Config(_Strict):
     def run_dir(self) -> str:
         base = self.output_dir if is_uri(self.output_dir) else str(Path(self.output_dir).absolute())
         return f"{base.rstrip('/')}/{self.name}"
+
+    @property
+    def paths(self):
+        """The run's artefacts by name (:class:`aimfair_ray.paths.RunPaths`)."""
+        from aimfair_ray.paths import RunPaths
+
+        return RunPaths(self.run_dir)
 
     @property
     def data_dir(self) -> str:

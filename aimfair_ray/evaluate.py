@@ -3,7 +3,6 @@ fairness report as JSON, a per-cell accuracy chart as PNG and a terminal table."
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 
@@ -57,16 +56,13 @@ def predict_split(model_dir: str, split_dir: str, batch_size: int = 256, actors:
 
 
 def group_acc_chart(report: dict, title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from aimfair_ray.reports import figure_png, pyplot
 
     keys = list(report["group_acc"])
     vals = [report["group_acc"][k] for k in keys]
     tn, gn = report.get("target_names"), report.get("group_names")
     labels = [f"{tn[int(k[1:k.index('_')])]}\n{gn[int(k[k.index('_s') + 2:])]}" if tn and gn else k for k in keys]
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(keys)), 3.4), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(max(4, 1.3 * len(keys)), 3.4), dpi=100)
     bars = ax.bar(labels, vals, color=["#c0392b" if v == min(vals) else "#2e86c1" for v in vals])
     ax.axhline(report["acc"], ls="--", color="k", lw=1, label=f"ACC {report['acc']:.3f}")
     for b, v in zip(bars, vals):
@@ -76,10 +72,7 @@ def group_acc_chart(report: dict, title: str) -> bytes:
     ax.set_title(f"{title}\nWST {report['wst']:.3f}  STD {report['std']:.3f}  EO {report['eo']:.3f}", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | None = None) -> dict:

@@ -89,4 +89,4 @@ def fairness_report(y_true, y_pred, groups, n_classes: int | None = None, n_grou
     }
 
 
-HEADLINE = ("acc", "wst", "std", "eo")
+HEADLINE = ("acc", "wst", "std", "eo")  # the audit's headline metrics (tables, the audit page)

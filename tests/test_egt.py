@@ -18,14 +18,14 @@ def _cfg(tmp_path, *extra):
 
 
 def test_image_minmax_on_ray_train_then_reuse(ray_cluster, tiny_pipeline, tmp_path):
-    from aimfair_ray.egt.run import finetune
+    from aimfair_ray.egt.run import train_generator
     from aimfair_ray.generate.t2i import load_pipeline
 
     # balanced enough that both groups meet in a bucket: a batch with one group moves no weights
     cfg = _cfg(tmp_path, f"egt.image.pipeline={tiny_pipeline}", "egt.image.n_train=48", "egt.image.n_eval_per_group=4",
                "egt.image.sample_steps=2", "egt.image.noise_levels=3", "egt.image.feature_size=32", "egt.n_buckets=3",
                "egt.eta=2.0", "egt.minority_share=0.5", "egt.batch_size=16")
-    res = finetune(cfg, "image")
+    res = train_generator(cfg, "image")
     assert res["steps"] == 4 and [h["step"] for h in res["history"]] == [2, 4]
     assert res["history"][0]["world_size"] == 2
     q = res["quality"]
@@ -41,7 +41,7 @@ def test_image_minmax_on_ray_train_then_reuse(ray_cluster, tiny_pipeline, tmp_pa
     assert (stage / "config.yaml").is_file()
     pipe = load_pipeline(res["model_dir"])  # the fine-tuned generator is a diffusers pipeline folder
     assert pipe.unet.config.sample_size == 32
-    again = finetune(cfg, "image")
+    again = train_generator(cfg, "image")
     assert again["reused"] and again["quality"] == q
 
 
@@ -49,12 +49,12 @@ def test_text_conditional_on_ray_train(ray_cluster, tmp_path):
     """The bundled SmolLM2, LoRA adapters on its top block trained on tagged BOLD sentences; per-group perplexity."""
     from safetensors.torch import load_file
 
-    from aimfair_ray.egt.run import finetune
+    from aimfair_ray.egt.run import train_generator
 
     cfg = _cfg(tmp_path, "egt.objective=conditional", "egt.steps=2", "train.num_workers=1", "egt.text.n_train=16",
                "egt.text.n_eval_per_group=4", "egt.text.max_len=16", "egt.text.train_layers=1", "egt.text.lora_rank=2",
                "egt.batch_size=4")
-    res = finetune(cfg, "text")
+    res = train_generator(cfg, "text")
     q = res["quality"]
     assert set(q["ppl"]) == {"male", "female"} and all(1 < v < 1e5 for v in q["ppl"].values())
     assert q["gap"]["ppl"] == pytest.approx(abs(q["ppl"]["male"] - q["ppl"]["female"]))

@@ -15,7 +15,7 @@ from aimfair_ray.config import load_config
 from aimfair_ray.data.codecs import decode_png
 from aimfair_ray.data.io import SCHEMA, read_split
 from aimfair_ray.generate.prompts import check_prompt, generate_prompts
-from aimfair_ray.generate.stage import run_images, run_prompts, set_counts, synth_dir
+from aimfair_ray.generate.stage import run_images, run_prompts, set_counts
 
 from conftest import TINY, tiny_gen
 
@@ -70,12 +70,12 @@ def test_generated_sets_schema_counts_and_determinism(ray_cluster, tiny_pipeline
     counts = set_counts(cfg)
     assert counts["imbalanced"] == {"y0_s0": 1, "y0_s1": 4, "y1_s0": 4, "y1_s1": 1}
     for kind in ("balanced", "imbalanced"):
-        df = read_split(f"{synth_dir(cfg)}/{kind}").to_pandas()
+        df = read_split(cfg.paths.synthetic_set(kind)).to_pandas()
         cells = (df["target"].astype(str).radd("y") + "_s" + df["group"].astype(str)).value_counts().to_dict()
         assert cells == {c: n for c, n in counts[kind].items() if n}
         assert set(df["source"]) == {"synthetic"} and df["prompt"].notna().all()
         assert json.loads(df["generator"].iloc[0])["steps"] == 2
-    shard = next(Path(synth_dir(cfg), "balanced").glob("shard-*.parquet"))
+    shard = next(Path(cfg.paths.synthetic_set("balanced")).glob("shard-*.parquet"))
     assert pq.read_schema(shard).remove_metadata().equals(SCHEMA)
     from aimfair_ray.generate.images import sample_seed
 
@@ -99,7 +99,7 @@ def test_killed_generation_resumes_with_exactly_the_planned_ids(ray_cluster, tin
                                               "generate.batch_size=2", "generate.steps=4"]
     cfg = load_config("cmnist", overrides=sets)
     run_prompts(cfg, log=lambda *_: None)
-    out = Path(synth_dir(cfg)) / "balanced"
+    out = Path(cfg.paths.synthetic_set("balanced"))
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
     args = [sys.executable, "-m", "aimfair_ray.cli", "generate", "images"] + [x for s in sets for x in ("--set", s)]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -153,7 +153,7 @@ def test_filter_keeps_faithful_images_and_reports_per_cell(ray_cluster, tmp_path
     prepare_data(cfg, log=lambda *_: None)
     test = read_split(f"{cfg.data_dir}/test").to_pandas().sample(80, random_state=0).reset_index(drop=True)
     flip = np.arange(len(test)) % 4 == 0  # a quarter get the wrong group label
-    out = Path(synth_dir(cfg)) / "balanced"
+    out = Path(cfg.paths.synthetic_set("balanced"))
     out.mkdir(parents=True)
     groups = np.where(flip, 1 - test["group"], test["group"])
     t = make_table({"id": test["id"].tolist(), "image": test["image"].tolist(), "target": test["target"].tolist(),
@@ -166,6 +166,6 @@ def test_filter_keeps_faithful_images_and_reports_per_cell(ray_cluster, tmp_path
     assert rep["total"] == 80 and 0.6 * 60 <= rep["kept"] <= 60  # flipped ones never pass the colour check
     assert set(rep["per_cell"]) == {"y0_s0", "y0_s1", "y1_s0", "y1_s1"}
     assert all(0 <= v["kept_fraction"] <= 1 for v in rep["per_cell"].values())
-    kept = read_split(f"{synth_dir(cfg)}/balanced_filtered").to_pandas()
+    kept = read_split(cfg.paths.synthetic_set("balanced", filtered=True)).to_pandas()
     assert len(kept) == rep["kept"] and not set(kept["id"]) & set(test["id"][flip])
     assert (Path(cfg.run_dir) / "checker" / "checker.safetensors").is_file()

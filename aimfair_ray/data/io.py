@@ -82,6 +82,16 @@ def read_table(directory: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
 
 
+def first_row(directory: str, columns: list[str]) -> dict:
+    """The first row of a split or set directory (its first shard's), without reading the rest."""
+    import pyarrow.parquet as pq
+
+    files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
+    if not files:
+        raise AimfairError(f"no Parquet files in {directory}")
+    return pq.ParquetFile(files[0]).read_row_group(0, columns=columns).slice(0, 1).to_pylist()[0]
+
+
 def decoded(ds, rows: int, image_size: int, cache_mb: float):
     """The dataset with PNGs decoded to arrays. When the decoded set is small (rows x size² x 3
     bytes ≤ ``cache_mb``) it is decoded once and kept in Ray's object store, so later epochs

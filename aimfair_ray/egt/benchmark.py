@@ -9,30 +9,22 @@ quality worse by ≤ 5%. Writes ``<run>/egt/benchmark/<kind>/results.{md,csv,jso
 
 from __future__ import annotations
 
-import numpy as np
-
 from aimfair_ray.config import Config
-from aimfair_ray.egt.run import finetune, group_names, pretrained_quality
+from aimfair_ray.egt.run import group_names, pretrained_quality, train_generator
+from aimfair_ray.egt.tasks import get
+from aimfair_ray.reports import csv_text, markdown_table, mean_std
 from aimfair_ray.storage import atomic_write_text, write_json
-
-OBJECTIVES = {"image": ("erm", "reweight", "minmax"), "text": ("erm", "reweight", "minmax", "conditional")}
-METRICS = {"image": ("denoise", "fd"), "text": ("ppl",)}   # lower is better for all of them
-PRIMARY = {"image": "denoise", "text": "ppl"}
-
-
-def _stats(vals: list[float]) -> dict:
-    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "values": vals}
 
 
 def row(qualities: list[dict], kind: str, groups: list[str]) -> dict:
     """Mean ± std over seeds of each per-group metric, its gap and its overall value."""
     out = {}
-    for m in METRICS[kind]:
-        out[m] = {"groups": {g: _stats([q[m][g] for q in qualities]) for g in groups},
-                  "gap": _stats([q["gap"][m] for q in qualities]),
-                  "overall": _stats([q["overall"][m] for q in qualities])}
-    if kind == "image":
-        out["group_confirmed"] = {g: _stats([q["group_confirmed"][g] for q in qualities]) for g in groups}
+    for m in get(kind).metrics:
+        out[m] = {"groups": {g: mean_std([q[m][g] for q in qualities]) for g in groups},
+                  "gap": mean_std([q["gap"][m] for q in qualities]),
+                  "overall": mean_std([q["overall"][m] for q in qualities])}
+    for m in get(kind).extra_metrics:
+        out[m] = {g: mean_std([q[m][g] for q in qualities]) for g in groups}
     return out
 
 
@@ -41,13 +33,17 @@ def targets(table: dict, kind: str) -> dict:
     out = {}
     if "erm" not in table or "minmax" not in table:
         return out
-    for m in METRICS[kind]:
+    for m in get(kind).metrics:
         e, x = table["erm"][m], table["minmax"][m]
         cut = 1 - x["gap"]["mean"] / e["gap"]["mean"] if e["gap"]["mean"] > 0 else float("nan")
         worse = x["overall"]["mean"] / e["overall"]["mean"] - 1
         out[m] = {"gap_cut": cut, "overall_worse": worse, "gap_target_met": bool(cut >= 0.5),
                   "overall_target_met": bool(worse <= 0.05)}
     return out
+
+
+def _pm(v: dict) -> str:
+    return f"{v['mean']:.4g} ± {v['std']:.2g}"
 
 
 def to_markdown(res: dict) -> str:
@@ -57,14 +53,11 @@ def to_markdown(res: dict) -> str:
              f"({100 * (1 - res['minority_share']):.0f}% {groups[0]} / {100 * res['minority_share']:.0f}% {groups[1]}); "
              f"quality on {res['n_per_group']} held-out samples per group. Mean ± std over seeds; lower is better. "
              "Wall: training and quality time of all seeds' runs.", ""]
-    for m in METRICS[kind]:
-        lines += [f"## {m}", "", "| objective | " + " | ".join(groups) + " | gap | overall | wall (s) |",
-                  "|---|" + "---|" * (len(groups) + 3)]
-        for name, r in table.items():
-            c = r[m]
-            cells = [f"{c['groups'][g]['mean']:.4g} ± {c['groups'][g]['std']:.2g}" for g in groups]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {c['gap']['mean']:.4g} ± {c['gap']['std']:.2g} | "
-                         f"{c['overall']['mean']:.4g} ± {c['overall']['std']:.2g} | {r.get('wall_s', '—')} |")
+    for m in get(kind).metrics:
+        lines += [f"## {m}", ""] + markdown_table(
+            ["objective", *groups, "gap", "overall", "wall (s)"],
+            [[name, *(_pm(r[m]["groups"][g]) for g in groups), _pm(r[m]["gap"]), _pm(r[m]["overall"]), r.get("wall_s", "—")]
+             for name, r in table.items()])
         t = res["targets"].get(m)
         if t:
             lines += ["", f"Min–max against ERM: gap cut {100 * t['gap_cut']:.1f}% (target ≥ 50%: "
@@ -72,29 +65,24 @@ def to_markdown(res: dict) -> str:
                           f"{'worse' if t['overall_worse'] > 0 else 'better'} by {100 * abs(t['overall_worse']):.1f}% "
                           f"(target ≤ 5% worse: {'met' if t['overall_target_met'] else 'not met'})."]
         lines.append("")
-    if kind == "image":
-        lines += ["## group confirmed by the checker (share of generated images in the requested colour)", "",
-                  "| objective | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
-        for name, r in table.items():
-            lines.append(f"| {name} | " + " | ".join(f"{r['group_confirmed'][g]['mean']:.3f}" for g in groups) + " |")
+    for m, title in get(kind).extra_metrics.items():
+        lines += [f"## {title}", ""] + markdown_table(["objective", *groups],
+                                                      [[name, *(f"{r[m][g]['mean']:.3f}" for g in groups)]
+                                                       for name, r in table.items()])
     return "\n".join(lines) + "\n"
 
 
 def to_csv(res: dict) -> str:
     kind, groups = res["kind"], res["groups"]
     head = ["objective", "metric"] + [f"{g}_mean" for g in groups] + ["gap_mean", "gap_std", "overall_mean", "overall_std"]
-    rows = [",".join(head)]
-    for name, r in res["table"].items():
-        for m in METRICS[kind]:
-            c = r[m]
-            rows.append(",".join([name, m] + [f"{c['groups'][g]['mean']:.6g}" for g in groups]
-                                 + [f"{c['gap'][s]:.6g}" for s in ("mean", "std")]
-                                 + [f"{c['overall'][s]:.6g}" for s in ("mean", "std")]))
-    return "\n".join(rows) + "\n"
+    return csv_text(head, [[name, m, *(f"{r[m]['groups'][g]['mean']:.6g}" for g in groups),
+                            *(f"{r[m]['gap'][s]:.6g}" for s in ("mean", "std")),
+                            *(f"{r[m]['overall'][s]:.6g}" for s in ("mean", "std"))]
+                           for name, r in res["table"].items() for m in get(kind).metrics])
 
 
 def benchmark_egt(cfg: Config, kind: str, seeds: list[int], objectives=None, log=print) -> dict:
-    objectives = list(objectives or OBJECTIVES[kind])
+    objectives = list(objectives or get(kind).objectives)
     groups = group_names(cfg, kind)
     table = {"pretrained": dict(row([pretrained_quality(cfg, kind, log)], kind, groups), wall_s="—")}
     for obj in objectives:
@@ -103,15 +91,15 @@ def benchmark_egt(cfg: Config, kind: str, seeds: list[int], objectives=None, log
             c = cfg.model_copy(deep=True)
             c.egt.objective, c.egt.seed = obj, s
             log(f"benchmark egt {kind}: {obj}, seed {s}")
-            runs.append(finetune(c, kind, log=log))
+            runs.append(train_generator(c, kind, log=log))
         # compute time of the runs (training + quality), also when this call reused them
         table[obj] = dict(row([r["quality"] for r in runs], kind, groups),
                           wall_s=round(sum(r["train_s"] + r["quality"].get("eval_s", 0) for r in runs)))
     e = cfg.egt
-    model = (e.image.pipeline or "the embedded text-to-image model") if kind == "image" else (e.text.model or "SmolLM2-135M-Instruct")
+    model = get(kind).model_name(cfg)
     res = {"kind": kind, "model": model, "seeds": seeds, "groups": groups, "steps": e.steps,
            "minority_share": e.minority_share,
-           "n_per_group": e.image.n_eval_per_group if kind == "image" else e.text.n_eval_per_group,
+           "n_per_group": get(kind).settings(cfg).n_eval_per_group,
            "table": table, "targets": targets(table, kind)}
     out = cfg.stage_dir(f"egt/benchmark/{kind}")
     write_json(f"{out}/results.json", res)

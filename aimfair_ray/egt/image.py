@@ -28,6 +28,7 @@ from torch import nn
 from aimfair_ray.data.captions import caption_images
 from aimfair_ray.data.cmnist import colorize, load_mnist_5k, stroke_color
 from aimfair_ray.data.codecs import to_unit
+from aimfair_ray.egt.tasks import EGTTask, register
 from aimfair_ray.generate.t2i import AimfairT2IPipeline, TextEncoder, as_uint8, embedded_weights, load_pipeline
 
 
@@ -196,3 +197,72 @@ def image_quality(task: DiffusionTask, data: ImageSet, group_names: list[str], c
                       "group_confirmed": float(confirmed.mean())}
     out["n_per_group"] = int((data.groups == 0).sum())
     return out
+
+
+@register
+class ImageTask(EGTTask):
+    """EGT on a text-to-image pipeline: Colored MNIST digits, stroke colour as the group; the
+    min–max weights act per noise bucket."""
+
+    kind = "image"
+    objectives = ("erm", "reweight", "minmax")
+    metrics = ("denoise", "fd")
+    extra_metrics = {"group_confirmed": "group confirmed by the checker (share of generated images in the requested colour)"}
+    noise_levels = True
+
+    @staticmethod
+    def group_names(cfg) -> list[str]:
+        from aimfair_ray.data.cmnist import group_names
+
+        return group_names(cfg.data.colors)
+
+    @staticmethod
+    def datasets(cfg, seed: int):
+        from aimfair_ray import AimfairError
+
+        if len(cfg.data.colors) != 2:
+            raise AimfairError("EGT on images compares 2 groups: set data.colors to 2 colours")
+        e = cfg.egt
+        return image_sets(cfg.data.colors, ImageTask.group_names(cfg), e.image.n_train, e.minority_share,
+                          e.image.n_eval_per_group, cfg.data.color_jitter, cfg.data.seed, seed)
+
+    @staticmethod
+    def settings(cfg):
+        return cfg.egt.image
+
+    @staticmethod
+    def data_key(cfg) -> dict:
+        return {"colors": cfg.data.colors, "color_jitter": cfg.data.color_jitter, "seed": cfg.data.seed}
+
+    @staticmethod
+    def model_name(cfg) -> str:
+        return cfg.egt.image.pipeline or "the embedded text-to-image model"
+
+    def __init__(self, cfg, device: str):
+        self.task = DiffusionTask(cfg.egt.image.pipeline, device)
+        self.model, self.T, self.device = self.task.model, self.task.T, device
+
+    def bind(self, train_set, shard) -> None:  # frozen encodings of the shard, once
+        self.x0 = self.task.encode_images(train_set.images[shard])
+        self.text = self.task.encode_text([train_set.captions[i] for i in shard])
+
+    def losses(self, model, batch: torch.Tensor, generator: torch.Generator):
+        return self.task.losses(model, self.x0[batch].to(self.device),
+                                {k: v[batch].to(self.device) for k, v in self.text.items()}, generator)
+
+    def trained_state(self) -> dict:
+        return self.task.trained_state()
+
+    def load_trained(self, state: dict) -> None:
+        self.task.load_trained(state)
+
+    def quality(self, cfg, eval_set) -> dict:
+        from aimfair_ray.egt.quality import Features
+
+        i = cfg.egt.image
+        return image_quality(self.task, eval_set, self.group_names(cfg), cfg.data.colors,
+                             Features(i.features, i.feature_size, self.device), i.noise_levels, i.sample_steps,
+                             i.guidance_scale, cfg.data.seed)
+
+    def save(self, cfg, directory: str) -> None:
+        self.task.pipe.save_pretrained(directory)  # a diffusers pipeline folder that Serve can load

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from aimfair_ray import AimfairError
+from aimfair_ray.egt.tasks import EGTTask, register
 
 GROUPS = {"male": "American_actors", "female": "American_actresses"}
+TRAINED = "trained.safetensors"  # the fine-tuned tensors of a text run's model/
 
 
 @dataclass
@@ -176,3 +178,75 @@ def text_quality(task: LMTask, data: TextSet, batch_size: int = 32) -> dict:
     out["overall"] = {"ppl": float(math.exp(nll)), "nll": float(nll)}
     out["n_per_group"] = int((data.groups == 0).sum())
     return out
+
+
+@register
+class TextTask(EGTTask):
+    """EGT on a causal LM: BOLD's sentences about actors and actresses, one min–max weight per group."""
+
+    kind = "text"
+    objectives = ("erm", "reweight", "minmax", "conditional")
+    metrics = ("ppl",)
+
+    @staticmethod
+    def group_names(cfg) -> list[str]:
+        return list(GROUPS)
+
+    @staticmethod
+    def datasets(cfg, seed: int):
+        e = cfg.egt
+        tr, ev = text_sets(e.text.n_train, e.minority_share, e.text.n_eval_per_group, cfg.data.seed, seed)
+        return (with_group_tags(tr), with_group_tags(ev)) if e.objective == "conditional" else (tr, ev)
+
+    @staticmethod
+    def settings(cfg):
+        return cfg.egt.text
+
+    @staticmethod
+    def data_key(cfg) -> dict:
+        return {"seed": cfg.data.seed}
+
+    @staticmethod
+    def model_name(cfg) -> str:
+        return cfg.egt.text.model or "SmolLM2-135M-Instruct"
+
+    @staticmethod
+    def conditional_eval(cfg) -> bool:
+        return cfg.egt.objective == "conditional"
+
+    def __init__(self, cfg, device: str):
+        t = cfg.egt.text
+        self.task = LMTask(t.model, t.train_layers, t.max_len, device, t.lora_rank)
+        self.model, self.settings_ = self.task.model, t
+
+    def deepspeed_stage(self):
+        return self.settings_.zero_stage if self.settings_.deepspeed else None
+
+    def bind(self, train_set, shard) -> None:
+        self.data, self.shard = train_set, shard
+
+    def losses(self, model, batch: torch.Tensor, generator: torch.Generator):
+        rows = [self.shard[i] for i in batch.tolist()]
+        pre = [self.data.prefixes[i] for i in rows] if self.data.prefixes else None
+        losses, _ = self.task.losses(model, self.task.batch([self.data.texts[i] for i in rows], pre))
+        return losses, None
+
+    def trained_state(self) -> dict:
+        return self.task.trained_state()
+
+    def load_trained(self, state: dict) -> None:
+        self.task.load_trained(state)
+
+    def quality(self, cfg, eval_set) -> dict:
+        return text_quality(self.task, eval_set)
+
+    def save(self, cfg, directory: str) -> None:
+        """The trained tensors over the named base model (``egt.json`` names it)."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        t = cfg.egt.text
+        save_file(self.task.trained_state(), str(Path(directory) / TRAINED))
+        Path(directory, "egt.json").write_text(json.dumps({"base_model": t.model or "smollm2",
+                                                           "train_layers": t.train_layers, "lora_rank": t.lora_rank}))

@@ -2,5 +2,8 @@
 text-to-image actor pools, written in the shared Parquet schema (``data.io.SCHEMA``,
 ``source="synthetic"``, with ``prompt`` and ``generator`` set).
 
-Empty until the CSDG issue lands; the data layer's schema and writers are ready for it.
+Modules: ``prompts`` (the prompt stage and its backends), ``t2i`` (the embedded text-to-image
+pipeline, diffusers-style) and ``t2i_train`` (its training recipe), ``images`` (the Ray Data
+image stage), ``checker`` (the independent digit/colour checker) and ``stage`` (the sets, the
+faithfulness filter and the quality bar).
 """

@@ -60,7 +60,7 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guida
     return as_uint8(out.images)
 
 
-class ImageGenerator:
+class DiffusionActor:
     """Ray Data UDF: plan rows -> images, committed as one Parquet shard in ``out_dir``; returns the ids.
 
     Writing in the actor (PNG encoding and a small Parquet file per batch) keeps the
@@ -126,7 +126,7 @@ def generate_images(gcfg, plan_df: pd.DataFrame, out_dir: str, meta: dict, log=p
         # one block per generation batch, so each batch is committed as its own shard as soon as it is done
         chunks = [todo.iloc[i:i + gcfg.batch_size] for i in range(0, len(todo), gcfg.batch_size)]
         ds = ray.data.from_pandas(chunks).map_batches(
-            ImageGenerator,
+            DiffusionActor,
             fn_constructor_kwargs={"pipeline": pipeline, "dtype": gcfg.dtype, "steps": gcfg.steps,
                                    "guidance": gcfg.guidance_scale, "size": gcfg.image_size, "meta": meta,
                                    "out_dir": str(out), "threads": max(1, int(gcfg.cpus_per_actor))},

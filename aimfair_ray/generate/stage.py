@@ -22,11 +22,7 @@ from aimfair_ray.generate.images import generate_images, plan
 from aimfair_ray.generate.prompts import cells, generate_prompts
 from aimfair_ray.storage import atomic_dir, exists, read_json, write_json
 
-SETS = ("balanced", "imbalanced")
-
-
-def synth_dir(cfg) -> str:
-    return f"{cfg.run_dir}/synthetic"
+SYNTHETIC_SETS = ("balanced", "imbalanced")
 
 
 def _prompt_key(cfg) -> dict:
@@ -36,7 +32,7 @@ def _prompt_key(cfg) -> dict:
 
 
 def run_prompts(cfg, force: bool = False, log=print) -> pd.DataFrame:
-    out = f"{synth_dir(cfg)}/prompts"
+    out = f"{cfg.paths.synthetic}/prompts"
     key = _prompt_key(cfg)
     if not force and exists(f"{out}/report.json") and read_json(f"{out}/report.json").get("config") == key:
         log(f"prompts: reusing {out}")
@@ -60,7 +56,7 @@ def set_counts(cfg) -> dict[str, dict[str, int]]:
     }
 
 
-def run_images(cfg, prompts: pd.DataFrame, sets=SETS, log=print) -> dict:
+def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print) -> dict:
     g = cfg.generate
     meta = {"pipeline": g.pipeline or "embedded:cmnist-t2i", "steps": g.steps, "guidance_scale": g.guidance_scale,
             "prompt_backend": g.backend, "seed": g.seed}
@@ -68,9 +64,9 @@ def run_images(cfg, prompts: pd.DataFrame, sets=SETS, log=print) -> dict:
     counts = set_counts(cfg)
     for kind in sets:
         p = plan(prompts, kind, counts[kind], g.seed)
-        stats[kind] = generate_images(g, p, f"{synth_dir(cfg)}/{kind}", meta, log=log)
+        stats[kind] = generate_images(g, p, cfg.paths.synthetic_set(kind), meta, log=log)
         log(f"images: {kind} done: {stats[kind]}")
-    cfg.save(synth_dir(cfg))
+    cfg.save(cfg.paths.synthetic)
     return stats
 
 
@@ -81,7 +77,7 @@ def checker_for(cfg, log=print):
     if cfg.data.dataset != "colored_mnist":
         raise AimfairError("the faithfulness filter's built-in checker covers colored_mnist only; "
                            "set generate.filter=false for other datasets")
-    path = f"{cfg.run_dir}/checker"
+    path = cfg.paths.checker
     if exists(f"{path}/checker.json"):
         return Checker.load(path)
     gen_ids = pq.read_table(f"{cfg.data_dir}/generator", columns=["id"])["id"].to_pylist()
@@ -97,12 +93,12 @@ def read_set(directory: str) -> pd.DataFrame:
     return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True).sort_values("id")
 
 
-def run_filter(cfg, sets=SETS, log=print) -> dict:
+def run_filter(cfg, sets=SYNTHETIC_SETS, log=print) -> dict:
     """Drop images whose checker-predicted target or group disagrees with their labels."""
     ck = checker_for(cfg, log)
     report = {}
     for kind in sets:
-        df = read_set(f"{synth_dir(cfg)}/{kind}")
+        df = read_set(cfg.paths.synthetic_set(kind))
         imgs = np.stack([decode_png(b) for b in df["image"]])
         pred = ck.predict(imgs)
         keep = (pred["target"] == df["target"].to_numpy()) & (pred["group"] == df["group"].to_numpy())
@@ -111,15 +107,15 @@ def run_filter(cfg, sets=SETS, log=print) -> dict:
                         "kept_fraction": round(float(keep[cells_ == c].mean()), 4)} for c in sorted(set(cells_))}
         kept = df[keep]
         write_split(pa.Table.from_pandas(kept[list(SCHEMA.names)], schema=SCHEMA, preserve_index=False),
-                    f"{synth_dir(cfg)}/{kind}_filtered")
+                    cfg.paths.synthetic_set(kind, filtered=True))
         report[kind] = {"kept": int(keep.sum()), "total": len(df), "per_cell": per_cell}
         fractions = ", ".join(f"{c}: {v['kept_fraction']:.2f}" for c, v in per_cell.items())
         log(f"filter: {kind}: kept {int(keep.sum())}/{len(df)}; kept fraction per cell {fractions}")
-    write_json(f"{synth_dir(cfg)}/filter.json", report)
+    write_json(f"{cfg.paths.synthetic}/filter.json", report)
     return report
 
 
-def quality_report(cfg, pipeline: str | None = None, per_cell: int = 200, log=print) -> dict:
+def quality_report(cfg, pipeline: str | None = None, per_cell: int = 200, log=print) -> tuple[dict, np.ndarray, pd.DataFrame]:
     """The embedded model's quality bar: checker agreement on generated images, no filtering."""
     import torch
 

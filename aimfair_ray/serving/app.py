@@ -17,19 +17,20 @@ import asyncio
 import base64
 import binascii
 import hmac
-import html
-import json
 import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
 from aimfair_ray import AimfairError
+from aimfair_ray.serving.cards import audit_page, model_card
 from aimfair_ray.serving.deployments import Classifier, ImageGenerator, TextGenerator
 
 TOKEN_ENV = "AIMFAIR_SERVE_TOKEN"
@@ -84,69 +85,6 @@ class BadRequest(Exception):
         self.status, self.msg = status, msg
 
 
-# ---- cards ----------------------------------------------------------------------------------
-def _provenance(model_dir: Path, config: Optional[dict]) -> dict:
-    """Real and synthetic shares of the training data, and the generator, from the run's layout and config."""
-    stage = model_dir.parent
-    if stage.parent.name == "finetune" and config:
-        mix = float(config.get("finetune", {}).get("mix_real", 0.0))
-        pipe = config.get("generate", {}).get("pipeline") or "embedded aimfair-t2i (cmnist)"
-        return {"real_share": mix / (1 + mix), "synthetic_share": 1 / (1 + mix), "generator": pipe,
-                "prompts": config.get("generate", {}).get("backend"), "method": stage.name}
-    if stage.name in ("baseline", "group_dro"):
-        return {"real_share": 1.0, "synthetic_share": 0.0, "generator": None, "method": stage.name}
-    return {"real_share": None, "synthetic_share": None, "generator": None, "method": stage.name}
-
-
-def model_card(model_id: str, model_dir: str) -> tuple[dict, Optional[bytes]]:
-    """The card (checkpoint metadata, training config, provenance, audit) and the audit chart PNG."""
-    import yaml
-
-    from aimfair_ray.evaluate import group_acc_chart
-    from aimfair_ray.models import check_checkpoint_dir
-
-    d = check_checkpoint_dir(model_dir).resolve()
-    meta = json.loads((d / "model.json").read_text())
-    config = yaml.safe_load((d.parent / "config.yaml").read_text()) if (d.parent / "config.yaml").is_file() else None
-    card = {"id": model_id, "path": str(d), "backbone": meta["backbone"], "dataset": meta.get("dataset"),
-            "target_names": meta["target_names"], "group_names": meta["group_names"], "image_size": meta["image_size"],
-            "val_metrics": meta.get("metrics"), "provenance": _provenance(d, config), "config": config, "audit": None}
-    chart = None
-    if (d.parent / "audit" / "audit.json").is_file():
-        a = json.loads((d.parent / "audit" / "audit.json").read_text())
-        card["audit"] = {k: a[k] for k in ("acc", "wst", "std", "eo", "eod_worst", "dp", "group_acc", "n") if k in a}
-        chart = group_acc_chart(dict(a, target_names=meta["target_names"], group_names=meta["group_names"]),
-                                f"{model_id}: per-group accuracy")
-    return card, chart
-
-
-def audit_page(cards: dict, charts: dict) -> str:
-    """The HTML audit page: each model's headline metrics, provenance and per-group accuracy chart."""
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>aimfair-ray: fairness audit</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}section{margin-bottom:2em}</style>",
-             "</head><body><h1>Served models and their fairness audit</h1>"]
-    for mid, c in cards.items():
-        e = html.escape
-        parts.append(f"<section id='model-{e(mid)}'><h2>{e(mid)}</h2><p>{e(c['backbone'])} on {e(str(c['dataset']))}; "
-                     f"training data: {e(json.dumps(c['provenance']))}</p>")
-        a = c["audit"]
-        if a is None:
-            parts.append("<p>No audit was written for this model (run <code>aimfair audit</code>).</p>")
-        else:
-            parts.append("<table><tr><th>ACC</th><th>WST</th><th>STD</th><th>EO</th><th>n</th></tr>"
-                         f"<tr><td class='acc'>{a['acc']:.4f}</td><td class='wst'>WST {a['wst']:.4f}</td>"
-                         f"<td class='std'>{a['std']:.4f}</td><td class='eo'>{a['eo']:.4f}</td><td>{a['n']}</td></tr></table>")
-            parts.append("<table><tr>" + "".join(f"<th>{e(k)}</th>" for k in a["group_acc"]) + "</tr><tr>"
-                         + "".join(f"<td>{v:.4f}</td>" for v in a["group_acc"].values()) + "</tr></table>")
-        if charts.get(mid):
-            parts.append(f"<img alt='per-group accuracy of {e(mid)}' "
-                         f"src='data:image/png;base64,{base64.b64encode(charts[mid]).decode()}'>")
-        parts.append("</section>")
-    parts.append("<p><a href='/docs'>API docs</a></p></body></html>")
-    return "".join(parts)
-
-
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """PNG/JPEG bytes -> HxWx3 uint8 at the model's size; BadRequest(422) if unreadable."""
     from PIL import Image, UnidentifiedImageError
@@ -167,28 +105,46 @@ def _b64(text: str) -> bytes:
         raise BadRequest(422, f"an image is not valid base64: {e}") from None
 
 
+def _is_json(request: Request) -> bool:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return ctype in ("application/json", "") or (ctype.startswith("application/") and ctype.endswith("+json"))
+
+
+def _errors(request: Request, errors: list) -> tuple[int, str]:
+    """The status and message of a body that did not validate: 415 for a body that is not JSON,
+    400 for invalid JSON, 422 for a JSON value that is not the request model."""
+    if not _is_json(request):
+        return 415, f"content type {request.headers.get('content-type')!r}: send application/json"
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "the body is not valid JSON: " + "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in errors)
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") in ("model_attributes_type", "dict_type")
+           for e in errors):
+        return 422, "the JSON body must be an object"
+    parts = [f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}" for e in errors]
+    return 422, "; ".join(parts)
+
+
+async def _json(request: Request) -> dict:
+    """The JSON object of a route that reads its body itself (classify: JSON or multipart)."""
+    import json
+
+    if not _is_json(request):
+        raise RequestValidationError([{"type": "content_type", "loc": ("body",), "msg": "not JSON"}])
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": str(e),
+                                       "ctx": {"error": str(e)}}]) from None
+    if not isinstance(body, dict):
+        raise RequestValidationError([{"type": "dict_type", "loc": ("body",), "msg": "not an object"}])
+    return body
+
+
 def _parse(model: type[BaseModel], raw: dict):
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise BadRequest(422, "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors()))
-
-
-def _json_body(model: type[BaseModel]) -> dict:
-    """OpenAPI ``requestBody`` of a route that reads ``model`` as JSON itself (for /docs)."""
-    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}}}
-
-
-async def _json(request: Request) -> dict:
-    if not request.headers.get("content-type", "").startswith("application/json"):
-        raise BadRequest(415, f"content type {request.headers.get('content-type')!r}: send application/json")
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(400, f"the body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(422, "the JSON body must be an object")
-    return body
+        raise RequestValidationError([dict(x, loc=("body", *x["loc"])) for x in e.errors()]) from None
 
 
 # ---- the ingress ------------------------------------------------------------------------------
@@ -200,13 +156,24 @@ async def _bad_request(_request: Request, exc: BadRequest):
     return JSONResponse(status_code=exc.status, content={"error": exc.msg})
 
 
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError):
+    """Every body that does not validate, typed or read by hand: one 4xx JSON that says what is wrong."""
+    status, msg = _errors(request, list(exc.errors()))
+    return JSONResponse(status_code=status, content={"error": msg})
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
 @api.middleware("http")
 async def _guard(request: Request, call_next):
     """Bearer token (every route but /healthz) and the request size limit, before any route runs."""
     limits = request.app.state.limits
     if request.url.path != "/healthz" and limits["token"]:
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {limits['token']}".encode()):
+        cred = await _bearer(request)
+        given = cred.credentials if cred is not None else ""
+        if not hmac.compare_digest(given.encode(), limits["token"].encode()):
             return JSONResponse(status_code=401, content={"error": "missing or wrong bearer token: send "
                                                           "'Authorization: Bearer <token>'"})
     if request.method == "POST":
@@ -290,12 +257,10 @@ class Api:
         mid, images, _ = await self._images(request)
         return {"model": mid, "predictions": await self._predict(mid, images)}
 
-    @api.post("/v1/audit", openapi_extra=_json_body(AuditRequest))
-    async def audit(self, request: Request):
+    @api.post("/v1/audit")
+    async def audit(self, req: AuditRequest):
         from aimfair_ray.metrics import fairness_report
 
-        body = await _json(request)
-        req = _parse(AuditRequest, body)
         mid = self._model(req.model)
         card = self.cards[mid]
         n_cls, n_grp = len(card["target_names"]), len(card["group_names"])
@@ -310,22 +275,20 @@ class Api:
         rep = fairness_report(req.targets, [p["target"] for p in preds], req.groups, n_cls, n_grp)
         return {"model": mid, "audit": rep, "target_names": card["target_names"], "group_names": card["group_names"]}
 
-    @api.post("/v1/generate/image", openapi_extra=_json_body(ImageRequest))
-    async def generate_image(self, request: Request):
+    @api.post("/v1/generate/image")
+    async def generate_image(self, req: ImageRequest):
         if self.image_gen is None:
             raise BadRequest(404, "no image generator is configured (args.image_pipeline is null)")
-        req = _parse(ImageRequest, await _json(request))
         self._cap(len(req.prompts), "max_prompts_per_request", "prompts", 413)
         self._cap(req.steps, "max_steps", "steps", 422)
         pngs = await self.image_gen.remote(req.prompts, req.seed, req.steps)
         return {"images": [base64.b64encode(p).decode() for p in pngs], "format": "png", "seed": req.seed,
                 "steps": req.steps, "prompts": req.prompts}
 
-    @api.post("/v1/generate/text", openapi_extra=_json_body(TextRequest))
-    async def generate_text(self, request: Request):
+    @api.post("/v1/generate/text")
+    async def generate_text(self, req: TextRequest):
         if self.text_gen is None:
             raise BadRequest(404, "no text generator is configured (args.text_model is null)")
-        req = _parse(TextRequest, await _json(request))
         self._cap(req.max_new_tokens, "max_new_tokens", "max_new_tokens", 422)
         text = await self.text_gen.remote(req.prompt, req.max_new_tokens, req.temperature, req.seed)
         return {"text": text, "prompt": req.prompt}

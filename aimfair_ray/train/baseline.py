@@ -23,10 +23,15 @@ def real_datasets(cfg: Config) -> dict:
                        cfg.data.image_size, cfg.train.cache_mb) for s in ("train", "val")}
 
 
+def real_only(method: str) -> dict:
+    """Provenance of a model trained on real data alone."""
+    return {"real_share": 1.0, "synthetic_share": 0.0, "generator": None, "method": method}
+
+
 def train_baseline(cfg: Config, force: bool = False, log=print, stage: str = "baseline") -> dict:
     """Train the ERM baseline; returns ``{"model_dir", "history", "best", ...}``."""
     meta = model_meta(cfg, load_meta(cfg.data_dir))
-    spec = RunSpec(stage=stage, train=cfg.train, info={"method": "baseline"})
+    spec = RunSpec(stage=stage, train=cfg.train, info={"method": "baseline"}, provenance=real_only("baseline"))
     return fit(cfg, spec, lambda: real_datasets(cfg), meta, force=force, log=log)
 
 
@@ -36,5 +41,6 @@ def train_group_dro(cfg: Config, force: bool = False, log=print, stage: str = "g
     meta = model_meta(cfg, load_meta(cfg.data_dir))
     tc = cfg.train.model_copy(update={"epochs": cfg.group_dro.epochs or cfg.train.epochs, "select_metric": "val_wst"})
     spec = RunSpec(stage=stage, train=tc, objective="group_dro", eta=cfg.group_dro.eta, ema=cfg.group_dro.ema,
-                   score=score, info={"method": "group_dro", "eta": cfg.group_dro.eta, "ema": cfg.group_dro.ema})
+                   score=score, info={"method": "group_dro", "eta": cfg.group_dro.eta, "ema": cfg.group_dro.ema},
+                   provenance=real_only("group_dro"))
     return fit(cfg, spec, lambda: real_datasets(cfg), meta, force=force, log=log, callbacks=callbacks)

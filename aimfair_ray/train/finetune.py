@@ -2,18 +2,20 @@
 method trains, then fine-tune them on synthetic balanced data (optionally mixed with real).
 
 Methods: ``full`` (every tensor), ``linear`` (the last layer), ``random`` (random
-tensors, as many as selective picks) and ``selective`` (AIM-Fair). Scoring runs on
+tensors, as many as selective picks) and ``selective`` (AIM-Fair), or any other
+method registered in :mod:`train.methods`. Scoring runs on
 Ray Train too: each worker sums gradients over its shards of Rb, Sb and Su, the sums
 are all-reduced, and the math is :mod:`train.selective`.
 
-Outputs under ``<run>/finetune/``: ``scores/`` (scores.json, scores.png, grads),
-and per method ``<method>/`` (model, result.json, selection.json).
+The methods (which tensors train) are registered in :mod:`train.methods`.
+
+Outputs under ``<run>/finetune/``: ``scores/`` (scores.json, grads.safetensors), and per
+method ``<method>/`` (model, result.json, selection.json, selection.png).
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +23,20 @@ import torch
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import Config
-from aimfair_ray.data.io import decode_batch, decoded, read_split, read_table
-from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, read_json, write_json
-from aimfair_ray.train import selective as sel
+from aimfair_ray.data.io import decode_batch, decoded, first_row, read_split, read_table
+from aimfair_ray.distributed import allreduce, fit_or_raise, make_trainer, report_files, reuse_or_resume
 from aimfair_ray.models import build_model, load_classifier
-from aimfair_ray.train.raytrain import RunSpec, allreduce, fit
-
-METHODS = ("full", "linear", "random", "selective")
+from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, write_json
+from aimfair_ray.train import methods as registry
+from aimfair_ray.train import selective as sel
+from aimfair_ray.train.raytrain import RunSpec, fit
 
 
 def synthetic_dir(cfg: Config, kind: str = "balanced") -> str:
     """The synthetic set a run uses: ``balanced``/``imbalanced``, filtered when the filter ran."""
-    from aimfair_ray.generate.stage import synth_dir
-
     choice = cfg.finetune.synthetic
     filtered = choice == "balanced_filtered" or (choice == "auto" and cfg.generate.filter)
-    path = f"{synth_dir(cfg)}/{kind}{'_filtered' if filtered else ''}"
+    path = cfg.paths.synthetic_set(kind, filtered)
     if not exists(path):
         raise AimfairError(f"no synthetic {kind} set at {path}: run `aimfair generate all` first"
                            + (" (with generate.filter=true, or set finetune.synthetic=balanced)" if filtered else ""))
@@ -66,7 +66,7 @@ def score_loop_per_worker(config: dict) -> None:
     """Summed gradients over this worker's shards of Rb, Sb, Su; rank 0 reports the global means."""
     import ray.train
     import ray.train.torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     mmeta = config["model_meta"]
     torch.set_num_threads(config["threads"])
@@ -74,36 +74,22 @@ def score_loop_per_worker(config: dict) -> None:
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in config["init"].items()})
     device = ray.train.torch.get_device()
     model.to(device)
-    sums = {s: None for s in sel.SETS}
-    ns = {s: 0 for s in sel.SETS}
+    sums = {s: {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()} for s in sel.SCORE_SETS}
+    ns = {s: 0 for s in sel.SCORE_SETS}
     for b in ray.train.get_dataset_shard("score").iter_torch_batches(batch_size=128):
-        for i, s in enumerate(sel.SETS):
+        for i, s in enumerate(sel.SCORE_SETS):
             m = b["set"] == i
             if bool(m.any()):
                 part, n = sel.grad_sums(model, [{"image": b["image"][m], "target": b["target"][m]}],
                                         mmeta["mean"], mmeta["std"], device)
-                sums[s] = part if sums[s] is None else {k: sums[s][k] + part[k] for k in part}
+                sums[s] = {k: sums[s][k] + part[k] for k in part}
                 ns[s] += n
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     out, counts = {}, {}
-    for s in sel.SETS:
-        local = sums[s] or {k: torch.zeros(p.shape, dtype=torch.float64) for k, p in model.named_parameters()}
-        flat = allreduce(torch.cat([local[k].flatten() for k in names] + [torch.tensor([float(ns[s])], dtype=torch.float64)]))
-        total = int(flat[-1])
-        i = 0
-        for k in names:
-            m = local[k].numel()
-            out[f"{s}/{k}"] = (flat[i:i + m] / max(total, 1)).view_as(local[k]).float().contiguous()
-            i += m
-        counts[s] = total
-    if ray.train.get_context().get_world_rank() == 0:
-        with tempfile.TemporaryDirectory() as d:
-            save_file(out, f"{d}/grads.safetensors")
-            Path(d, "counts.json").write_text(json.dumps(counts))
-            ray.train.report({"n_rb": counts["rb"], "n_sb": counts["sb"], "n_su": counts["su"]},
-                             checkpoint=ray.train.Checkpoint.from_directory(d))
-    else:
-        ray.train.report({"n_rb": counts["rb"], "n_sb": counts["sb"], "n_su": counts["su"]}, checkpoint=None)
+    for s in sel.SCORE_SETS:
+        means, counts[s] = sel.reduce_mean_grads(sums[s], ns[s], reduce=allreduce)
+        out.update({f"{s}/{k}": v for k, v in means.items()})
+    report_files({"n_rb": counts["rb"], "n_sb": counts["sb"], "n_su": counts["su"]},
+                 {"grads.safetensors": save(out), "counts.json": json.dumps(counts).encode()})
 
 
 def weights_sha(model_dir: str) -> str:
@@ -123,8 +109,6 @@ def _weights(model_dir: str) -> tuple[dict, dict, list[str], dict]:
 def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=print,
                    stage: str = "finetune/scores") -> dict:
     """Mean gradients of the baseline on Rb, Sb, Su -> domain and bias scores per tensor (cached)."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file, save_file
 
     from aimfair_ray.runtime import ensure_ray
@@ -135,34 +119,27 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
     sources = {"rb": f"{cfg.data_dir}/train", "sb": synthetic_dir(cfg, "imbalanced"), "su": synthetic_dir(cfg, "balanced")}
     key = {"baseline": weights_sha(baseline_dir), "sources": sources, "score_samples": ft.score_samples,
            "seed": ft.seed if ft.score_samples else None}  # the seed only picks the subset
-    if not force and exists(f"{stage}/scores.json") and read_json(f"{stage}/scores.json").get("key") == key:
-        log(f"scores: reusing {stage}")
-        return read_json(f"{stage}/scores.json")
+    run_name = f"{cfg.name}-{name.replace('/', '-')}"
+    done = reuse_or_resume(stage, key, f"{cfg.ray_storage}/{run_name}", force, result="scores.json", log=log,
+                           what="scores")
+    if done is not None:
+        return done
     ensure_ray(cfg.ray)
     init, meta, names, numels = _weights(baseline_dir)
     # One dataset (a `set` column tells Rb, Sb, Su apart): one split coordinator instead of three.
     parts = [subset(sources[s], ft.score_samples, ft.seed).map_batches(_decode_tagged, fn_kwargs={"set_id": i},
                                                                        batch_format="numpy")
-             for i, s in enumerate(sel.SETS)]
-    datasets = {"score": parts[0].union(*parts[1:])}
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
-    trainer = TorchTrainer(
-        score_loop_per_worker,
-        train_loop_config={"init": init, "model_meta": meta, "threads": tc.torch_threads},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
-        datasets=datasets,
-        run_config=RunConfig(name=f"{cfg.name}-{name.replace('/', '-')}", storage_path=cfg.ray_storage),
-    )
-    result = trainer.fit()
-    if result.error or result.checkpoint is None:
-        raise AimfairError(f"scoring failed: {result.error}")
+             for i, s in enumerate(sel.SCORE_SETS)]
+    trainer = make_trainer(score_loop_per_worker, {"init": init, "model_meta": meta, "threads": tc.torch_threads},
+                           tc, cfg.ray_storage, run_name, {"score": parts[0].union(*parts[1:])})
+    result = fit_or_raise(trainer, "scoring", f"{cfg.ray_storage}/{run_name}")
     with result.checkpoint.as_directory() as d:
         flat = load_file(f"{d}/grads.safetensors")
         counts = json.loads(Path(d, "counts.json").read_text())
     for s, n in counts.items():
         if n == 0:
             raise AimfairError(f"scoring: the {s} set ({sources[s]}) has no images")
-    grads = {s: {n: flat[f"{s}/{n}"] for n in names} for s in sel.SETS}
+    grads = {s: {n: flat[f"{s}/{n}"] for n in names} for s in sel.SCORE_SETS}
     domain, bias = sel.scores(grads)
     out = {"key": key, "counts": counts, "domain": domain, "bias": bias, "numels": numels,
            "world_size": tc.num_workers}
@@ -170,6 +147,7 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
         Path(tmp).mkdir(parents=True, exist_ok=True)
         save_file(flat, f"{tmp}/grads.safetensors")
         write_json(f"{tmp}/scores.json", out)
+        write_json(f"{tmp}/run.json", key)
     log(f"scores: mean gradients over Rb {counts['rb']}, Sb {counts['sb']}, Su {counts['su']} images "
         f"on {tc.num_workers} worker(s) -> {stage}")
     return out
@@ -179,41 +157,29 @@ def load_grads(cfg: Config, names: list[str], stage: str = "finetune/scores") ->
     from safetensors.torch import load_file
 
     flat = load_file(f"{cfg.stage_dir(stage)}/grads.safetensors")
-    return {s: {n: flat[f"{s}/{n}"] for n in names} for s in sel.SETS}
+    return {s: {n: flat[f"{s}/{n}"] for n in names} for s in sel.SCORE_SETS}
 
 
 # ---- choosing what trains ------------------------------------------------------------------
 def choose(cfg: Config, method: str, baseline_dir: str, force: bool = False, log=print,
            scores_stage: str = "finetune/scores") -> dict:
-    """The tensors (and element masks) a method trains, with the scores behind the choice."""
-    ft = cfg.finetune
+    """The tensors (and element masks) a registered method trains, with the scores behind the choice."""
     model, _ = load_classifier(baseline_dir)
     names = [n for n, _ in model.named_parameters()]
-    numels = {n: p.numel() for n, p in model.named_parameters()}
-    if method == "full":
-        return {"method": method, "trainable": names, "masks": None, "numels": numels}
-    if method == "linear":
-        return {"method": method, "trainable": sel.head_tensors(model), "masks": None, "numels": numels}
-    sc = compute_scores(cfg, baseline_dir, force=force, log=log, stage=scores_stage)
-    k = sel.resolve_k(ft.k, len(names))
-    masks = None
-    if ft.mask == "element":
-        masks = sel.element_masks(load_grads(cfg, names, scores_stage), ft.k if ft.k < 1 else ft.k / sum(numels.values()))
-        chosen = [n for n in names if bool(masks[n].any())]
-        k_used = k
-    else:
-        chosen, k_used = sel.select_at_least(sc["domain"], sc["bias"], k, ft.min_selected)
-        if k_used != k:
-            log(f"selective: only {len(sel.select(sc['domain'], sc['bias'], k))} tensor(s) in both top-{k} lists; "
-                f"k grown to {k_used} (finetune.min_selected={ft.min_selected})")
-    if not chosen:
-        raise AimfairError(f"selective: no tensor is both among the {k} lowest-domain and the {k} highest-bias "
-                           f"tensors; raise finetune.k (now {ft.k}) or set finetune.min_selected=1")
-    if method == "random":
-        chosen = sel.random_tensors(names, len(chosen), ft.seed)
-        masks = None
-    return {"method": method, "trainable": chosen, "masks": masks, "numels": numels, "k": k, "k_used": k_used,
-            "domain": sc["domain"], "bias": sc["bias"]}
+    cache: dict = {}
+
+    def scores() -> dict:  # on Ray Train, only for the methods that ask
+        if "scores" not in cache:
+            cache["scores"] = compute_scores(cfg, baseline_dir, force=force, log=log, stage=scores_stage)
+        return cache["scores"]
+
+    def grads() -> dict:
+        scores()
+        return load_grads(cfg, names, scores_stage)
+
+    c = registry.METHODS[method].choose(registry.Candidates(model, names, cfg.finetune, scores, grads, log))
+    return {"method": method, "trainable": c.trainable, "masks": c.masks,
+            "numels": {n: p.numel() for n, p in model.named_parameters()}, **c.info}
 
 
 def _write_selection(stage: str, choice: dict) -> dict:
@@ -243,10 +209,10 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
     from aimfair_ray.runtime import ensure_ray
 
     method = method or cfg.finetune.method
-    if method not in METHODS:
-        raise AimfairError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in registry.METHODS:
+        raise AimfairError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(registry.METHODS)}")
     ft = cfg.finetune
-    baseline_dir = baseline_dir or f"{cfg.stage_dir('baseline')}/model"
+    baseline_dir = baseline_dir or cfg.paths.baseline_model
     if not exists(f"{baseline_dir}/model.json"):
         raise AimfairError(f"no baseline at {baseline_dir}: run `aimfair train baseline` first")
     stage = stage or f"finetune/{method}"
@@ -278,8 +244,18 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
                    bn_stats=ft.bn_stats, score=score,
                    deepspeed_stage=ft.zero_stage if ft.deepspeed else None,
                    info={"method": method, "baseline_sha": weights_sha(baseline_dir), "selection": {k: info[k] for k in ("n_trainable_tensors", "n_tensors",
-                                                                             "trainable_fraction", "trainable")}})
+                                                                             "trainable_fraction", "trainable")}},
+                   provenance=provenance(method, syn_dir, n_syn, n_real))
     return fit(cfg, spec, datasets, meta, force=force, log=log, callbacks=callbacks)
+
+
+def provenance(method: str, syn_dir: str, n_syn: int, n_real: int) -> dict:
+    """The training data of a fine-tuned model, as the generate stage wrote it into the synthetic set."""
+    row = first_row(syn_dir, ["generator"])
+    gen = json.loads(row["generator"]) if row.get("generator") else {}
+    return {"real_share": n_real / (n_syn + n_real), "synthetic_share": n_syn / (n_syn + n_real),
+            "generator": gen.get("pipeline"), "prompts": gen.get("prompt_backend"), "synthetic_set": syn_dir,
+            "method": method}
 
 
 def mean_epoch_time(result: dict) -> float:
@@ -287,4 +263,4 @@ def mean_epoch_time(result: dict) -> float:
     return float(np.mean(times[1:] if len(times) > 1 else times))
 
 
-__all__ = ["finetune", "compute_scores", "choose", "METHODS"]
+__all__ = ["finetune", "compute_scores", "choose"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SETS = ("rb", "sb", "su")
+SCORE_SETS = ("rb", "sb", "su")  # real biased, synthetic imbalanced, synthetic balanced
 
 
 def grad_sums(model: nn.Module, batches: Iterable[dict], mean, std, device) -> tuple[dict[str, torch.Tensor], int]:
@@ -52,6 +52,23 @@ def mean_grads(sums: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]
     if n == 0:
         raise ValueError("no samples to average gradients over")
     return {k: v / n for k, v in sums.items()}
+
+
+def reduce_mean_grads(sums: dict[str, torch.Tensor], n: int, reduce=None) -> tuple[dict[str, torch.Tensor], int]:
+    """Mean gradients over every worker's samples, and their count: one worker's summed gradients
+    and count go through ``reduce`` (a sum over the workers, e.g. an all-reduce; None on one
+    process) as one flat tensor, as :class:`minmax.GroupWeights` sums its losses. The means are
+    zero when no worker saw a sample."""
+    names = list(sums)
+    flat = torch.cat([sums[k].flatten().double() for k in names] + [torch.tensor([float(n)], dtype=torch.float64)])
+    flat = reduce(flat) if reduce is not None else flat
+    total = int(flat[-1])
+    out, i = {}, 0
+    for k in names:
+        m = sums[k].numel()
+        out[k] = (flat[i:i + m] / max(total, 1)).view_as(sums[k]).float().contiguous()
+        i += m
+    return out, total
 
 
 def scores(g: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -181,16 +198,11 @@ class ElementMask:
 
 def plot(domain: dict[str, float], bias: dict[str, float], chosen: list[str], title: str) -> bytes:
     """A PNG: both scores per tensor (log scale), the chosen tensors marked."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from aimfair_ray.reports import figure_png, pyplot
 
     names = list(domain)
     x = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(max(6, 0.35 * len(names)), 4), dpi=100)
     floor = 1e-12
     ax.plot(x, [max(domain[n], floor) for n in names], "o-", ms=3, lw=1, label="domain |Ḡ_Rb − Ḡ_Sb|")
     ax.plot(x, [max(bias[n], floor) for n in names], "s-", ms=3, lw=1, label="bias |Ḡ_Sb − Ḡ_Su|")
@@ -204,7 +216,4 @@ def plot(domain: dict[str, float], bias: dict[str, float], chosen: list[str], ti
     ax.set_title(f"{title}: {len(chosen)} of {len(names)} tensors selected (shaded)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

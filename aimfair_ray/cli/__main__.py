@@ -1,0 +1,5 @@
+import sys
+
+from aimfair_ray.cli import app
+
+sys.exit(app())

@@ -1,0 +1,77 @@
+"""What every command shares: the console, the config options, loading a config (fetching the
+run from ``storage_uri``), and running a command body (a user error is one line and exit 2;
+the run is published to ``storage_uri`` at the end, also after a failure)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from aimfair_ray import AimfairError
+from aimfair_ray.config import Config, load_config
+
+# Wide enough for the audit table when output is a pipe or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
+
+PresetOpt = typer.Option("cmnist", "--preset", "-p", help="config preset shipped with the package")
+ConfigOpt = typer.Option(None, "--config", "-c", help="a YAML file merged over the preset (repeatable, later wins), "
+                         "e.g. --config gpu --config my.yaml (cpu, gpu: the shipped resource layers)")
+SetOpt = typer.Option(None, "--set", "-s", help="override a value: --set train.epochs=3 (repeatable)")
+ForceOpt = typer.Option(False, "--force", help="redo the stage even if its outputs exist")
+WandbOpt = typer.Option(False, "--wandb", help="log to W&B (offline by default)")
+
+
+def log(msg: str) -> None:
+    console.print(f"[cyan]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
+
+
+def headline(name: str, r: dict) -> None:
+    console.print(f"[bold]{name}[/]: ACC {r['acc']:.4f}  WST {r['wst']:.4f}  STD {r['std']:.4f}  EO {r['eo']:.4f}",
+                  highlight=False)
+
+
+def _load(preset: str, config: Optional[List[str]], overrides: Optional[List[str]], wandb: bool) -> Config:
+    cfg = load_config(preset, config or [], overrides or [])
+    if wandb:
+        cfg.train.wandb = True
+    if cfg.storage_uri:
+        from aimfair_ray.storage import pull_run
+
+        n = pull_run(cfg)
+        if n:
+            log(f"storage: fetched {n} files of run {cfg.name} from {cfg.storage_uri}")
+    return cfg
+
+
+def run(body: Callable[[], object]) -> object:
+    """A command body that needs no config; user errors print their message and exit 2."""
+    try:
+        return body()
+    except AimfairError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def run_with_config(body: Callable[[Config], object], preset: str, config: Optional[List[str]],
+                    overrides: Optional[List[str]], wandb: bool = False) -> object:
+    """Load the config (fetching the run from ``storage_uri``), run ``body(cfg)``, then publish the
+    run's outputs, also those a failed command committed."""
+    loaded: list[Config] = []
+
+    def go():
+        cfg = _load(preset, config, overrides, wandb)
+        loaded.append(cfg)
+        return body(cfg)
+
+    try:
+        return run(go)
+    finally:
+        for cfg in loaded:
+            if cfg.storage_uri:
+                from aimfair_ray.storage import push_run
+
+                log(f"storage: published {push_run(cfg)} new files of run {cfg.name} to {cfg.storage_uri}")

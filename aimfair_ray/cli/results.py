@@ -1,0 +1,140 @@
+"""Result commands: the AIM-Fair and EGT benchmarks, EGT min–max fine-tuning, and sweeps."""
+
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import typer
+
+from aimfair_ray import AimfairError, pipeline
+from aimfair_ray.cli.common import ConfigOpt, ForceOpt, PresetOpt, SetOpt, console, log, run, run_with_config
+
+top = typer.Typer()
+bench_app = typer.Typer(no_args_is_help=True, help="Results tables over seeds.")
+GROUPS = {None: top, "benchmark": bench_app}
+
+
+def _egt_table(kind: str, rows: dict) -> None:
+    from rich.table import Table
+
+    from aimfair_ray.egt.tasks import get
+
+    metrics = get(kind).metrics
+    t = Table(title=f"EGT {kind}: per-group quality (lower is better)")
+    first = next(iter(rows.values()))
+    groups = list(first[metrics[0]])
+    t.add_column("model")
+    for m in metrics:
+        for g in groups:
+            t.add_column(f"{m} {g}", justify="right")
+        t.add_column(f"{m} gap", justify="right")
+        t.add_column(f"{m} overall", justify="right")
+    for name, q in rows.items():
+        t.add_row(name, *[f"{v:.4g}" for m in metrics for v in [*(q[m][g] for g in groups), q["gap"][m], q["overall"][m]]])
+    console.print(t)
+
+
+@top.command("minmax")
+def minmax_cmd(kind: str = typer.Argument(..., help="image (diffusion) | text (causal LM)"),
+               preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+               force: bool = ForceOpt):
+    """EGT min–max fine-tuning of a generator on group-imbalanced data (objective: egt.objective), then
+    its per-group quality and the EGT gap beside the pretrained model's."""
+    from aimfair_ray.egt.run import pretrained_quality, train_generator
+    from aimfair_ray.egt.tasks import check_kind
+
+    def body(cfg):
+        e = cfg.egt
+        log(f"egt: {kind}, objective {e.objective} (eta {e.eta}), {e.steps} steps on {cfg.train.num_workers} "
+            f"Ray Train worker(s)")
+        base = pretrained_quality(cfg, kind, log)
+        res = train_generator(cfg, kind, force, log)
+        _egt_table(kind, {"pretrained": base, e.objective: res["quality"]})
+        log(f"egt: wrote {res['model_dir']} and its quality.json")
+
+    run(lambda: check_kind(kind))
+    run_with_config(body, preset, config, set_)
+
+
+@bench_app.command("egt")
+def benchmark_egt_cmd(kind: str = typer.Argument("all", help="image | text | all"),
+                      seeds: int = typer.Option(2, "--seeds", min=1, help="number of seeds (0, 1, ...)"),
+                      objectives: Optional[str] = typer.Option(None, "--objectives",
+                                                               help="comma-separated: erm, reweight, minmax, conditional (text)"),
+                      preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """EGT table: ERM, reweighting and min–max (and group-conditional for text) over seeds: per-group
+    quality, the gap and overall quality; Markdown, CSV and JSON."""
+    from aimfair_ray.egt.benchmark import benchmark_egt
+    from aimfair_ray.egt.tasks import tasks
+
+    known = tasks()
+    kinds = list(known) if kind == "all" else [kind]
+
+    def check():
+        if any(k not in known for k in kinds):
+            raise AimfairError(f"unknown EGT task {kind!r}; choose {', '.join(known)} or all")
+
+    def body(cfg):
+        for k in kinds:
+            objs = [o.strip() for o in objectives.split(",") if o.strip()] if objectives else None
+            bad = [o for o in objs or [] if o not in known[k].objectives]
+            if bad:
+                raise AimfairError(f"unknown --objectives {bad} for {k}; choose from {', '.join(known[k].objectives)}")
+            t0 = time.time()
+            out = benchmark_egt(cfg, k, list(range(seeds)), objs, log=log)
+            console.print(open(f"{out['dir']}/results.md").read(), highlight=False)
+            log(f"benchmark egt {k}: wrote {out['dir']}/results.md, .csv and .json in {time.time() - t0:.0f}s")
+
+    run(check)
+    run_with_config(body, preset, config, set_)
+
+
+@bench_app.command("aimfair")
+def benchmark_aimfair_cmd(seeds: int = typer.Option(3, "--seeds", min=1, help="number of seeds (0, 1, ...)"),
+                          methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated rows of the table; "
+                                                                "default: baseline, every fine-tuning method, group_dro"),
+                          preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Results table: the baseline, every fine-tuning method and Group DRO, mean ± std over seeds."""
+    from aimfair_ray.benchmark import benchmark_aimfair, rows
+
+    def body(cfg):
+        known = rows()
+        chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else list(known)
+        bad = [m for m in chosen if m not in known]
+        if bad:
+            raise AimfairError(f"unknown --methods {bad}; choose from {', '.join(known)}")
+        pipeline.run_prepare(cfg, log=log)
+        pipeline.run_generate(cfg, "all", log=log)
+        t0 = time.time()
+        out = benchmark_aimfair(cfg, list(range(seeds)), chosen, log=log)
+        console.print(open(f"{out['dir']}/results.md").read(), highlight=False)
+        log(f"benchmark: wrote {out['dir']}/results.md, .csv, .json and .png in {time.time() - t0:.0f}s")
+
+    run_with_config(body, preset, config, set_)
+
+
+@top.command("sweep")
+def sweep_cmd(kind: str = typer.Argument(..., help="selective (AIM-Fair k, lr) | minmax (group-weight eta, EMA decay)"),
+              space: Optional[str] = typer.Option(None, "--space", help="sweep YAML; default: the shipped one for KIND"),
+              name: Optional[str] = typer.Option(None, "--name", help="sweep name (its folder under <run>/sweep); default: KIND"),
+              fresh: bool = typer.Option(False, "--fresh", help="discard an earlier sweep of this name instead of resuming it"),
+              wandb: bool = typer.Option(False, "--wandb", help="log every trial to W&B (offline by default)"),
+              preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Ray Tune sweep (ASHA) over the Ray Train trainers; writes trials.csv/json, pareto.png and summary.md.
+    Rerunning resumes: finished and failed trials are kept."""
+    from aimfair_ray.sweep import load_spec, sweep
+
+    def body(cfg):
+        spec = load_spec(kind, space)
+        out = sweep(cfg, spec, name=name, wandb=wandb, fresh=fresh, log=log)
+        console.print(open(f"{out['dir']}/summary.md").read(), highlight=False)
+        best = out["best"]
+        if best is None:
+            raise AimfairError(f"no trial finished; see {out['dir']}/summary.md for the errors")
+        log(f"sweep: best trial {best['trial_id']}: "
+            + ", ".join(f"{k}={v}" for k, v in best["params"].items())
+            + f" (objective {best['metrics']['objective']:.4f}); {len(out['rows'])} trials in {out['wall_s']:.0f}s; "
+            f"wrote {out['dir']}/trials.csv, trials.json, pareto.png, summary.md")
+
+    run_with_config(body, preset, config, set_)

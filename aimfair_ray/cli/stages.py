@@ -1,0 +1,150 @@
+"""Stage commands: data, generate, train, finetune, audit, and demo (the whole chain)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from aimfair_ray import pipeline
+from aimfair_ray.cli.common import (ConfigOpt, ForceOpt, PresetOpt, SetOpt, WandbOpt, console, headline, log,
+                                    run_with_config)
+from aimfair_ray.train import methods
+
+top = typer.Typer()
+data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets as Parquet splits.")
+train_app = typer.Typer(no_args_is_help=True, help="Train models on Ray Train.")
+gen_app = typer.Typer(no_args_is_help=True, help="Synthetic data (CSDG): prompts, then images.")
+GROUPS = {None: top, "data": data_app, "train": train_app, "generate": gen_app}
+
+
+@data_app.command("prepare")
+def data_prepare(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                 force: bool = ForceOpt):
+    """Build the dataset's Parquet splits (train/val/test, and generator for Colored MNIST)."""
+    run_with_config(lambda cfg: pipeline.run_prepare(cfg, force, log), preset, config, set_)
+
+
+@train_app.command("baseline")
+def train_baseline_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                       force: bool = ForceOpt, wandb: bool = WandbOpt):
+    """Train the biased (ERM) baseline on Ray Train; an interrupted run resumes."""
+
+    def body(cfg):
+        res = pipeline.run_baseline(cfg, force, log)
+        rep = pipeline.run_audit(cfg, title="baseline (ERM)", log=log) if cfg.train.wandb else None
+        pipeline.log_wandb(cfg, res, rep, log)
+
+    run_with_config(body, preset, config, set_, wandb)
+
+
+@train_app.command("groupdro")
+def train_groupdro_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                       force: bool = ForceOpt):
+    """Train the Group DRO baseline on real data with group labels (step size: group_dro.eta)."""
+    from aimfair_ray.evaluate import table
+
+    def body(cfg):
+        res = pipeline.run_group_dro(cfg, force, log)
+        rep = pipeline.run_audit(cfg, res["model_dir"], title=f"Group DRO (eta {cfg.group_dro.eta})", log=log)
+        console.print(table({"group_dro": rep}))
+        headline("group_dro", rep)
+
+    run_with_config(body, preset, config, set_)
+
+
+@top.command("finetune")
+def finetune_cmd(method: Optional[str] = typer.Option(None, "--method", "-m",
+                                                      help=f"{methods.describe()} (default: finetune.method)"),
+                 preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                 force: bool = ForceOpt):
+    """Fine-tune the baseline on the synthetic balanced set, then audit it beside the baseline."""
+    from aimfair_ray.evaluate import table
+
+    def body(cfg):
+        res = pipeline.run_finetune(cfg, method, force, log)
+        base = pipeline.run_audit(cfg, title="biased baseline (ERM)", log=log)
+        rep = pipeline.run_audit(cfg, res["model_dir"], title=f"fine-tuned: {res['method']}", log=log)
+        console.print(table({"baseline (ERM)": base, f"finetune: {res['method']}": rep}))
+        headline(f"finetune: {res['method']}", rep)
+
+    run_with_config(body, preset, config, set_)
+
+
+@gen_app.command("prompts")
+def generate_prompts_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                         force: bool = ForceOpt):
+    """Write N checked, de-duplicated prompts per (target, group) cell."""
+    run_with_config(lambda cfg: pipeline.run_generate(cfg, "prompts", force, log), preset, config, set_)
+
+
+@gen_app.command("images")
+def generate_images_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Generate the balanced and imbalanced synthetic sets (resumes where a run stopped)."""
+    run_with_config(lambda cfg: pipeline.run_generate(cfg, "images", log=log), preset, config, set_)
+
+
+@gen_app.command("all")
+def generate_all_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Prompts, then images (then the faithfulness filter if generate.filter is on)."""
+    run_with_config(lambda cfg: pipeline.run_generate(cfg, "all", log=log), preset, config, set_)
+
+
+@gen_app.command("filter")
+def generate_filter_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Drop synthetic images whose checker-predicted target or group disagrees with the prompt's."""
+    run_with_config(lambda cfg: pipeline.run_generate(cfg, "filter", log=log), preset, config, set_)
+
+
+@gen_app.command("quality")
+def generate_quality_cmd(per_cell: int = typer.Option(200, help="generated images per cell"),
+                         pipeline_dir: Optional[str] = typer.Option(None, "--pipeline",
+                                                                    help="pipeline folder; default: the embedded model"),
+                         preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """The embedded model's quality bar: an independent checker on generated images, before filtering."""
+    from aimfair_ray.generate.stage import quality_report
+    from aimfair_ray.storage import write_json
+
+    def body(cfg):
+        res, _, _ = quality_report(cfg, pipeline_dir, per_cell, log=log)
+        write_json(f"{cfg.paths.synthetic}/quality.json", res)
+        console.print(f"[bold]quality[/] ({per_cell}/cell, {res['steps']} steps, CFG {res['guidance_scale']}): "
+                      f"target {res['target_acc']:.4f} (bar 0.80)  colour {res['color_acc']:.4f} (bar 0.95)  "
+                      f"digit {res['digit_acc']:.4f}", highlight=False)
+        for c, v in res["per_cell"].items():
+            console.print(f"  {c}: target {v['target_acc']:.3f}  colour {v['color_acc']:.3f}  digit {v['digit_acc']:.3f}")
+
+    run_with_config(body, preset, config, set_)
+
+
+@top.command("audit")
+def audit_cmd(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="model folder; default: the run's baseline"),
+              split: Optional[str] = typer.Option(None, "--split", help="split name (test, val, ...) or a split folder"),
+              out: Optional[str] = typer.Option(None, "--out", help="output folder; default: beside the model"),
+              preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Audit a checkpoint on a labeled split: JSON report, PNG chart and a table."""
+    from aimfair_ray.evaluate import table
+
+    def body(cfg):
+        rep = pipeline.run_audit(cfg, checkpoint, split, out, f"audit: {checkpoint or 'baseline'}", log)
+        console.print(table({checkpoint or "baseline": rep}))
+        headline(checkpoint or "baseline", rep)
+
+    run_with_config(body, preset, config, set_)
+
+
+@top.command("demo")
+def demo(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+         wandb: bool = WandbOpt):
+    """The whole chain on the embedded default: data -> synthetic sets -> biased baseline ->
+    AIM-Fair selective fine-tuning -> audits of both."""
+    from aimfair_ray.evaluate import table
+
+    def body(cfg):
+        r = pipeline.run_demo(cfg, log)
+        console.print(table({"baseline (ERM)": r["baseline"], f"finetune: {r['method']}": r["finetuned"]}))
+        headline("biased baseline on the test set", r["baseline"])
+        headline(f"fine-tuned ({r['method']}) on the test set", r["finetuned"])
+        log(f"demo: done in {r['wall_s']:.0f}s; outputs under {cfg.run_dir}")
+
+    run_with_config(body, preset, config, set_, wandb)

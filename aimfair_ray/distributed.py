@@ -1,0 +1,178 @@
+"""The one Ray Train runner every stage uses: collectives, the DeepSpeed engine, checkpoint
+save and restore on the workers, ``make_trainer`` and ``reuse_or_resume`` on the driver.
+
+The per-worker loops (classifier runs in ``train.raytrain``, gradient scores in
+``train.finetune``, EGT in ``egt.run``) call :func:`allreduce`, :func:`gather`,
+:func:`restore_checkpoint` and :func:`report_checkpoint`; the stages build their
+``TorchTrainer`` with :func:`make_trainer` and decide reuse with :func:`reuse_or_resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from aimfair_ray import AimfairError
+from aimfair_ray.models import load_optimizer, save_optimizer
+from aimfair_ray.storage import exists, is_uri, read_json, write_json
+
+# A child of Ray Train's logger: shown once on the driver (plain print() is echoed twice by Train V2).
+worker_log = logging.getLogger("ray.train.aimfair")
+
+
+# ---- collectives (identity outside a process group) ---------------------------------------------
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def allreduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over the workers."""
+    import torch.distributed as dist
+
+    if _world() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def gather(arrays: dict) -> dict:
+    """Concatenate per-worker prediction arrays (``loss_sum`` is summed)."""
+    import torch.distributed as dist
+
+    if _world() == 1:
+        return arrays
+    parts = [None] * _world()
+    dist.all_gather_object(parts, arrays)
+    out = {k: np.concatenate([p[k] for p in parts]) for k in arrays if k != "loss_sum"}
+    out["loss_sum"] = sum(p["loss_sum"] for p in parts)
+    return out
+
+
+def deepspeed_engine(model, optimizer, batch_size: int, stage: int):
+    """A DeepSpeed ZeRO engine around a model and a client optimizer (no fused-op build)."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise AimfairError("deepspeed=true needs DeepSpeed: pip install 'aimfair-ray[deepspeed]' "
+                           "(on CPU with DS_BUILD_OPS=0), or turn the deepspeed option off") from None
+    conf = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=conf, dist_init_required=False)
+    return engine
+
+
+# ---- checkpoints on the workers -----------------------------------------------------------------
+def restore_checkpoint(load_weights, weights_file: str, optimizer=None) -> Optional[dict]:
+    """The run's latest checkpoint, if any, loaded (weights through ``load_weights``, the optimizer
+    state when saved); returns its ``state.json``, else None."""
+    import ray.train
+    from safetensors.torch import load_file
+
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return None
+    with ckpt.as_directory() as d:
+        load_weights(load_file(str(Path(d) / weights_file)))
+        if optimizer is not None and (Path(d) / "optimizer.safetensors").is_file():
+            load_optimizer(optimizer, d)
+        return json.loads((Path(d) / "state.json").read_text())
+
+
+def report_checkpoint(metrics: dict, state: dict, write_weights, optimizer=None) -> None:
+    """Report ``metrics``; rank 0 attaches a checkpoint (the weights that ``write_weights(dir)``
+    writes, the optimizer state, ``state`` as ``state.json``)."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        write_weights(d)
+        if optimizer is not None:
+            save_optimizer(optimizer, d)
+        Path(d, "state.json").write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def report_files(metrics: dict, files: dict[str, bytes]) -> None:
+    """Report ``metrics``; rank 0 attaches ``files`` (name -> bytes) as the checkpoint."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            Path(d, name).write_bytes(data)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+# ---- the driver side ----------------------------------------------------------------------------
+def make_trainer(loop: Callable, loop_config: dict, tc, storage_path: str, name: str, datasets: Optional[dict] = None,
+                 callbacks=None, select_metric: Optional[str] = None):
+    """A ``TorchTrainer`` with the workers and resources of ``tc`` (a ``TrainConfig``), its failure and
+    checkpoint policy, and ``select_metric`` (a reported metric, "max" is better but for ``val_loss``)
+    deciding which checkpoints are kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
+    keep = {"num_to_keep": tc.keep_checkpoints}
+    if select_metric:
+        keep.update(checkpoint_score_attribute=select_metric,
+                    checkpoint_score_order="min" if select_metric == "val_loss" else "max")
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        datasets=datasets or {},
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks or []),
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(**keep)),
+    )
+
+
+def fit_or_raise(trainer, what: str, run_path: str):
+    """``trainer.fit()``; a failed run, or one that reported no checkpoint, is an :class:`AimfairError`."""
+    result = trainer.fit()
+    if result.error:
+        raise AimfairError(f"{what} failed: {result.error}")
+    if result.checkpoint is None:
+        raise AimfairError(f"{what} at {run_path} reported no checkpoint")
+    return result
+
+
+def reuse_or_resume(stage: str, key: dict, run_path: Optional[str] = None, force: bool = False,
+                    result: str = "result.json", outputs: tuple[str, ...] = (), log=print,
+                    what: str = "train") -> Optional[dict]:
+    """Whether a stage's run is reused, resumed or started over, decided by its ``key`` (what decides
+    the outcome), kept in ``<stage>/run.json``.
+
+    A finished run (``result`` and ``outputs`` written) with the same key and no ``force``: its
+    ``result`` is returned with ``reused: True``. Otherwise None, after the key is recorded; with
+    ``force`` or a changed key the Ray Train run at ``run_path`` is removed, so Ray Train starts
+    fresh instead of restoring it; with the same key an interrupted run there resumes.
+    """
+    key = json.loads(json.dumps(key))  # as it reads back from JSON
+    same = exists(f"{stage}/run.json") and read_json(f"{stage}/run.json") == key
+    if same and not force and all(exists(f"{stage}/{f}") for f in (result, *outputs)):
+        log(f"{what}: reusing {stage} (same config; --force redoes it)")
+        return dict(read_json(f"{stage}/{result}"), reused=True)
+    if run_path and exists(run_path):
+        if (force or not same) and not is_uri(run_path):
+            log(f"{what}: starting fresh (removing {run_path})")
+            shutil.rmtree(run_path, ignore_errors=True)
+        else:
+            log(f"{what}: resuming the interrupted run at {run_path}")
+    write_json(f"{stage}/run.json", key)
+    return None

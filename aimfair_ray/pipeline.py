@@ -1,0 +1,102 @@
+"""The chain of stages as plain functions: data -> synthetic sets -> baseline -> fine-tuning ->
+audits. The CLI commands and the Ray job entrypoints call these; each takes a ``log``."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+from aimfair_ray.config import Config
+
+
+def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
+    from aimfair_ray.data.prepare import prepare_data
+    from aimfair_ray.runtime import ensure_ray
+
+    ensure_ray(cfg.ray)
+    log(f"data: preparing {cfg.data.dataset} -> {cfg.data_dir}")
+    return prepare_data(cfg, force=force, log=log)
+
+
+def run_generate(cfg: Config, what: str, force: bool = False, log=print) -> dict:
+    """``prompts``, ``images`` (prompts first), ``all`` (then the filter if ``generate.filter``) or ``filter``."""
+    from aimfair_ray.generate import stage
+    from aimfair_ray.runtime import ensure_ray
+
+    ensure_ray(cfg.ray)
+    out: dict = {}
+    if what in ("prompts", "images", "all"):
+        log(f"generate: prompts with the {cfg.generate.backend} backend")
+        prompts = stage.run_prompts(cfg, force=force, log=log)
+        out["prompts"] = len(prompts)
+    if what in ("images", "all"):
+        out["images"] = stage.run_images(cfg, prompts, log=log)
+    if what == "filter" or (what == "all" and cfg.generate.filter):
+        out["filter"] = stage.run_filter(cfg, log=log)
+    return out
+
+
+def run_baseline(cfg: Config, force: bool = False, log=print) -> dict:
+    from aimfair_ray.train.baseline import train_baseline
+
+    log(f"train: baseline {cfg.model.backbone} on {cfg.train.num_workers} Ray Train worker(s)")
+    return train_baseline(cfg, force=force, log=log)
+
+
+def run_group_dro(cfg: Config, force: bool = False, log=print) -> dict:
+    from aimfair_ray.train.baseline import train_group_dro
+
+    log(f"train: Group DRO (eta {cfg.group_dro.eta}) on {cfg.train.num_workers} Ray Train worker(s)")
+    return train_group_dro(cfg, force=force, log=log)
+
+
+def run_finetune(cfg: Config, method: Optional[str] = None, force: bool = False, log=print) -> dict:
+    from aimfair_ray.train.finetune import finetune
+
+    m = method or cfg.finetune.method
+    log(f"finetune: {m} on {cfg.train.num_workers} Ray Train worker(s)"
+        + (f" through DeepSpeed ZeRO-{cfg.finetune.zero_stage}" if cfg.finetune.deepspeed else ""))
+    return finetune(cfg, m, force=force, log=log)
+
+
+def run_audit(cfg: Config, checkpoint: Optional[str] = None, split: Optional[str] = None, out: Optional[str] = None,
+              title: str = "audit", log=print) -> dict:
+    """Audit a model folder (default: the run's baseline) on a split; writes ``audit/`` beside the model."""
+    from aimfair_ray.data.prepare import split_dir
+    from aimfair_ray.evaluate import audit
+    from aimfair_ray.runtime import ensure_ray
+
+    ensure_ray(cfg.ray)
+    model_dir = checkpoint or cfg.paths.baseline_model
+    sdir = split_dir(cfg, split or cfg.audit.split)
+    out_dir = out or f"{os.path.dirname(model_dir.rstrip('/'))}/audit"
+    log(f"audit: {model_dir} on {sdir}")
+    rep = audit(model_dir, sdir, out_dir, cfg.audit, title=title)
+    cfg.save(out_dir)
+    log(f"audit: wrote {out_dir}/audit.json and {out_dir}/group_acc.png")
+    return rep
+
+
+def log_wandb(cfg: Config, result: dict, report: Optional[dict], log=print) -> None:
+    """The baseline's epochs and audit chart to W&B, when ``train.wandb`` is on."""
+    if not cfg.train.wandb:
+        return
+    from aimfair_ray.tracking import log_run
+
+    stage = cfg.stage_dir("baseline")
+    d = log_run(cfg, "baseline", result["history"], report, f"{stage}/audit/group_acc.png" if report else None, stage)
+    log(f"wandb: logged to {d} (mode {os.environ.get('WANDB_MODE')})")
+
+
+def run_demo(cfg: Config, log=print) -> dict:
+    """The whole chain; returns the audits of the baseline and the fine-tuned model, and the method."""
+    t0 = time.time()
+    run_prepare(cfg, log=log)
+    run_generate(cfg, "all", log=log)
+    res = run_baseline(cfg, log=log)
+    base = run_audit(cfg, title="biased baseline (ERM)", log=log)
+    log_wandb(cfg, res, base, log)
+    ft = run_finetune(cfg, log=log)
+    tuned = run_audit(cfg, ft["model_dir"], title=f"AIM-Fair fine-tuned ({ft['method']})", log=log)
+    return {"baseline": base, "finetuned": tuned, "method": ft["method"], "wall_s": time.time() - t0}

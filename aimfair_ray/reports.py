@@ -1,0 +1,47 @@
+"""What every results writer shares (the AIM-Fair and EGT benchmarks, sweeps, audits, the
+selection chart): a matplotlib figure as PNG bytes, mean ± std over seeds, and Markdown and
+CSV tables."""
+
+from __future__ import annotations
+
+import io
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
+def mean_std(values: Sequence[float]) -> dict:
+    """``{"mean", "std", "values"}``: the sample standard deviation (ddof 1), 0 for a single value."""
+    vals = [float(v) for v in values]
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "values": vals}
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
+    """A Markdown table's lines: ``| a | b |``, the rule, then one line per row (cells as ``str``)."""
+    return (["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    """CSV text with a header line (pandas; cells written as given, ``None`` as empty)."""
+    import pandas as pd
+
+    return pd.DataFrame(list(rows), columns=list(header), dtype=object).to_csv(index=False, lineterminator="\n")

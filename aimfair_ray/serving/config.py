@@ -1,0 +1,71 @@
+"""``aimfair serve``: the shipped Serve config (``serve run`` format) with the command line's
+models, image pipeline, token, host and port applied, checked, then run with ``serve run``."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from aimfair_ray import AimfairError
+
+
+def resolve(config: str, models: Optional[list[str]] = None, image_pipeline: Optional[str] = None,
+            host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None) -> dict:
+    """The Serve config of ``config`` with the overrides applied; the app's args and every model
+    folder are checked (by building the app) before Ray starts."""
+    from aimfair_ray.config import read_yaml
+    from aimfair_ray.serving.app import build_app
+
+    if not Path(config).is_file():
+        raise AimfairError(f"Serve config {config} does not exist; pass --config (the shipped one is serve/config.yaml)")
+    cfg = read_yaml(Path(config))
+    apps = cfg.get("applications") or []
+    if len(apps) != 1:
+        raise AimfairError(f"{config}: expected one application, found {len(apps)}")
+    args = dict(apps[0].get("args") or {})
+    if models:
+        bad = [m for m in models if "=" not in m]
+        if bad:
+            raise AimfairError(f"--model {bad[0]!r}: expected ID=MODEL_DIR, e.g. --model baseline=runs/cmnist/baseline/model")
+        args["models"] = dict(m.split("=", 1) for m in models)
+    if image_pipeline:
+        if not Path(image_pipeline, "model_index.json").is_file():
+            raise AimfairError(f"--image-pipeline {image_pipeline}: no diffusers pipeline there (model_index.json "
+                               "is missing); pass a pipeline folder, e.g. the model/ of an `aimfair minmax image` run")
+        args["image_pipeline"] = str(Path(image_pipeline).resolve())
+    # Serve refuses options for deployments the app does not build: keep those it does
+    keep = ({f"Classifier-{i}" for i in args.get("models") or {}} | {"Api"}
+            | ({"ImageGenerator"} if args.get("image_pipeline", "embedded") is not None else set())
+            | ({"TextGenerator"} if args.get("text_model", "smollm2") is not None else set()))
+    apps[0]["deployments"] = [d for d in apps[0].get("deployments", []) if d.get("name") in keep]
+    args["models"] = {i: str(Path(p).resolve()) for i, p in (args.get("models") or {}).items()}
+    if token:
+        args["token"] = token
+    build_app(args)
+    apps[0]["args"] = args
+    cfg["http_options"] = dict(cfg.get("http_options") or {}, host=host, port=port)
+    return cfg
+
+
+def run(path: str) -> int:
+    """``serve run path`` until it ends, Ctrl-C or SIGTERM (then it is stopped, which deletes the app);
+    returns its exit status (0 when stopped)."""
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", path])
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+        return 0

@@ -1,0 +1,229 @@
+"""Running a sweep on Ray Tune: each trial is a Tune function trainable that launches one
+TorchTrainer (the run of ``aimfair finetune`` or ``aimfair train groupdro``);
+``TuneReportCallback`` forwards every epoch's metrics, so ASHA can stop weak trials early.
+The sweep resumes with ``Tuner.restore``: finished and failed trials are kept, interrupted
+ones continue from their Train checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from aimfair_ray import AimfairError
+from aimfair_ray.config import Config
+from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, exists, write_json
+from aimfair_ray.sweep.report import best_row, pareto_chart, pareto_front, summary_md, trials_csv
+from aimfair_ray.sweep.spec import SWEEP_METRICS, SweepSpec, check_space, concurrency, param_space, trial_config
+
+
+# ---- one trial ---------------------------------------------------------------------------
+def _train(cfg: Config, sp: SweepSpec, stage: str, sweep_stage: str, baseline_dir: Optional[str], callbacks) -> dict:
+    if sp.kind == "selective":
+        from aimfair_ray.train.finetune import finetune
+
+        return finetune(cfg, cfg.finetune.method, stage=stage, baseline_dir=baseline_dir,
+                        scores_stage=f"{sweep_stage}/scores", callbacks=callbacks, score=sp.weights)
+    from aimfair_ray.train.baseline import train_group_dro
+
+    return train_group_dro(cfg, stage=stage, callbacks=callbacks, score=sp.weights)
+
+
+def run_trial(params: dict, base: dict, spec: dict, sweep_stage: str, baseline_dir: Optional[str]) -> None:
+    """Tune function trainable: one Ray Train run for the sampled ``params``."""
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    sp = SweepSpec.model_validate(spec)
+    cfg = trial_config(Config.model_validate(base), params, sp)
+    stage = f"{sweep_stage}/trials/{tune.get_context().get_trial_id()}"
+    callbacks = [TuneReportCallback()]  # made here, in the Tune session; it carries a queue handle
+    # Run the TorchTrainer outside the trial's placement group (Tune captures child tasks into it):
+    # inside it, Ray Data's tasks would wait forever for CPUs the small trial bundle does not have.
+    # The task is owned by this trial, so a trial that ASHA stops takes its Train run down with it.
+    outside = PlacementGroupSchedulingStrategy(placement_group=None)
+    res = ray.get(ray.remote(_train).options(num_cpus=0, scheduling_strategy=outside).remote(
+        cfg, sp, stage, sweep_stage, baseline_dir, callbacks))
+    # One line per call: "trained" when this call ran (or resumed) the Train run, "reused" when the run had
+    # already finished before an interruption (Tune reruns a trial it had not yet recorded as ended).
+    with open(Path(cfg.stage_dir(stage)) / "attempts.log", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {'reused' if res.get('reused') else 'trained'} "
+                f"{json.dumps(params)}\n")
+    if res.get("reused"):
+        tune.report(res["history"][-1])
+
+
+# ---- results -----------------------------------------------------------------------------
+def _trial_id(result) -> str:
+    found = re.search(r"_([0-9a-f]{5}_\d{5})", Path(result.path).name)
+    return (result.metrics or {}).get("trial_id") or (found.group(1) if found else Path(result.path).name)
+
+
+def collect(grid, spec: SweepSpec, cfg: Config, sweep_stage: str) -> list[dict]:
+    rows = []
+    for r in grid:
+        m = dict(r.metrics or {})
+        tid = _trial_id(r)
+        stage_dir = Path(cfg.stage_dir(f"{sweep_stage}/trials/{tid}"))
+        attempts = stage_dir / "attempts.log"
+        # A trial that ran to its end exported its model; one that ASHA stopped did not.
+        done = (stage_dir / "result.json").is_file()
+        status = "ERROR" if r.error else ("DONE" if done else "STOPPED")
+        rows.append({
+            "trial_id": tid, "status": status,
+            "params": {k: (r.config or {}).get(k) for k in spec.space},
+            "metrics": {k: m.get(k) for k in SWEEP_METRICS + ("objective", "epoch") if k in m},
+            "checkpoint": m.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None),
+            "model_dir": str(stage_dir / "model") if (stage_dir / "model" / "model.json").is_file() else None,
+            "trainings": attempts.read_text().split().count("trained") if attempts.is_file() else 0,
+            "error": str(r.error).strip().splitlines()[-1][:300] if r.error else None,
+        })
+    return sorted(rows, key=lambda x: x["trial_id"])
+
+
+# ---- the sweep ---------------------------------------------------------------------------
+def _wandb_callback(cfg: Config, name: str, out_dir: str):
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    from aimfair_ray.tracking import wandb_mode
+
+    mode = wandb_mode()
+    return WandbLoggerCallback(project=cfg.train.wandb_project, group=name, mode=mode, dir=out_dir, log_config=True)
+
+
+def _absolute(cfg: Config) -> Config:
+    """The config with local paths made absolute: Tune runs each trial in its own working directory."""
+    raw = cfg.model_dump(mode="json")
+    raw["output_dir"] = str(Path(cfg.output_dir).absolute())
+    for section, key in (("train", "storage_path"), ("data", "root"), ("generate", "pipeline"), ("generate", "llm")):
+        v = raw[section][key]
+        if v and "://" not in v and (key in ("storage_path", "root") or Path(v).exists()):
+            raw[section][key] = str(Path(v).absolute())
+    return Config.model_validate(raw)
+
+
+def _prerequisites(cfg: Config, spec: SweepSpec) -> Optional[str]:
+    """What every selective trial needs: the run's baseline and synthetic sets (the gradient scores come next)."""
+    if spec.kind != "selective":
+        return None
+    from aimfair_ray.train.finetune import synthetic_dir
+
+    baseline_dir = cfg.paths.baseline_model
+    if not exists(f"{baseline_dir}/model.json"):
+        raise AimfairError(f"no baseline at {baseline_dir}: run `aimfair demo` (or `aimfair train baseline`) first")
+    synthetic_dir(cfg, "balanced")  # a clear error if `aimfair generate all` has not run
+    return baseline_dir
+
+
+def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool = False, fresh: bool = False,
+          log=print) -> dict:
+    """Run (or resume) the sweep; returns the rows, the best trial and where the outputs are."""
+    from ray import tune
+
+    from aimfair_ray.runtime import ensure_ray
+
+    name = name or spec.kind
+    cfg = _absolute(cfg)
+    sweep_stage = f"sweep/{name}"
+    out = cfg.stage_dir(sweep_stage)
+    check_space(cfg, spec)
+    if wandb:
+        from aimfair_ray.tracking import wandb_mode
+
+        wandb_mode()  # fails now, not inside every trial, when online mode has no key
+    baseline_dir = _prerequisites(cfg, spec)
+    resources = ensure_ray(cfg.ray)
+    t0 = time.time()
+    first = trial_config(cfg, {}, spec)  # the base plus the sweep's overrides
+    exp_name = f"{cfg.name}-sweep-{name}"
+    exp_path = f"{cfg.ray_storage}/{exp_name}"
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(exp_path, ignore_errors=True)
+    if spec.kind == "selective":
+        from aimfair_ray.train.finetune import compute_scores
+
+        compute_scores(first, baseline_dir, log=log, stage=f"{sweep_stage}/scores")
+    saved = {"spec": spec.model_dump(mode="json"), "config": cfg.outcome()}
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), spec=spec.model_dump(mode="json"),
+                             sweep_stage=sweep_stage, baseline_dir=baseline_dir),
+        {"CPU": 0.1})  # the trial only drives a TorchTrainer; its workers hold the CPUs/GPUs
+    epochs = first.finetune.epochs if spec.kind == "selective" else (first.group_dro.epochs or first.train.epochs)
+    n_conc = concurrency(first, spec, resources)
+    from ray.tune import Tuner
+
+    # Save the experiment state every 2 s (Tune's default: 10 s), so a sweep killed right after a
+    # trial ends still knows it ended. A trial finished inside that window reruns, but its Train run is
+    # reused (same config, model exported), so nothing trains twice.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+
+    if exists(exp_path) and not Tuner.can_restore(exp_path):
+        shutil.rmtree(exp_path, ignore_errors=True)  # started but never saved a state: nothing to resume
+    if exists(f"{out}/sweep.json") and Tuner.can_restore(exp_path):
+        prev = json.loads(Path(out, "sweep.json").read_text())
+        if prev != json.loads(json.dumps(saved)):
+            raise AimfairError(f"a different sweep named {name!r} exists at {out}; pass --name NEW, or --fresh to "
+                               "discard it")
+        tuner = Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                              restart_errored=False)
+        before = tuner.get_results()
+        done = sum(1 for r in before if r.error is None
+                   and Path(cfg.stage_dir(f"{sweep_stage}/trials/{_trial_id(r)}"), "result.json").is_file())
+        log(f"sweep: resuming {exp_path}: {done} finished, {before.num_errors} failed, "
+            f"{len(before) - done - before.num_errors} to run (Tuner.restore)")
+    else:
+        from ray.tune import FailureConfig, RunConfig, TuneConfig
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+        write_json(f"{out}/sweep.json", saved)
+        # max_t one past the last epoch: a trial that survives every rung ends by itself (and exports its model)
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=min(spec.asha.grace_period, epochs),
+                                   reduction_factor=spec.asha.reduction_factor)
+                     if spec.asha.enabled else FIFOScheduler())
+        callbacks = [_wandb_callback(cfg, exp_name, out)] if wandb else []
+        tuner = Tuner(trainable, param_space=param_space(spec),
+                      tune_config=TuneConfig(metric="objective", mode=spec.mode, scheduler=scheduler,
+                                             num_samples=spec.num_samples, max_concurrent_trials=n_conc,
+                                             # a fresh actor per trial: a stopped trial's Train run dies with it
+                                             reuse_actors=False),
+                      run_config=RunConfig(name=exp_name, storage_path=cfg.ray_storage, callbacks=callbacks,
+                                           failure_config=FailureConfig(max_failures=0, fail_fast=False),
+                                           verbose=0))
+        log(f"sweep: {name}: {spec.kind}, objective {spec.describe_objective()}, up to {n_conc} trial(s) at once "
+            f"-> {out}")
+    grid = tuner.fit()
+    wall = time.time() - t0
+    rows = collect(grid, spec, cfg, sweep_stage)
+    ok = [r for r in rows if r["status"] != "ERROR" and all(k in r["metrics"] for k in spec.pareto)]
+    front = pareto_front([(r["metrics"][spec.pareto[0]], r["metrics"][spec.pareto[1]]) for r in ok])
+    front_ids = {ok[i]["trial_id"] for i in front}
+    best = best_row(rows, spec)
+    test_audit = None
+    if best is not None and best["model_dir"]:
+        from aimfair_ray.data.prepare import split_dir
+        from aimfair_ray.evaluate import audit
+
+        test_audit = audit(best["model_dir"], split_dir(cfg, cfg.audit.split), f"{out}/best_audit",
+                           cfg.audit, title=f"best trial {best['trial_id']}")
+    title = f"{spec.kind} sweep {name!r} on {cfg.data.dataset}"
+    for r in rows:
+        r["pareto"] = r["trial_id"] in front_ids
+    write_json(f"{out}/trials.json", {"objective": spec.weights, "mode": spec.mode, "pareto_axes": list(spec.pareto),
+                                      "best": best, "best_test_audit": test_audit, "trials": rows, "wall_s": wall})
+    atomic_write_text(f"{out}/trials.csv", trials_csv(rows, spec))
+    atomic_write_bytes(f"{out}/pareto.png", pareto_chart(rows, [ok.index(r) for r in ok if r["trial_id"] in front_ids],
+                                                  best, spec, title))
+    atomic_write_text(f"{out}/summary.md", summary_md(rows, front_ids, best, spec, title, wall, test_audit))
+    atomic_write_text(f"{out}/sweep.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    cfg.save(out)
+    return {"dir": out, "rows": rows, "best": best, "front": sorted(front_ids), "wall_s": wall,
+            "test_audit": test_audit}
