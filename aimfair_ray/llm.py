@@ -4,16 +4,34 @@ that Serve runs."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 
-def resolve_llm(llm: str | None) -> tuple[str, str | None]:
-    """(model folder or hub id, GGUF file name or None)."""
-    if llm is None:
-        from aimfair_ray.assets import asset_path
+def cache_dir() -> Path:
+    """Where setup keeps derived assets (``AIMFAIR_CACHE``, default ``~/.cache/aimfair``)."""
+    return Path(os.environ.get("AIMFAIR_CACHE") or Path.home() / ".cache" / "aimfair")
 
-        p = asset_path("smollm2")
-        return str(p.parent), p.name
+
+def _bundled() -> tuple[Path, Path, dict]:
+    """(the bundled GGUF, its HF-folder copy in the cache, the stamp that ties them)."""
+    from aimfair_ray.assets import asset_path
+
+    gguf = asset_path("smollm2")
+    return gguf, cache_dir() / "smollm2-135m-instruct", {"gguf": str(gguf), "bytes": gguf.stat().st_size}
+
+
+def resolve_llm(llm: str | None) -> tuple[str, str | None]:
+    """(model folder or hub id, GGUF file name or None). The bundled SmolLM2 (``llm`` None) comes
+    from its safetensors copy when setup wrote one (:func:`cache_bundled_llm`), else from the GGUF."""
+    if llm is None:
+        gguf, folder, stamp = _bundled()
+        stamp_file = folder / "aimfair-source.json"
+        if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+            return str(folder), None
+        return str(gguf.parent), gguf.name
     if llm.endswith(".gguf"):
         return str(Path(llm).parent), Path(llm).name
     return llm, None
@@ -32,3 +50,24 @@ def load_causal_lm(llm: str | None, device: str = "cpu", padding_side: str | Non
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}), **kw)
     return tok, model.to(device)
+
+
+def cache_bundled_llm() -> str:
+    """Write the bundled SmolLM2 GGUF once as an HF safetensors folder (float32, the same weights the
+    GGUF loads to, about 0.5 GB): it then loads in under a second instead of being dequantized (about
+    20 s) by every prompt actor, EGT worker and text generator. Written whole, then renamed."""
+    gguf, folder, stamp = _bundled()
+    stamp_file = folder / "aimfair-source.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return f"smollm2: cached at {folder}"
+    tok, model = load_causal_lm(str(gguf))
+    fresh = type(model)(model.config)  # save_pretrained refuses a model loaded from GGUF
+    fresh.load_state_dict(model.state_dict())
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    (tmp / "aimfair-source.json").write_text(json.dumps(stamp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return f"smollm2: wrote {folder} from {gguf.name}"

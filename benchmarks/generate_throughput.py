@@ -43,7 +43,7 @@ def ray_pipeline(cfg, plan, out: str) -> dict:
     from aimfair_ray.generate.images import generate_images
 
     t0 = time.time()
-    stats = generate_images(cfg.generate, plan, out, {"benchmark": True}, log=lambda *_: None)
+    stats = generate_images(cfg.generate, {out: plan}, {"benchmark": True}, log=lambda *_: None)[out]
     shards = sorted(Path(out).glob("shard-*.parquet"), key=lambda p: p.stat().st_mtime)
     first, last = shards[0].stat().st_mtime, shards[-1].stat().st_mtime
     steady_images = len(plan) - cfg.generate.batch_size  # images committed after the first shard

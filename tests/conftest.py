@@ -18,6 +18,10 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("AIMFAIR_PROGRESS", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+# The session's head is local: Ray Train polls its workers every 0.2 s (default 2 s, which every run's
+# start and end wait on) and starts no preemption watcher per run.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 TINY = [
     "data.n_train=400",
@@ -42,7 +46,7 @@ TINY = [
 
 # Fixtures that start or need the session's Ray cluster; a test using one is marked `ray`, so
 # `make test-fast` (pytest -m "not ray") runs the plain-PyTorch and config tests alone.
-RAY_FIXTURES = {"ray_head", "ray_cluster", "trained", "synth", "served"}
+RAY_FIXTURES = {"ray_head", "ray_cluster", "trained", "synth", "served", "cmnist_run"}
 
 
 def pytest_configure(config):
@@ -177,3 +181,17 @@ def synth(trained, tiny_pipeline):
     quiet = dict(log=lambda *_: None)
     run_images(cfg, run_prompts(cfg, **quiet), **quiet)
     return cfg, result
+
+
+@pytest.fixture(scope="session")
+def cmnist_run(ray_cluster, tmp_path_factory):
+    """The embedded default's data at full size and its checker (trained once on real digits outside
+    the generator split): the quality bar of the shipped model and the faithfulness filter share it."""
+    from aimfair_ray.config import load_config
+    from aimfair_ray.data.prepare import prepare_data
+    from aimfair_ray.generate.stage import checker_for
+
+    cfg = load_config("cmnist", overrides=[f"output_dir={tmp_path_factory.mktemp('cmnist')}"])
+    prepare_data(cfg, log=lambda *_: None)
+    checker_for(cfg, log=lambda *_: None)
+    return cfg

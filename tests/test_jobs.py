@@ -28,7 +28,9 @@ def _sets(items):
 
 def test_pipeline_job_end_to_end_publishes_to_storage_and_resumes_on_a_fresh_node(ray_head, tiny_pipeline, tmp_path):
     store = tmp_path / "store"
-    sets = TINY + tiny_gen(tiny_pipeline) + [f"output_dir={tmp_path / 'runs'}", f"storage_uri={store}"]
+    # the smallest run that still goes through every stage: one Train worker, one epoch each
+    sets = TINY + tiny_gen(tiny_pipeline) + [f"output_dir={tmp_path / 'runs'}", f"storage_uri={store}",
+                                             "train.num_workers=1", "train.epochs=1", "finetune.epochs=1"]
     args = ["submit", "pipeline", "--address", ray_head["dashboard"], "--working-dir", str(ROOT), "--", *_sets(sets)]
     res = _aimfair(*args)
     out = res.stdout

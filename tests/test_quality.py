@@ -9,17 +9,14 @@ about 0.035, so this test asserts the target bar less 0.05 and the colour bar as
 
 import pytest
 
-from aimfair_ray.config import load_config
 from aimfair_ray.generate.t2i import embedded_weights
 
 
 @pytest.mark.skipif(not (embedded_weights() / "model_index.json").is_file(), reason="embedded weights not shipped")
-def test_embedded_model_meets_its_quality_bar(ray_cluster, tmp_path):
-    from aimfair_ray.data.prepare import prepare_data
+def test_embedded_model_meets_its_quality_bar(cmnist_run):
     from aimfair_ray.generate.stage import quality_report
 
-    cfg = load_config("cmnist", overrides=[f"output_dir={tmp_path}"])  # the checker leaves out the generator split
-    prepare_data(cfg, log=lambda *_: None)
+    cfg = cmnist_run  # the embedded default's data; its checker leaves out the generator split
     res, imgs, req = quality_report(cfg, per_cell=25, log=lambda *_: None)
     assert imgs.shape == (100, 32, 32, 3)
     assert res["color_acc"] >= 0.95, res

@@ -29,7 +29,9 @@ def _model(root, name, seed, with_audit=True):
     model = build_model("small_cnn", 2, 32, width=8).eval()
     meta = {"backbone": "small_cnn", "width": 8, "num_classes": 2, "image_size": 32, "mean": [0.5] * 3,
             "std": [0.5] * 3, "target_names": ["digit<5", "digit>=5"], "group_names": ["red", "green"],
-            "dataset": "colored_mnist"}
+            "dataset": "colored_mnist", "method": name,
+            # what the training stage records (train/baseline.py); model cards read it, never a folder name
+            "provenance": {"real_share": 1.0, "synthetic_share": 0.0, "generator": None, "method": name}}
     save_classifier(model, meta, str(root / name / "model"))
     rep = None
     if with_audit:

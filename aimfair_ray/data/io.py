@@ -51,10 +51,7 @@ def write_split(ds, directory: str, rows_per_file: int = 2048) -> str:
     return directory
 
 
-def read_split(directory: str):
-    """A Ray Dataset over a complete split directory in the shared schema."""
-    import ray
-
+def _check_split(directory: str) -> None:
     if not exists(directory):
         raise AimfairError(f"no data at {directory}: run `aimfair data prepare` first (or check the path)")
     if not is_complete(directory):
@@ -69,7 +66,42 @@ def read_split(directory: str):
         missing = set(SCHEMA.names) - set(pq.read_schema(files[0]).names)
         if missing:
             raise AimfairError(f"{directory}: not in the aimfair image schema, missing columns {sorted(missing)}")
+
+
+def read_split(directory: str):
+    """A Ray Dataset over a complete split directory in the shared schema."""
+    import ray
+
+    _check_split(directory)
     return ray.data.read_parquet(directory, file_extensions=["parquet"])
+
+
+def read_sets(directories: list[str], keep: list | None = None):
+    """One decoded Ray Dataset over several split or set directories, with a ``set`` column: the
+    index of the directory each row comes from. ``keep[i]``, when not None, is the set of ids kept
+    from directory i. One read of all the files: a ``union`` of separate reads runs a pipeline per
+    input and was 3-4x slower here (16 s against 4.5 s for 426 rows from three directories)."""
+    import ray
+
+    for d in directories:
+        _check_split(d)
+    prefixes = [d.split("://", 1)[-1].rstrip("/") + "/" for d in directories]
+    ds = ray.data.read_parquet(list(directories), file_extensions=["parquet"], include_paths=True)
+    return ds.map_batches(_decode_sets, fn_kwargs={"prefixes": prefixes, "keep": keep}, batch_format="numpy")
+
+
+def _decode_sets(batch: dict, prefixes: list[str], keep: list | None) -> dict:
+    paths = [str(p).split("://", 1)[-1] for p in batch["path"]]
+    sets = np.array([next(i for i, pre in enumerate(prefixes) if p.startswith(pre) or f"/{p}".startswith(pre))
+                     for p in paths], dtype=np.int64)
+    mask = np.ones(len(sets), dtype=bool)
+    if keep is not None:
+        mask = np.array([keep[s] is None or i in keep[s] for s, i in zip(sets, batch["id"])], dtype=bool)
+    if not mask.any():  # keep the image shape of the other batches
+        return {k: v[:0] for k, v in _decode_sets({k: v[:1] for k, v in batch.items()}, prefixes, None).items()}
+    out = decode_batch({k: batch[k][mask] for k in ("image", "target", "group")})
+    out["set"] = sets[mask]
+    return out
 
 
 def read_table(directory: str, columns: list[str] | None = None) -> pa.Table:

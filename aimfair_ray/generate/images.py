@@ -61,14 +61,15 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guida
 
 
 class DiffusionActor:
-    """Ray Data UDF: plan rows -> images, committed as one Parquet shard in ``out_dir``; returns the ids.
+    """Ray Data UDF: plan rows -> images, committed as Parquet shards, one per output folder
+    (a row's ``out_dir``) in the batch; returns the ids.
 
     Writing in the actor (PNG encoding and a small Parquet file per batch) keeps the
     pipeline to one stage: no second worker process per batch, no image bytes through
     the object store."""
 
     def __init__(self, pipeline: str, dtype: str, steps: int, guidance: float, size: int | None, meta: dict,
-                 out_dir: str, threads: int = 1):
+                 threads: int = 1):
         import torch
 
         from aimfair_ray.generate.t2i import load_pipeline
@@ -77,16 +78,19 @@ class DiffusionActor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(pipeline, device=device, dtype=dtype if device == "cuda" else "float32")
         self.steps, self.guidance, self.size = steps, guidance, size
-        self.meta, self.out_dir = json.dumps(meta), out_dir
+        self.meta = json.dumps(meta)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         imgs = generate_batch(self.pipe, batch["prompt"].tolist(), batch["seed"].tolist(), self.steps, self.guidance, self.size)
-        return write_shard(pd.DataFrame({
+        rows = pd.DataFrame({
             "id": batch["id"].to_numpy(), "image": [encode_png(im) for im in imgs],
             "target": batch["target"].astype("int64").to_numpy(), "group": batch["group"].astype("int64").to_numpy(),
             "split": batch["split"].to_numpy(), "source": "synthetic", "prompt": batch["prompt"].to_numpy(),
             "generator": self.meta,
-        }), self.out_dir)
+        })
+        out_dirs = batch["out_dir"].to_numpy()
+        return pd.concat([write_shard(rows[out_dirs == d].reset_index(drop=True), d) for d in dict.fromkeys(out_dirs)],
+                         ignore_index=True)
 
 
 def write_shard(batch: pd.DataFrame, out_dir: str) -> pd.DataFrame:
@@ -105,45 +109,56 @@ def written_ids(out_dir: str) -> list[str]:
     return [i for f in files for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
 
 
-def generate_images(gcfg, plan_df: pd.DataFrame, out_dir: str, meta: dict, log=print) -> dict:
-    """Generate every planned id not yet in ``out_dir``; returns throughput figures."""
+def generate_images(gcfg, plans: dict[str, pd.DataFrame], meta: dict, log=print) -> dict[str, dict]:
+    """Generate every planned id not yet written, for each output folder of ``plans`` (folder ->
+    plan), in one Ray Data pipeline (one actor pool for all the sets); returns each folder's
+    throughput figures."""
     import ray
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tmp"):  # a killed run's unfinished shard
-        stale.unlink()
-    done = set(written_ids(out_dir))
-    todo = plan_df[~plan_df["id"].isin(done)]
-    if len(todo):
-        (out / COMPLETE).unlink(missing_ok=True)
-    log(f"images: {out.name}: {len(plan_df)} planned, {len(done)} already written, {len(todo)} to generate")
-    t0, n = time.time(), 0
-    if len(todo):
+    todos, done = {}, {}
+    for out_dir, plan_df in plans.items():
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("*.tmp"):  # a killed run's unfinished shard
+            stale.unlink()
+        done[out_dir] = set(written_ids(out_dir))
+        todos[out_dir] = plan_df[~plan_df["id"].isin(done[out_dir])].assign(out_dir=str(out))
+        if len(todos[out_dir]):
+            (out / COMPLETE).unlink(missing_ok=True)
+        log(f"images: {out.name}: {len(plan_df)} planned, {len(done[out_dir])} already written, "
+            f"{len(todos[out_dir])} to generate")
+    t0, n = time.time(), {d: 0 for d in plans}
+    where = {i: d for d, todo in todos.items() for i in todo["id"]}
+    if where:
         from aimfair_ray.generate.t2i import embedded_weights
 
         pipeline = gcfg.pipeline or str(embedded_weights())
-        # one block per generation batch, so each batch is committed as its own shard as soon as it is done
-        chunks = [todo.iloc[i:i + gcfg.batch_size] for i in range(0, len(todo), gcfg.batch_size)]
+        # one block per generation batch (never across two sets), so each batch is committed as soon as it is done
+        chunks = [todo.iloc[i:i + gcfg.batch_size] for todo in todos.values() for i in range(0, len(todo), gcfg.batch_size)]
         ds = ray.data.from_pandas(chunks).map_batches(
             DiffusionActor,
             fn_constructor_kwargs={"pipeline": pipeline, "dtype": gcfg.dtype, "steps": gcfg.steps,
                                    "guidance": gcfg.guidance_scale, "size": gcfg.image_size, "meta": meta,
-                                   "out_dir": str(out), "threads": max(1, int(gcfg.cpus_per_actor))},
+                                   "threads": max(1, int(gcfg.cpus_per_actor))},
             batch_size=gcfg.batch_size, batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=gcfg.actors),
             num_cpus=gcfg.cpus_per_actor, num_gpus=gcfg.gpus_per_actor or None,
         )
         for b in ds.iter_batches(batch_size=None, batch_format="pandas"):
-            n += len(b)
-            log(f"images: {out.name}: {len(done) + n}/{len(plan_df)} written, {n / (time.time() - t0):.2f} images/s")
-    ids = written_ids(out_dir)
-    if sorted(ids) != sorted(plan_df["id"]):
-        missing = len(set(plan_df["id"]) - set(ids))
-        raise AimfairError(f"{out_dir}: {missing} planned images missing, {len(ids) - len(set(ids))} duplicated; rerun")
+            for d in dict.fromkeys(where[i] for i in b["id"]):
+                n[d] += sum(where[i] == d for i in b["id"])
+                log(f"images: {Path(d).name}: {len(done[d]) + n[d]}/{len(plans[d])} written, "
+                    f"{sum(n.values()) / (time.time() - t0):.2f} images/s")
     secs = time.time() - t0
-    stats = {"planned": len(plan_df), "generated_now": n, "seconds": round(secs, 2),
-             "images_per_s": round(n / secs, 3) if n else None}
-    write_json(str(out / "stats.json"), stats)
-    (out / COMPLETE).touch()
+    stats = {}
+    for out_dir, plan_df in plans.items():
+        ids = written_ids(out_dir)
+        if sorted(ids) != sorted(plan_df["id"]):
+            missing = len(set(plan_df["id"]) - set(ids))
+            raise AimfairError(f"{out_dir}: {missing} planned images missing, {len(ids) - len(set(ids))} duplicated; rerun")
+        k = n[out_dir]
+        stats[out_dir] = {"planned": len(plan_df), "generated_now": k, "seconds": round(secs, 2),
+                          "images_per_s": round(k / secs, 3) if k else None}
+        write_json(str(Path(out_dir) / "stats.json"), stats[out_dir])
+        (Path(out_dir) / COMPLETE).touch()
     return stats

@@ -60,11 +60,11 @@ def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print) -> di
     g = cfg.generate
     meta = {"pipeline": g.pipeline or "embedded:cmnist-t2i", "steps": g.steps, "guidance_scale": g.guidance_scale,
             "prompt_backend": g.backend, "seed": g.seed}
-    stats = {}
     counts = set_counts(cfg)
+    plans = {cfg.paths.synthetic_set(kind): plan(prompts, kind, counts[kind], g.seed) for kind in sets}
+    by_dir = generate_images(g, plans, meta, log=log)  # one pipeline (one actor pool) for every set
+    stats = {kind: by_dir[cfg.paths.synthetic_set(kind)] for kind in sets}
     for kind in sets:
-        p = plan(prompts, kind, counts[kind], g.seed)
-        stats[kind] = generate_images(g, p, cfg.paths.synthetic_set(kind), meta, log=log)
         log(f"images: {kind} done: {stats[kind]}")
     cfg.save(cfg.paths.synthetic)
     return stats

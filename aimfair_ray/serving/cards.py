@@ -13,9 +13,15 @@ AUDIT_KEYS = ("acc", "wst", "std", "eo", "eod_worst", "dp", "group_acc", "n")
 
 
 def provenance(meta: dict) -> dict:
-    """The training data of a checkpoint, as its training stage wrote it into ``model.json``."""
-    return meta.get("provenance") or {"real_share": None, "synthetic_share": None, "generator": None,
-                                      "method": meta.get("method")}
+    """The training data of a checkpoint, as its training stage wrote it into ``model.json``. A
+    checkpoint written before stages recorded it still names its method: baseline and Group DRO
+    train on real data alone; for any other the shares are unknown (None)."""
+    if meta.get("provenance"):
+        return meta["provenance"]
+    method = meta.get("method")
+    real = method in ("baseline", "group_dro")
+    return {"real_share": 1.0 if real else None, "synthetic_share": 0.0 if real else None, "generator": None,
+            "method": method}
 
 
 def model_card(model_id: str, model_dir: str) -> tuple[dict, Optional[bytes]]:

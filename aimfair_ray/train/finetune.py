@@ -23,7 +23,7 @@ import torch
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import Config
-from aimfair_ray.data.io import decode_batch, decoded, first_row, read_split, read_table
+from aimfair_ray.data.io import decoded, first_row, read_sets, read_split, read_table
 from aimfair_ray.distributed import allreduce, fit_or_raise, make_trainer, report_files, reuse_or_resume
 from aimfair_ray.models import build_model, load_classifier
 from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, write_json
@@ -43,23 +43,22 @@ def synthetic_dir(cfg: Config, kind: str = "balanced") -> str:
     return path
 
 
+def sample_ids(directory: str, n: int | None, seed: int) -> frozenset | None:
+    """``n`` ids of the split chosen by seed (the same on every rerun); None for all of them."""
+    if n is None:
+        return None
+    ids = sorted(read_table(directory, ["id"])["id"].to_pylist())
+    return None if n >= len(ids) else frozenset(np.random.default_rng(seed).choice(ids, size=n, replace=False).tolist())
+
+
 def subset(directory: str, n: int | None, seed: int):
     """A Ray Dataset of the split, limited to ``n`` rows chosen by seed (the same rows on every rerun)."""
     ds = read_split(directory)
-    if n is None:
-        return ds
-    ids = sorted(read_table(directory, ["id"])["id"].to_pylist())
-    if n >= len(ids):
-        return ds
-    keep = frozenset(np.random.default_rng(seed).choice(ids, size=n, replace=False).tolist())
-    return ds.filter(lambda r: r["id"] in keep)
+    keep = sample_ids(directory, n, seed)
+    return ds if keep is None else ds.filter(lambda r: r["id"] in keep)
 
 
 # ---- scoring ---------------------------------------------------------------------------
-def _decode_tagged(batch: dict, set_id: int) -> dict:
-    out = decode_batch(batch)
-    out["set"] = np.full(len(out["target"]), set_id, dtype=np.int64)
-    return out
 
 
 def score_loop_per_worker(config: dict) -> None:
@@ -126,12 +125,11 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
         return done
     ensure_ray(cfg.ray)
     init, meta, names, numels = _weights(baseline_dir)
-    # One dataset (a `set` column tells Rb, Sb, Su apart): one split coordinator instead of three.
-    parts = [subset(sources[s], ft.score_samples, ft.seed).map_batches(_decode_tagged, fn_kwargs={"set_id": i},
-                                                                       batch_format="numpy")
-             for i, s in enumerate(sel.SCORE_SETS)]
+    # One dataset, one read (its `set` column tells Rb, Sb, Su apart): one split coordinator, not three.
+    dirs = [sources[s] for s in sel.SCORE_SETS]
+    score = read_sets(dirs, [sample_ids(d, ft.score_samples, ft.seed) for d in dirs])
     trainer = make_trainer(score_loop_per_worker, {"init": init, "model_meta": meta, "threads": tc.torch_threads},
-                           tc, cfg.ray_storage, run_name, {"score": parts[0].union(*parts[1:])})
+                           tc, cfg.ray_storage, run_name, {"score": score})
     result = fit_or_raise(trainer, "scoring", f"{cfg.ray_storage}/{run_name}")
     with result.checkpoint.as_directory() as d:
         flat = load_file(f"{d}/grads.safetensors")
