@@ -48,6 +48,18 @@ def asset_path(name: str) -> Path:
     return path
 
 
+def use_venv_tools() -> None:
+    """Put this interpreter's ``bin`` folder first on PATH, so DeepSpeed's JIT build runs the ninja
+    installed with it (pip's), wherever it runs. Two ninja versions hash the same build command
+    differently, so switching between them (Debian's in one process, pip's in another) rebuilds
+    the op every time (about a minute)."""
+    import os
+
+    bindir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
+
+
 def build_ops() -> str:
     """Compile DeepSpeed's CPU communication op once, into ``TORCH_EXTENSIONS_DIR``: the first
     DeepSpeed run on CPU would otherwise build it (about a minute) inside its Ray Train workers.
@@ -57,6 +69,7 @@ def build_ops() -> str:
         from deepspeed.accelerator import get_accelerator
     except ImportError:
         return "deepspeed: not installed; no ops to build"
+    use_venv_tools()
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         return f"deepspeed: {acc.device_name()} accelerator; no CPU ops to build"

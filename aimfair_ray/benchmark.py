@@ -18,7 +18,6 @@ from aimfair_ray.reports import csv_text, figure_png, markdown_table, mean_std, 
 from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, write_json
 
 
-
 def rows() -> tuple[str, ...]:
     """The table's rows: the baseline, every registered fine-tuning method, then Group DRO."""
     from aimfair_ray.train.methods import METHODS

@@ -28,7 +28,8 @@ class DataConfig(_Strict):
     target: str = "digit_ge5"
     sensitive: str = "color"
     image_size: int = Field(32, ge=8, le=1024)
-    bias: Optional[float] = Field(1 / 9, gt=0, le=1, description="bias degree b of the train draw; null keeps the natural distribution")
+    bias: Optional[float] = Field(1 / 9, gt=0, le=1,
+        description="bias degree b of the train draw; null keeps the natural distribution")
     val_bias: Optional[float] = Field(None, gt=0, le=1, description="bias of val; null: same as train")
     n_train: Optional[int] = Field(2500, ge=4, description="size of the biased train set; null: the largest the pool allows")
     n_val: int = Field(500, ge=4)
@@ -81,7 +82,8 @@ class TrainConfig(_Strict):
     torch_threads: int = Field(1, ge=1, description="intra-op threads per CPU worker")
     cache_mb: float = Field(512, ge=0, description="decoded train/val sets up to this size are kept in Ray's object "
                                                    "store across epochs instead of re-read from Parquet; 0: always stream")
-    storage_path: Optional[str] = Field(None, description="Ray Train storage: local dir, s3:// or gs://; null: <output_dir>/<name>/ray")
+    storage_path: Optional[str] = Field(None,
+        description="Ray Train storage: local dir, s3:// or gs://; null: <output_dir>/<name>/ray")
     max_failures: int = Field(1, ge=-1)
     keep_checkpoints: int = Field(2, ge=1)
     select_metric: Literal["val_acc", "val_loss", "val_wst", "last"] = Field(
@@ -95,15 +97,22 @@ class FinetuneConfig(_Strict):
     """AIM-Fair fine-tuning of the baseline on synthetic data (and its controls)."""
 
     method: str = Field("selective", description="a fine-tuning method registered in train/methods.py")
-    k: float = Field(0.5, gt=0, description="selective: k lowest-domain ∩ k highest-bias tensors; < 1 is a fraction of the tensors")
-    min_selected: int = Field(1, ge=0, description="if the intersection holds fewer tensors, k grows until it holds this many; 0: never grow (an empty selection is an error)")
-    mask: Literal["tensor", "element"] = Field("tensor", description="element: the same rule on single weights (k as a fraction of all weights)")
+    k: float = Field(0.5, gt=0,
+        description="selective: k lowest-domain ∩ k highest-bias tensors; < 1 is a fraction of the tensors")
+    min_selected: int = Field(1, ge=0,
+        description="if the intersection holds fewer tensors, k grows until it holds this many; 0: never grow (an empty "
+                    "selection is an error)")
+    mask: Literal["tensor", "element"] = Field("tensor",
+        description="element: the same rule on single weights (k as a fraction of all weights)")
     bn_stats: Literal["keep", "frozen_layers", "update"] = Field(
         "keep", description="BatchNorm running statistics while fine-tuning: keep all of them (the real data's), "
                             "keep those of frozen layers only, or update all on the synthetic data")
-    synthetic: Literal["auto", "balanced", "balanced_filtered"] = Field("auto", description="auto: the filtered set when generate.filter is on")
-    mix_real: float = Field(0.0, ge=0, le=10, description="add real biased train images, as a multiple of the synthetic set's size")
-    score_samples: Optional[int] = Field(None, ge=1, description="images per set (Rb, Sb, Su) for the gradient scores, chosen by seed; null: all")
+    synthetic: Literal["auto", "balanced", "balanced_filtered"] = Field("auto",
+        description="auto: the filtered set when generate.filter is on")
+    mix_real: float = Field(0.0, ge=0, le=10,
+        description="add real biased train images, as a multiple of the synthetic set's size")
+    score_samples: Optional[int] = Field(None, ge=1,
+        description="images per set (Rb, Sb, Su) for the gradient scores, chosen by seed; null: all")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -117,7 +126,8 @@ class FinetuneConfig(_Strict):
             raise ValueError(f"unknown fine-tuning method {v!r}; choose one of {', '.join(METHODS)}")
         return v
 
-    deepspeed: bool = Field(False, description="run the loop through DeepSpeed on the Ray Train workers (extra: aimfair-ray[deepspeed])")
+    deepspeed: bool = Field(False,
+        description="run the loop through DeepSpeed on the Ray Train workers (extra: aimfair-ray[deepspeed])")
     zero_stage: Literal[0, 1, 2] = 2
     seed: int = 0
 

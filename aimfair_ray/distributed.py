@@ -59,6 +59,9 @@ def gather(arrays: dict) -> dict:
 
 def deepspeed_engine(model, optimizer, batch_size: int, stage: int):
     """A DeepSpeed ZeRO engine around a model and a client optimizer (no fused-op build)."""
+    from aimfair_ray.assets import use_venv_tools
+
+    use_venv_tools()  # the ninja `make setup` built the CPU comm op with: its cached build is reused
     try:
         import deepspeed
     except ImportError:

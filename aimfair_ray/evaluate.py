@@ -3,14 +3,13 @@ fairness report as JSON, a per-cell accuracy chart as PNG and a terminal table."
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from aimfair_ray import AimfairError
 from aimfair_ray.data.io import decode_batch, read_split
 from aimfair_ray.metrics import fairness_report
-from aimfair_ray.storage import atomic_write_bytes, write_json
 from aimfair_ray.models import check_checkpoint_dir, load_classifier
+from aimfair_ray.storage import atomic_write_bytes, write_json
 
 
 class Predictor:

@@ -24,15 +24,16 @@ import torch
 def plain(model_dir: str, images: torch.Tensor, targets: torch.Tensor, trainable, batch_size: int, epochs: int,
           device: str, threads: int) -> float:
     from aimfair_ray.config import TrainConfig
-    from aimfair_ray.train import loop, selective
     from aimfair_ray.models import load_classifier
+    from aimfair_ray.train import loop, selective
 
     torch.set_num_threads(threads)
     model, meta = load_classifier(model_dir)
     model.to(device)
     frozen_bn = selective.freeze(model, trainable or [n for n, _ in model.named_parameters()], "keep")
     opt = loop.make_optimizer(model.parameters(), TrainConfig(lr=1e-3))
-    batches = [{"image": images[i:i + batch_size], "target": targets[i:i + batch_size]} for i in range(0, len(images), batch_size)]
+    batches = [{"image": images[i:i + batch_size], "target": targets[i:i + batch_size]}
+               for i in range(0, len(images), batch_size)]
     times = []
     for _ in range(epochs):
         if device == "cuda":

@@ -104,7 +104,8 @@ def main() -> None:
     pipeline = a.pipeline or str(embedded_weights())
     digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     plan = pd.DataFrame({"id": [f"b-{i:05d}" for i in range(a.images)],
-                         "prompt": [f"a handwritten digit {digits[i % 10]} in {'red' if i % 2 else 'green'}" for i in range(a.images)],
+                         "prompt": [f"a handwritten digit {digits[i % 10]} in {'red' if i % 2 else 'green'}"
+                                    for i in range(a.images)],
                          "target": [int(i % 10 >= 5) for i in range(a.images)], "group": [1 - i % 2 for i in range(a.images)],
                          "split": "benchmark"})
     plan["seed"] = [sample_seed(0, i) for i in plan["id"]]

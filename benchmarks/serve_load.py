@@ -117,7 +117,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--backbone", help="serve a random-init classifier of this backbone instead of --model "
-                                       "(small_cnn, resnet18, efficientnet_lite0): the cost of the model decides what batching buys")
+                                       "(small_cnn, resnet18, efficientnet_lite0): the cost of the model decides what "
+                                       "batching buys")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--replicas", type=int, default=None, help="Classifier replicas on the Serve side (default 1)")
     a = ap.parse_args()
@@ -131,7 +132,8 @@ def main() -> None:
     from aimfair_ray.data.codecs import encode_png
     from aimfair_ray.serving.app import build_app
 
-    size = json.loads(Path(a.model, "model.json").read_text()).get("image_size", 32) if Path(a.model, "model.json").is_file() else 32
+    meta = Path(a.model, "model.json")
+    size = json.loads(meta.read_text()).get("image_size", 32) if meta.is_file() else 32
     img = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
     body = {"images": [base64.b64encode(encode_png(img)).decode()]}
     levels = [int(c) for c in a.clients.split(",")]

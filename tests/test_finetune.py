@@ -12,10 +12,9 @@ from safetensors.torch import load_file
 
 from aimfair_ray.data.codecs import decode_png
 from aimfair_ray.data.io import read_table
+from aimfair_ray.models import load_classifier
 from aimfair_ray.train import selective as sel
 from aimfair_ray.train.finetune import compute_scores, finetune, synthetic_dir
-from aimfair_ray.models import load_classifier
-
 
 QUIET = dict(log=lambda *_: None)
 
@@ -87,7 +86,8 @@ def test_random_method_is_reproducible_by_seed(synth):
 
 
 def test_deepspeed_and_ddp_give_the_same_result(synth):
-    """Same seed, same data order, one epoch of linear fine-tuning (frozen BatchNorm, so per-sample gradients): ZeRO-2 and DDP land on the same weights."""
+    """Same seed, same data order, one epoch of linear fine-tuning (frozen BatchNorm, so per-sample
+    gradients): ZeRO-2 and DDP land on the same weights."""
     pytest.importorskip("deepspeed")
     cfg, result = synth
     runs = {}

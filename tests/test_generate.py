@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import TINY, tiny_gen
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import load_config
@@ -16,8 +17,6 @@ from aimfair_ray.data.codecs import decode_png
 from aimfair_ray.data.io import SCHEMA, read_split
 from aimfair_ray.generate.prompts import check_prompt, generate_prompts
 from aimfair_ray.generate.stage import run_prompts, set_counts
-
-from conftest import TINY, tiny_gen
 
 PROMPT_COLUMNS = ["id", "cell", "target", "group", "prompt", "backend", "seed"]
 
@@ -103,9 +102,9 @@ def test_generated_sets_schema_counts_and_determinism(resumed, tiny_pipeline):
         assert json.loads(df["generator"].iloc[0])["steps"] == 4
     shard = next(Path(cfg.paths.synthetic_set("balanced")).glob("shard-*.parquet"))
     assert pq.read_schema(shard).remove_metadata().equals(SCHEMA)
-    from aimfair_ray.generate.images import sample_seed
-
     import torch
+
+    from aimfair_ray.generate.images import sample_seed
 
     torch.set_num_threads(1)  # as in the 1-CPU actor: float reductions depend on the thread count
     pipe = load_pipeline(tiny_pipeline)
@@ -115,7 +114,8 @@ def test_generated_sets_schema_counts_and_determinism(resumed, tiny_pipeline):
     d = np.stack([np.abs(a.astype(int) - decode_png(b).astype(int)) for a, b in zip(again, batch["image"])])
     # same ids, same images, up to float rounding between processes (measured: 1 level in 0.002% of values)
     assert (d == 0).mean() > 0.999 and d.max() <= 1
-    alone = generate_batch(pipe, batch["prompt"].tolist()[:1], [sample_seed(0, batch["id"].iloc[0])], g.steps, g.guidance_scale)[0]
+    alone = generate_batch(pipe, batch["prompt"].tolist()[:1], [sample_seed(0, batch["id"].iloc[0])], g.steps,
+                           g.guidance_scale)[0]
     diff = np.abs(alone.astype(int) - decode_png(batch["image"].iloc[0]).astype(int))
     assert diff.mean() < 0.5 and diff.max() <= 4  # other batch shapes: float-level differences only
 

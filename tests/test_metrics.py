@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
-from fairlearn.metrics import (MetricFrame, demographic_parity_difference, equalized_odds_difference,
-                               false_positive_rate, true_positive_rate)
+from fairlearn.metrics import (
+    MetricFrame,
+    demographic_parity_difference,
+    equalized_odds_difference,
+    false_positive_rate,
+    true_positive_rate,
+)
 from sklearn.metrics import accuracy_score
 
 from aimfair_ray.metrics import fairness_report

@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY, tiny_gen
 from typer.testing import CliRunner
 
 from aimfair_ray import AimfairError
 from aimfair_ray.cli import app
 from aimfair_ray.config import load_config
 from aimfair_ray.sweep import SweepSpec, check_space, concurrency, load_spec, pareto_front, trial_config
-
-from conftest import TINY, tiny_gen
 
 
 def test_pareto_front_known_answer():

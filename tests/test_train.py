@@ -7,14 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import load_config
 from aimfair_ray.data.prepare import prepare_data
 from aimfair_ray.evaluate import audit
 from aimfair_ray.train.baseline import train_baseline
-
-from conftest import TINY
 
 AUDIT_KEYS = {"acc", "wst", "std", "eo", "eod_worst", "dp", "group_acc", "n"}
 

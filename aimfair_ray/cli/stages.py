@@ -7,8 +7,7 @@ from typing import List, Optional
 import typer
 
 from aimfair_ray import pipeline
-from aimfair_ray.cli.common import (ConfigOpt, ForceOpt, PresetOpt, SetOpt, WandbOpt, console, headline, log,
-                                    run_with_config)
+from aimfair_ray.cli.common import ConfigOpt, ForceOpt, PresetOpt, SetOpt, WandbOpt, console, headline, log, run_with_config
 from aimfair_ray.train import methods
 
 top = typer.Typer()

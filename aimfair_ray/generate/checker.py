@@ -54,7 +54,8 @@ def _adapt(model: SmallCNN) -> None:
         model.features[0][0] = torch.nn.Conv2d(1, conv.out_channels, 3, padding=1, bias=False)
 
 
-def train_checker(colors, exclude: set[int] = frozenset(), epochs: int = 10, seed: int = 0, threads: int = 2, log=print) -> tuple[Checker, float]:
+def train_checker(colors, exclude: set[int] = frozenset(), epochs: int = 10, seed: int = 0, threads: int = 2,
+                  log=print) -> tuple[Checker, float]:
     """Train on real digits (minus ``exclude`` indices); returns the checker and its held-out accuracy."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -70,7 +71,7 @@ def train_checker(colors, exclude: set[int] = frozenset(), epochs: int = 10, see
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * ((len(tr) + 127) // 128))
     best, best_state = -1.0, None
-    for ep in range(epochs):
+    for _ in range(epochs):
         model.train()
         perm = torch.from_numpy(rng.permutation(tr))
         for i in range(0, len(perm), 128):

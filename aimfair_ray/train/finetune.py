@@ -241,8 +241,9 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
                    masks={k: v.numpy() for k, v in choice["masks"].items()} if choice["masks"] else None,
                    bn_stats=ft.bn_stats, score=score,
                    deepspeed_stage=ft.zero_stage if ft.deepspeed else None,
-                   info={"method": method, "baseline_sha": weights_sha(baseline_dir), "selection": {k: info[k] for k in ("n_trainable_tensors", "n_tensors",
-                                                                             "trainable_fraction", "trainable")}},
+                   info={"method": method, "baseline_sha": weights_sha(baseline_dir),
+                         "selection": {k: info[k] for k in ("n_trainable_tensors", "n_tensors", "trainable_fraction",
+                                                            "trainable")}},
                    provenance=provenance(method, syn_dir, n_syn, n_real))
     return fit(cfg, spec, datasets, meta, force=force, log=log, callbacks=callbacks)
 

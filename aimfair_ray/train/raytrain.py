@@ -21,8 +21,17 @@ import numpy as np
 import torch
 
 from aimfair_ray.config import Config, TrainConfig
-from aimfair_ray.distributed import (allreduce, deepspeed_engine, fit_or_raise, gather, make_trainer,
-                                     report_checkpoint, restore_checkpoint, reuse_or_resume, worker_log)
+from aimfair_ray.distributed import (
+    allreduce,
+    deepspeed_engine,
+    fit_or_raise,
+    gather,
+    make_trainer,
+    report_checkpoint,
+    restore_checkpoint,
+    reuse_or_resume,
+    worker_log,
+)
 from aimfair_ray.metrics import fairness_report
 from aimfair_ray.models import META, WEIGHTS, build_model, save_classifier, unwrap, write_classifier
 from aimfair_ray.storage import write_json
@@ -72,7 +81,8 @@ def train_loop_per_worker(config: dict) -> None:
     frozen_bn = freeze(model, spec.trainable if spec.trainable is not None else [n for n, _ in model.named_parameters()],
                        spec.bn_stats)
     G = len(mmeta["group_names"])
-    dro = GroupWeights(mmeta["num_classes"] * G, spec.eta, reduce=allreduce, ema=spec.ema) if spec.objective == "group_dro" else None
+    dro = (GroupWeights(mmeta["num_classes"] * G, spec.eta, reduce=allreduce, ema=spec.ema)
+           if spec.objective == "group_dro" else None)
     optimizer = loop.make_optimizer(model.parameters(), tc)  # trainable tensors only
     start, history = 0, []
     state = restore_checkpoint(model.load_state_dict, WEIGHTS, optimizer)
@@ -128,8 +138,8 @@ def train_loop_per_worker(config: dict) -> None:
             worker_log.info("[aimfair] {stage} epoch {epoch}/{total}  loss {train_loss:.4f}  val_acc {val_acc:.4f}  "
                      "val_wst {val_wst:.4f}  {epoch_time_s:.1f}s".format(stage=spec.stage, total=tc.epochs, **metrics))
         state = {"epoch": epoch + 1, "history": history, "group_weights": dro.state_dict() if dro is not None else None}
-        report_checkpoint(metrics, state, lambda d: write_classifier(unwrap(model), dict(mmeta, epoch=epoch + 1,
-                                                                                    metrics=metrics), d), optimizer)
+        meta = dict(mmeta, epoch=epoch + 1, metrics=metrics)
+        report_checkpoint(metrics, state, lambda d, meta=meta: write_classifier(unwrap(model), meta, d), optimizer)
 
 
 def _fingerprint(cfg: Config, spec: RunSpec) -> dict:
