@@ -9,7 +9,7 @@ picks its epoch by val worst-group accuracy (it has group labels anyway).
 from __future__ import annotations
 
 from aimfair_ray.config import Config
-from aimfair_ray.data.io import decoded, read_split, read_table
+from aimfair_ray.data.io import image_dataset
 from aimfair_ray.data.prepare import load_meta
 from aimfair_ray.models import model_meta
 from aimfair_ray.train.raytrain import RunSpec, fit
@@ -19,8 +19,7 @@ def real_datasets(cfg: Config) -> dict:
     from aimfair_ray.runtime import ensure_ray
 
     ensure_ray(cfg.ray)  # before any Ray Data call, which would otherwise start a default local cluster
-    return {s: decoded(read_split(f"{cfg.data_dir}/{s}"), read_table(f"{cfg.data_dir}/{s}", ["id"]).num_rows,
-                       cfg.data.image_size, cfg.train.cache_mb) for s in ("train", "val")}
+    return {s: image_dataset([cfg.paths.split(s)], cfg.data.image_size, cfg.train.cache_mb) for s in ("train", "val")}
 
 
 def real_only(method: str) -> dict:

@@ -16,6 +16,7 @@ method ``<method>/`` (model, result.json, selection.json, selection.png).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,10 @@ import torch
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import Config
-from aimfair_ray.data.io import decoded, first_row, read_sets, read_split, read_table
+from aimfair_ray.data.io import first_row, image_dataset, read_table
 from aimfair_ray.distributed import allreduce, fit_or_raise, make_trainer, report_files, reuse_or_resume
 from aimfair_ray.models import build_model, load_classifier
-from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, write_json
+from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, read_json, write_json
 from aimfair_ray.train import methods as registry
 from aimfair_ray.train import selective as sel
 from aimfair_ray.train.raytrain import RunSpec, fit
@@ -49,13 +50,6 @@ def sample_ids(directory: str, n: int | None, seed: int) -> frozenset | None:
         return None
     ids = sorted(read_table(directory, ["id"])["id"].to_pylist())
     return None if n >= len(ids) else frozenset(np.random.default_rng(seed).choice(ids, size=n, replace=False).tolist())
-
-
-def subset(directory: str, n: int | None, seed: int):
-    """A Ray Dataset of the split, limited to ``n`` rows chosen by seed (the same rows on every rerun)."""
-    ds = read_split(directory)
-    keep = sample_ids(directory, n, seed)
-    return ds if keep is None else ds.filter(lambda r: r["id"] in keep)
 
 
 # ---- scoring ---------------------------------------------------------------------------
@@ -123,11 +117,19 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
                            what="scores")
     if done is not None:
         return done
+    shared = cfg.paths.scores()  # the run's own scores (`aimfair finetune`), for a sweep or another stage
+    if not force and shared != stage and exists(f"{shared}/scores.json") and exists(f"{shared}/run.json") \
+            and read_json(f"{shared}/run.json") == json.loads(json.dumps(key)):
+        with atomic_dir(stage) as tmp:
+            shutil.copytree(shared, tmp)
+        log(f"scores: reusing {shared} (same baseline and sets) -> {stage}")
+        return read_json(f"{stage}/scores.json")
     ensure_ray(cfg.ray)
     init, meta, names, numels = _weights(baseline_dir)
     # One dataset, one read (its `set` column tells Rb, Sb, Su apart): one split coordinator, not three.
     dirs = [sources[s] for s in sel.SCORE_SETS]
-    score = read_sets(dirs, [sample_ids(d, ft.score_samples, ft.seed) for d in dirs])
+    score = image_dataset(dirs, cfg.data.image_size, tc.cache_mb, [sample_ids(d, ft.score_samples, ft.seed) for d in dirs],
+                          sets=True)
     trainer = make_trainer(score_loop_per_worker, {"init": init, "model_meta": meta, "threads": tc.torch_threads},
                            tc, cfg.ray_storage, run_name, {"score": score})
     result = fit_or_raise(trainer, "scoring", f"{cfg.ray_storage}/{run_name}")
@@ -222,13 +224,10 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
     n_real = int(round(ft.mix_real * n_syn))
 
     def datasets() -> dict:  # built only if the run trains
-        train_ds = read_split(syn_dir)
-        if n_real:
-            train_ds = train_ds.union(subset(f"{cfg.data_dir}/train", n_real, ft.seed))
-        val_dir = f"{cfg.data_dir}/val"
-        return {"train": decoded(train_ds, n_syn + n_real, cfg.data.image_size, cfg.train.cache_mb),
-                "val": decoded(read_split(val_dir), read_table(val_dir, ["id"]).num_rows, cfg.data.image_size,
-                               cfg.train.cache_mb)}
+        train_dir, size, cache = cfg.paths.split("train"), cfg.data.image_size, cfg.train.cache_mb
+        train = ([syn_dir, train_dir], [None, sample_ids(train_dir, n_real, ft.seed)]) if n_real else ([syn_dir], None)
+        return {"train": image_dataset(*train[:1], size, cache, keep=train[1]),
+                "val": image_dataset([cfg.paths.split("val")], size, cache)}
 
     init, meta, _, _ = _weights(baseline_dir)
     info = _write_selection(cfg.stage_dir(stage), choice)
