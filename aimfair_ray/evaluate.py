@@ -3,13 +3,15 @@ fairness report as JSON, a per-cell accuracy chart as PNG and a terminal table."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from aimfair_ray import AimfairError
 from aimfair_ray.data.io import decode_batch, read_split
 from aimfair_ray.metrics import fairness_report
-from aimfair_ray.models import check_checkpoint_dir, load_classifier
-from aimfair_ray.storage import atomic_write_bytes, write_json
+from aimfair_ray.models import check_checkpoint_dir, load_classifier, weights_sha
+from aimfair_ray.storage import atomic_write_bytes, exists, is_uri, read_json, write_json
 
 
 class Predictor:
@@ -80,6 +82,11 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
     from aimfair_ray.config import AuditConfig
 
     acfg = acfg or AuditConfig()
+    title = title or f"audit of {model_dir}"
+    key = _audit_key(model_dir, split_dir, title)
+    if key is not None and exists(f"{out_dir}/run.json") and read_json(f"{out_dir}/run.json") == key \
+            and exists(f"{out_dir}/audit.json") and exists(f"{out_dir}/group_acc.png"):
+        return read_json(f"{out_dir}/audit.json")  # the same weights on the same files: nothing to redo
     _, meta = load_classifier(model_dir)
     p = predict_split(model_dir, split_dir, acfg.batch_size, acfg.actors, acfg.cpus_per_actor, acfg.gpus_per_actor)
     if len(p["target"]) == 0:
@@ -88,8 +95,20 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
     report.update({"model_dir": model_dir, "split_dir": split_dir,
                    "target_names": meta["target_names"], "group_names": meta["group_names"]})
     write_json(f"{out_dir}/audit.json", report)
-    atomic_write_bytes(f"{out_dir}/group_acc.png", group_acc_chart(report, title or f"audit of {model_dir}"))
+    atomic_write_bytes(f"{out_dir}/group_acc.png", group_acc_chart(report, title))
+    if key is not None:
+        write_json(f"{out_dir}/run.json", key)
     return report
+
+
+def _audit_key(model_dir: str, split_dir: str, title: str) -> dict | None:
+    """What decides an audit: the weights, the split's files, and the chart's title (None for a split
+    on object storage: always recomputed)."""
+    if is_uri(split_dir):
+        return None
+    files = sorted(Path(split_dir).glob("*.parquet"))
+    return {"weights": weights_sha(model_dir), "split": str(split_dir), "title": title,
+            "files": [[f.name, f.stat().st_size] for f in files]}
 
 
 def table(reports: dict[str, dict]):

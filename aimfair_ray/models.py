@@ -183,6 +183,13 @@ def load_classifier(directory: str | Path) -> tuple[nn.Module, dict]:
 
 
 # ---- optimizer state (for resuming), also as safetensors + JSON ---------------------------
+def weights_sha(model_dir: str | Path) -> str:
+    """A short hash of a checkpoint's weights: what a rerun compares to know the model is the same."""
+    import hashlib
+
+    return hashlib.sha256(Path(model_dir, WEIGHTS).read_bytes()).hexdigest()[:16]
+
+
 def save_optimizer(opt: torch.optim.Optimizer, directory: str | Path) -> None:
     sd = opt.state_dict()
     tensors, scalars = {}, {}

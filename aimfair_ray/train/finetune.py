@@ -26,7 +26,7 @@ from aimfair_ray import AimfairError
 from aimfair_ray.config import Config
 from aimfair_ray.data.io import first_row, image_dataset, read_table
 from aimfair_ray.distributed import allreduce, fit_or_raise, make_trainer, report_files, reuse_or_resume
-from aimfair_ray.models import build_model, load_classifier
+from aimfair_ray.models import build_model, load_classifier, weights_sha
 from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, read_json, write_json
 from aimfair_ray.train import methods as registry
 from aimfair_ray.train import selective as sel
@@ -83,12 +83,6 @@ def score_loop_per_worker(config: dict) -> None:
         out.update({f"{s}/{k}": v for k, v in means.items()})
     report_files({"n_rb": counts["rb"], "n_sb": counts["sb"], "n_su": counts["su"]},
                  {"grads.safetensors": save(out), "counts.json": json.dumps(counts).encode()})
-
-
-def weights_sha(model_dir: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(model_dir, "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def _weights(model_dir: str) -> tuple[dict, dict, list[str], dict]:
