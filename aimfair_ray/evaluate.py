@@ -83,6 +83,7 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
 
     acfg = acfg or AuditConfig()
     title = title or f"audit of {model_dir}"
+    check_checkpoint_dir(model_dir)  # a missing or pickled checkpoint: a clear error before anything else
     key = _audit_key(model_dir, split_dir, title)
     if key is not None and exists(f"{out_dir}/run.json") and read_json(f"{out_dir}/run.json") == key \
             and exists(f"{out_dir}/audit.json") and exists(f"{out_dir}/group_acc.png"):
