@@ -20,7 +20,20 @@ def _bundled() -> tuple[Path, Path, dict]:
     from aimfair_ray.assets import asset_path
 
     gguf = asset_path("smollm2")
-    return gguf, cache_dir() / "smollm2-135m-instruct", {"gguf": str(gguf), "bytes": gguf.stat().st_size}
+    return gguf, cache_dir() / "smollm2-135m-instruct", _identity(gguf)
+
+
+def _identity(path: Path) -> dict:
+    """The file, wherever it is installed: its name, size and the hashes of its first and last MiB
+    (two checkouts of the project share one cached copy)."""
+    import hashlib
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(2**20)).hexdigest()[:16]
+        f.seek(max(0, size - 2**20))
+        tail = hashlib.sha256(f.read(2**20)).hexdigest()[:16]
+    return {"gguf": path.name, "bytes": size, "head": head, "tail": tail}
 
 
 def resolve_llm(llm: str | None) -> tuple[str, str | None]:
