@@ -25,8 +25,6 @@ def rows() -> tuple[str, ...]:
     return ("baseline", *METHODS, "group_dro")
 
 
-
-
 def _audit(cfg: Config, model_dir: str, title: str) -> dict:
     from aimfair_ray.data.prepare import split_dir
     from aimfair_ray.evaluate import audit
@@ -75,12 +73,21 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     return table
 
 
-def to_markdown(table: dict, seeds: list[int], title: str) -> str:
+def selection_rule(metric: str) -> str:
+    """How every row picked its epoch, as the tables print it."""
+    if metric == "last":
+        return "the last epoch"
+    labels = " (uses group labels)" if metric == "val_wst" else " (no group labels)"
+    return f"the best {metric} on val{labels}"
+
+
+def to_markdown(table: dict, seeds: list[int], title: str, select_metric: str = "val_acc") -> str:
     def cell(r, k, scale=100):
         v = r.get(k)
         return "—" if v is None else f"{scale * v['mean']:.1f} ± {scale * v['std']:.1f}"
 
-    lines = [f"# {title}", "", f"Seeds: {', '.join(map(str, seeds))}. Test split; mean ± std over seeds, in %.", ""]
+    lines = [f"# {title}", "", f"Seeds: {', '.join(map(str, seeds))}. Test split; mean ± std over seeds, in %. "
+             f"Every row's epoch: {selection_rule(select_metric)}.", ""]
     body = []
     for m, r in table.items():
         tf, et = r.get("trainable_fraction"), r.get("epoch_time_s")
@@ -122,10 +129,11 @@ def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print) ->
     table = aggregate(per_seed)
     out = cfg.stage_dir("benchmark/aimfair")
     title = f"AIM-Fair on {cfg.data.dataset} ({cfg.model.backbone})"
-    write_json(f"{out}/results.json", {"seeds": seeds, "table": table, "per_seed": {
+    write_json(f"{out}/results.json", {"seeds": seeds, "select_metric": cfg.train.select_metric,
+                                       "selection": selection_rule(cfg.train.select_metric), "table": table, "per_seed": {
         str(s): {m: {k: r[k] for k in HEADLINE + ("eod_worst", "dp", "group_acc")} for m, r in res.items()}
         for s, res in per_seed.items()}})
-    atomic_write_text(f"{out}/results.md", to_markdown(table, seeds, title))
+    atomic_write_text(f"{out}/results.md", to_markdown(table, seeds, title, cfg.train.select_metric))
     atomic_write_text(f"{out}/results.csv", to_csv(table))
     atomic_write_bytes(f"{out}/results.png", chart(table, title))
     cfg.save(out)

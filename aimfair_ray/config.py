@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,6 +30,9 @@ class DataConfig(_Strict):
     image_size: int = Field(32, ge=8, le=1024)
     bias: Optional[float] = Field(1 / 9, gt=0, le=1,
         description="bias degree b of the train draw; null keeps the natural distribution")
+    majority: Union[Literal["auto"], list[int]] = Field("auto",
+        description="the majority group of each class in the biased draws: auto (in each class, the group most "
+                    "frequent in the source data; Colored MNIST and ties: (y+1) % G) or one group index per class")
     val_bias: Optional[float] = Field(None, gt=0, le=1, description="bias of val; null: same as train")
     n_train: Optional[int] = Field(2500, ge=4, description="size of the biased train set; null: the largest the pool allows")
     n_val: int = Field(500, ge=4)
@@ -53,6 +56,9 @@ class DataConfig(_Strict):
             raise ValueError(f"dataset {self.dataset!r} needs data.root (the dataset folder or manifest file)")
         if abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ValueError("split_fractions must add up to 1")
+        if min(self.split_fractions) <= 0:
+            raise ValueError("split_fractions needs a share > 0 for each of train, val and test; to bring your own "
+                             "synthetic images use `aimfair data import-synthetic` (or finetune.synthetic=PATH)")
         return self
 
 
@@ -87,7 +93,9 @@ class TrainConfig(_Strict):
     max_failures: int = Field(1, ge=-1)
     keep_checkpoints: int = Field(2, ge=1)
     select_metric: Literal["val_acc", "val_loss", "val_wst", "last"] = Field(
-        "val_acc", description="which epoch to export: best on val by this metric, or the last")
+        "val_acc", description="which epoch every method (baseline, fine-tuning, Group DRO) exports: the best on val by "
+                               "this metric, or the last. val_acc and val_loss need no group labels (as the official "
+                               "AIM-Fair code); val_wst uses them, and the results tables say so")
     seed: int = 0
     wandb: bool = False
     wandb_project: str = "aimfair-ray"
@@ -107,8 +115,13 @@ class FinetuneConfig(_Strict):
     bn_stats: Literal["keep", "frozen_layers", "update"] = Field(
         "keep", description="BatchNorm running statistics while fine-tuning: keep all of them (the real data's), "
                             "keep those of frozen layers only, or update all on the synthetic data")
-    synthetic: Literal["auto", "balanced", "balanced_filtered"] = Field("auto",
-        description="auto: the filtered set when generate.filter is on")
+    synthetic: str = Field("auto",
+        description="the balanced set fine-tuning trains on: auto (the filtered set when generate.filter is on), "
+                    "balanced, balanced_filtered, or a path: a set directory in the image schema, or a manifest "
+                    "(.csv/.parquet with path, target, group; optional prompt, generator) of your own images")
+    synthetic_imbalanced: str = Field("auto",
+        description="the imbalanced set the selection scores use (Sb): auto (filtered like the balanced one), "
+                    "imbalanced, imbalanced_filtered, or a path as for synthetic")
     mix_real: float = Field(0.0, ge=0, le=10,
         description="add real biased train images, as a multiple of the synthetic set's size")
     score_samples: Optional[int] = Field(None, ge=1,
@@ -116,6 +129,16 @@ class FinetuneConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
+
+    @field_validator("synthetic", "synthetic_imbalanced")
+    @classmethod
+    def _set_or_path(cls, v: str, info) -> str:
+        names = ("auto", "balanced", "balanced_filtered") if info.field_name == "synthetic" else \
+            ("auto", "imbalanced", "imbalanced_filtered")
+        if v in names or "/" in v or v.endswith((".csv", ".parquet", ".pq")):
+            return v
+        raise ValueError(f"{v!r} is neither one of {', '.join(names)} nor a path (a set directory or a manifest "
+                         ".csv/.parquet)")
 
     @field_validator("method")
     @classmethod
@@ -194,7 +217,11 @@ class RayConfig(_Strict):
 
 class AuditConfig(_Strict):
     split: str = "test"
+    min_cell: int = Field(30, ge=1, description="warn (JSON, table, chart) when a (target, group) cell has fewer test "
+                                                "images: its accuracy, and a WST it decides, are noise")
     batch_size: int = Field(256, ge=1)
+    local_max_rows: int = Field(5000, ge=0, description="a split of up to this many rows is predicted in the calling "
+                                "process (no actor pool to start); a larger one in the actor pool below")
     actors: int = Field(1, ge=1, description="prediction actors in the pool")
     cpus_per_actor: float = Field(0.5, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
@@ -314,7 +341,7 @@ class Config(_Strict):
     # Fields that say where and with what a stage runs, not what it computes: changing them
     # never invalidates a finished run (fingerprints leave them out).
     RESOURCE_FIELDS: ClassVar[dict] = {"ray": True, "storage_uri": True,
-                       "audit": {"actors", "cpus_per_actor", "gpus_per_actor"},
+                       "audit": {"actors", "cpus_per_actor", "gpus_per_actor", "local_max_rows"},
                        "train": {"cpus_per_worker", "gpus_per_worker", "cache_mb"},
                        "generate": {"llm_actors", "llm_cpus", "llm_gpus", "actors", "cpus_per_actor", "gpus_per_actor"}}
 

@@ -125,9 +125,14 @@ def make_trainer(loop: Callable, loop_config: dict, tc, storage_path: str, name:
                  callbacks=None, select_metric: Optional[str] = None):
     """A ``TorchTrainer`` with the workers and resources of ``tc`` (a ``TrainConfig``), its failure and
     checkpoint policy, and ``select_metric`` (a reported metric, "max" is better but for ``val_loss``)
-    deciding which checkpoints are kept."""
+    deciding which checkpoints are kept. ``datasets`` are :mod:`data.feed` sources by name; the loop
+    reads them with ``feed.worker_batches(config["feed"], name, ...)``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from aimfair_ray.data.feed import split_sources
+
+    ray_datasets, feed = split_sources(datasets or {})
 
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
     keep = {"num_to_keep": tc.keep_checkpoints}
@@ -136,9 +141,9 @@ def make_trainer(loop: Callable, loop_config: dict, tc, storage_path: str, name:
                     checkpoint_score_order="min" if select_metric == "val_loss" else "max")
     return TorchTrainer(
         loop,
-        train_loop_config=loop_config,
+        train_loop_config=dict(loop_config, feed=feed),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
-        datasets=datasets or {},
+        datasets=ray_datasets,
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks or []),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(**keep)),

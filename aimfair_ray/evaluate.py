@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from aimfair_ray import AimfairError
-from aimfair_ray.data.io import decode_batch, read_split
+from aimfair_ray.data.io import check_split, decode_batch, read_split, read_table
 from aimfair_ray.metrics import fairness_report
 from aimfair_ray.models import check_checkpoint_dir, load_classifier, weights_sha
 from aimfair_ray.storage import atomic_write_bytes, exists, is_uri, read_json, write_json
@@ -17,10 +17,11 @@ from aimfair_ray.storage import atomic_write_bytes, exists, is_uri, read_json, w
 class Predictor:
     """Ray Data UDF: a checkpoint's predictions for batches of the image schema."""
 
-    def __init__(self, model_dir: str, threads: int = 1, device: str = "cpu"):
+    def __init__(self, model_dir: str, threads: int | None = 1, device: str = "cpu"):
         import torch
 
-        torch.set_num_threads(threads)
+        if threads:  # an actor's own; None in the calling process, whose threads are left alone
+            torch.set_num_threads(threads)
         self.device = device
         self.model, self.meta = load_classifier(model_dir)
         self.model.to(device)
@@ -37,11 +38,21 @@ class Predictor:
 
 
 def predict_split(model_dir: str, split_dir: str, batch_size: int = 256, actors: int = 1, cpus: float = 0.5,
-                  gpus: float = 0.0) -> dict:
-    """Predictions in an actor pool of ``actors`` actors with ``cpus`` / ``gpus`` each (audit.* in config)."""
+                  gpus: float = 0.0, local_max_rows: int = 0) -> dict:
+    """Predictions in an actor pool of ``actors`` actors with ``cpus`` / ``gpus`` each (audit.* in config);
+    a split of at most ``local_max_rows`` rows in this process (starting a pool costs more than it)."""
     import ray
 
     check_checkpoint_dir(model_dir)
+    if not is_uri(split_dir):
+        check_split(split_dir)
+    if not is_uri(split_dir) and read_table(split_dir, ["id"]).num_rows <= local_max_rows:
+        t = read_table(split_dir, ["image", "target", "group"])
+        pred = Predictor(model_dir, threads=None)
+        parts = [pred({c: t[c].to_numpy(zero_copy_only=False)[i:i + batch_size] for c in ("image", "target", "group")})
+                 for i in range(0, t.num_rows, batch_size)]
+        return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, int)
+                for k in ("target", "group", "pred", "prob")}
     ds = read_split(split_dir)
     preds = ds.map_batches(
         Predictor,
@@ -56,21 +67,47 @@ def predict_split(model_dir: str, split_dir: str, batch_size: int = 256, actors:
     return {k: cols[k].to_numpy() for k in ("target", "group", "pred", "prob")}
 
 
-def group_acc_chart(report: dict, title: str) -> bytes:
+def small_cells(report: dict, min_cell: int) -> list[str]:
+    """Warnings for the cells with fewer than ``min_cell`` test images (their accuracy is noise)."""
+    counts = report.get("cell_counts", {})
+    return [f"cell {k} has {counts[k]} test images (< audit.min_cell {min_cell}): its accuracy"
+            + (", which decides WST," if report["group_acc"][k] == report["wst"] else "") + " is noise"
+            for k in report["group_acc"] if counts.get(k, min_cell) < min_cell]
+
+
+WORST, BAR, LOW = "#c0392b", "#2e86c1", 0.012  # LOW: the drawn height of a 0.000 bar, so it stays visible
+
+
+def group_acc_chart(report: dict, title: str, min_cell: int = 30) -> bytes:
+    """Per-cell accuracy bars with each cell's n; the worst cell in red with a marker above it (also at 0),
+    cells under ``min_cell`` test images hatched and flagged."""
     from aimfair_ray.reports import figure_png, pyplot
 
     keys = list(report["group_acc"])
     vals = [report["group_acc"][k] for k in keys]
+    counts = report.get("cell_counts", {})
     tn, gn = report.get("target_names"), report.get("group_names")
     labels = [f"{tn[int(k[1:k.index('_')])]}\n{gn[int(k[k.index('_s') + 2:])]}" if tn and gn else k for k in keys]
-    fig, ax = pyplot().subplots(figsize=(max(4, 1.3 * len(keys)), 3.4), dpi=100)
-    bars = ax.bar(labels, vals, color=["#c0392b" if v == min(vals) else "#2e86c1" for v in vals])
+    labels = [f"{lab}\nn={counts[k]}" if k in counts else lab for lab, k in zip(labels, keys)]
+    small = [counts.get(k, min_cell) < min_cell for k in keys]
+    fig, ax = pyplot().subplots(figsize=(max(4, 1.3 * len(keys)), 3.8), dpi=100)
+    worst = min(vals)
+    bars = ax.bar(labels, [max(v, LOW) for v in vals], color=[WORST if v == worst else BAR for v in vals],
+                  hatch=None, edgecolor="k", linewidth=0.5)
+    for b, s in zip(bars, small):
+        if s:
+            b.set_hatch("//")
     ax.axhline(report["acc"], ls="--", color="k", lw=1, label=f"ACC {report['acc']:.3f}")
-    for b, v in zip(bars, vals):
-        ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)
-    ax.set_ylim(0, 1.08)
+    for b, v, s in zip(bars, vals, small):
+        x = b.get_x() + b.get_width() / 2
+        ax.text(x, max(v, LOW) + 0.01, f"{v:.3f}" + (" (n<%d!)" % min_cell if s else ""), ha="center", fontsize=8,
+                color=WORST if s else "k")
+        if v == worst:
+            ax.plot([x], [max(v, LOW) + 0.07], marker="v", color=WORST, markersize=9)
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}\nWST {report['wst']:.3f}  STD {report['std']:.3f}  EO {report['eo']:.3f}", fontsize=9)
+    warn = f"  ({sum(small)} cell(s) under {min_cell} images)" if any(small) else ""
+    ax.set_title(f"{title}\nWST {report['wst']:.3f}  STD {report['std']:.3f}  EO {report['eo']:.3f}{warn}", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return figure_png(fig)
@@ -84,46 +121,59 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
     acfg = acfg or AuditConfig()
     title = title or f"audit of {model_dir}"
     check_checkpoint_dir(model_dir)  # a missing or pickled checkpoint: a clear error before anything else
-    key = _audit_key(model_dir, split_dir, title)
+    key = _audit_key(model_dir, split_dir, title, acfg.min_cell)
     if key is not None and exists(f"{out_dir}/run.json") and read_json(f"{out_dir}/run.json") == key \
             and exists(f"{out_dir}/audit.json") and exists(f"{out_dir}/group_acc.png"):
         return read_json(f"{out_dir}/audit.json")  # the same weights on the same files: nothing to redo
     _, meta = load_classifier(model_dir)
-    p = predict_split(model_dir, split_dir, acfg.batch_size, acfg.actors, acfg.cpus_per_actor, acfg.gpus_per_actor)
+    p = predict_split(model_dir, split_dir, acfg.batch_size, acfg.actors, acfg.cpus_per_actor, acfg.gpus_per_actor,
+                      acfg.local_max_rows)
     if len(p["target"]) == 0:
         raise AimfairError(f"{split_dir} holds no rows to audit")
     report = fairness_report(p["target"], p["pred"], p["group"], meta["num_classes"], len(meta["group_names"]))
     report.update({"model_dir": model_dir, "split_dir": split_dir,
-                   "target_names": meta["target_names"], "group_names": meta["group_names"]})
+                   "target_names": meta["target_names"], "group_names": meta["group_names"],
+                   "min_cell": acfg.min_cell, "warnings": small_cells(report, acfg.min_cell)})
     write_json(f"{out_dir}/audit.json", report)
-    atomic_write_bytes(f"{out_dir}/group_acc.png", group_acc_chart(report, title))
+    atomic_write_bytes(f"{out_dir}/group_acc.png", group_acc_chart(report, title, acfg.min_cell))
     if key is not None:
         write_json(f"{out_dir}/run.json", key)
     return report
 
 
-def _audit_key(model_dir: str, split_dir: str, title: str) -> dict | None:
+def _audit_key(model_dir: str, split_dir: str, title: str, min_cell: int) -> dict | None:
     """What decides an audit: the weights, the split's files, and the chart's title (None for a split
     on object storage: always recomputed)."""
     if is_uri(split_dir):
         return None
     files = sorted(Path(split_dir).glob("*.parquet"))
-    return {"weights": weights_sha(model_dir), "split": str(split_dir), "title": title,
+    return {"weights": weights_sha(model_dir), "split": str(split_dir), "title": title, "min_cell": min_cell,
             "files": [[f.name, f.stat().st_size] for f in files]}
 
 
+def _cell(r: dict, c: str) -> str:
+    """A cell's accuracy and its n, red with a "!" under ``min_cell`` images."""
+    acc, n = f"{r['group_acc'].get(c, float('nan')):.4f}", r.get("cell_counts", {}).get(c)
+    return acc if n is None else f"[red]{acc} ({n}!)[/]" if n < r.get("min_cell", 0) else f"{acc} ({n})"
+
+
 def table(reports: dict[str, dict]):
-    """A rich table: one row per model, headline metrics and each cell's accuracy."""
+    """A rich table: one row per model, headline metrics and each cell's accuracy with its n (a cell
+    under ``audit.min_cell`` images in red with a "!"); the warnings as its caption."""
     from rich.table import Table
 
     first = next(iter(reports.values()))
     cells = list(first["group_acc"])
     t = Table(title="fairness audit", show_lines=False)
-    for col in ["model", "ACC", "WST", "STD", "EO", "EOD(worst)", "DP", "n"] + cells:
+    for col in ["model", "ACC", "WST", "STD", "EO", "EOD(worst)", "DP", "n"] + [f"{c} (n)" for c in cells]:
         t.add_column(col, justify="right" if col != "model" else "left")
+    warnings = []
     for name, r in reports.items():
         t.add_row(name, *[f"{r[k]:.4f}" for k in ("acc", "wst", "std", "eo", "eod_worst", "dp")], str(r["n"]),
-                  *[f"{r['group_acc'].get(c, float('nan')):.4f}" for c in cells])
+                  *[_cell(r, c) for c in cells])
+        warnings += [f"{name}: {w}" for w in r.get("warnings", [])]
+    if warnings:
+        t.caption = "[red]warning:[/] " + "\n[red]warning:[/] ".join(warnings)
     return t
 
 

@@ -19,6 +19,18 @@ def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
     return prepare_data(cfg, force=force, log=log)
 
 
+def run_import(cfg: Config, manifest: str, kind: str, generator: Optional[str], force: bool = False, log=print) -> dict:
+    """Your own synthetic images (a manifest) as the run's ``balanced`` or ``imbalanced`` set."""
+    from aimfair_ray import AimfairError
+    from aimfair_ray.data.synthetic import import_synthetic
+
+    if kind not in ("balanced", "imbalanced"):
+        raise AimfairError(f"--as {kind!r}: choose balanced or imbalanced")
+    info = import_synthetic(cfg, manifest, kind, generator, cfg.paths.synthetic_set(kind), force=force, log=log)
+    cfg.save(cfg.paths.synthetic)
+    return info
+
+
 def run_generate(cfg: Config, what: str, force: bool = False, log=print) -> dict:
     """``prompts``, ``images`` (prompts first), ``all`` (then the filter if ``generate.filter``) or ``filter``."""
     from aimfair_ray.generate import stage
@@ -35,6 +47,21 @@ def run_generate(cfg: Config, what: str, force: bool = False, log=print) -> dict
     if what == "filter" or (what == "all" and cfg.generate.filter):
         out["filter"] = stage.run_filter(cfg, log=log)
     return out
+
+
+def ensure_synthetic(cfg: Config, log=print) -> None:
+    """The synthetic sets fine-tuning reads (``finetune.synthetic*``): the run's own (generated or
+    imported) or the user's when they exist; the generate stage runs only for those missing."""
+    from aimfair_ray.storage import exists, is_complete
+    from aimfair_ray.train.finetune import synthetic_dir
+
+    wanted = {k: synthetic_dir(cfg, k, log, check=False) for k in ("balanced", "imbalanced")}
+    missing = [k for k, d in wanted.items() if not (exists(d) and (not os.path.isdir(d) or is_complete(d)))]
+    if not missing:
+        log("generate: using the synthetic sets that exist: " + ", ".join(f"{k} {d}" for k, d in wanted.items()))
+        return
+    log(f"generate: no {' or '.join(missing)} set yet; generating")
+    run_generate(cfg, "all", log=log)
 
 
 def run_baseline(cfg: Config, force: bool = False, log=print) -> dict:

@@ -4,14 +4,16 @@ CSV tables."""
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Iterable, Sequence
 
 import numpy as np
 
 
+@functools.cache
 def pyplot():
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    """matplotlib's pyplot on the Agg backend (no display needed); the backend is set on the first call."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -111,7 +111,7 @@ def test_utkface_reader_labels(tmp_path):
     assert lab.skipped == [str(tmp_path / "badname.jpg")]
     race = read_utkface(str(tmp_path), "race", "gender", [20, 40, 60]).frame.set_index("id")
     assert race.loc[names[2], "target"] == 4 and race.loc[names[3], "target"] == 1
-    with pytest.raises(AimfairError, match="available attributes: gender, race, age_bin"):
+    with pytest.raises(AimfairError, match="available attributes: gender, race, race_white, age_bin"):
         read_utkface(str(tmp_path), "age", "gender", [20])
 
 

@@ -22,7 +22,7 @@ LEVELS = {
     "cli": 7,
 }
 # Shared pieces inside the data package, which every stage may read.
-SHARED_DATA = {"data.codecs", "data.captions", "data.io", "data.cmnist", "data.bias"}
+SHARED_DATA = {"data.codecs", "data.captions", "data.io", "data.feed", "data.cmnist", "data.bias"}
 # The two deliberate exceptions, each a lazy import inside a function:
 ALLOWED = {
     ("", "generate"), ("", "generate.t2i"),  # diffusers finds a saved pipeline's classes as aimfair_ray.<Class>

@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY
 
 from aimfair_ray import AimfairError
-from aimfair_ray.config import load_config
+from aimfair_ray.config import AuditConfig, load_config
 from aimfair_ray.data.prepare import prepare_data
 from aimfair_ray.evaluate import audit
 from aimfair_ray.train.baseline import train_baseline
@@ -28,14 +28,18 @@ def test_two_workers_train_and_audit(trained, tmp_path):
     ckpts = [c for c in Path(result["run_path"]).glob("checkpoint_*") if c.is_dir()]
     assert ckpts and all({p.suffix for p in c.iterdir()} <= {".safetensors", ".json"} for c in ckpts)
     assert (Path(cfg.stage_dir("baseline")) / "config.yaml").is_file()
-    rep = audit(str(model_dir), f"{cfg.data_dir}/test", str(tmp_path / "audit"))
+    rep = audit(str(model_dir), f"{cfg.data_dir}/test", str(tmp_path / "audit"), AuditConfig(local_max_rows=0))
     saved = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    # the actor pool (above) and the calling process (a small split) predict the same
+    local = audit(str(model_dir), f"{cfg.data_dir}/test", str(tmp_path / "local"))
+    assert {k: local[k] for k in ("acc", "wst", "eo", "group_acc", "confusion")} == \
+        {k: rep[k] for k in ("acc", "wst", "eo", "group_acc", "confusion")}
     assert AUDIT_KEYS <= set(saved) and saved["n"] == 200 == rep["n"]
     assert set(saved["group_acc"]) == {"y0_s0", "y0_s1", "y1_s0", "y1_s1"}
     assert (tmp_path / "audit" / "group_acc.png").read_bytes()[:4] == b"\x89PNG"
     # the same weights on the same split: the audit is reused, not predicted again
     mtime = (tmp_path / "audit" / "group_acc.png").stat().st_mtime_ns
-    assert audit(str(model_dir), f"{cfg.data_dir}/test", str(tmp_path / "audit")) == saved
+    assert audit(str(model_dir), f"{cfg.data_dir}/test", str(tmp_path / "audit"), AuditConfig(local_max_rows=0)) == saved
     assert (tmp_path / "audit" / "group_acc.png").stat().st_mtime_ns == mtime
     # rerun with the same config reuses the trained model instead of training again
     msgs = []
@@ -58,7 +62,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     """One Ray Train worker, killed mid-run and resumed through the CLI (two workers: the `trained` fixture)."""
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
     # train.cache_mb=0: stream every epoch from Parquet, so that epochs are slow enough to kill the run between them
-    sets = TINY + [f"output_dir={tmp_path}", "train.epochs=4", "train.num_workers=1", "train.keep_checkpoints=4",
+    sets = TINY + [f"output_dir={tmp_path}", "train.epochs=3", "train.num_workers=1", "train.keep_checkpoints=3",
                    "train.cache_mb=0"]
     args = ["train", "baseline"] + [x for s in sets for x in ("--set", s)]
     prepare_data(load_config("cmnist", overrides=sets), log=lambda *_: None)
@@ -76,11 +80,11 @@ def test_interrupted_run_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     out, _ = _cli(args, env).communicate(timeout=400)
     assert "resuming the interrupted run" in out and "resuming from checkpoint after epoch" in out, out[-3000:]
     resumed_at = int(out.split("resuming from checkpoint after epoch ")[1].split()[0])
-    assert 1 <= resumed_at < 4
+    assert 1 <= resumed_at < 3
     result = json.loads((tmp_path / "cmnist" / "baseline" / "result.json").read_text())
-    assert [h["epoch"] for h in result["history"]] == list(range(1, 5))
+    assert [h["epoch"] for h in result["history"]] == list(range(1, 4))
     assert all(h["world_size"] == 1 for h in result["history"]) and 0 <= result["best"]["val_acc"] <= 1
-    assert f"epoch {resumed_at}/4" not in out.split("resuming from checkpoint")[1]  # finished epochs not rerun
+    assert f"epoch {resumed_at}/3" not in out.split("resuming from checkpoint")[1]  # finished epochs not rerun
 
 
 def test_wandb_offline_logs_metrics_and_chart(trained, tmp_path, monkeypatch):

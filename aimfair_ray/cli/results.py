@@ -105,7 +105,7 @@ def benchmark_aimfair_cmd(seeds: int = typer.Option(3, "--seeds", min=1, help="n
         if bad:
             raise AimfairError(f"unknown --methods {bad}; choose from {', '.join(known)}")
         pipeline.run_prepare(cfg, log=log)
-        pipeline.run_generate(cfg, "all", log=log)
+        pipeline.ensure_synthetic(cfg, log=log)
         t0 = time.time()
         out = benchmark_aimfair(cfg, list(range(seeds)), chosen, log=log)
         console.print(open(f"{out['dir']}/results.md").read(), highlight=False)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from aimfair_ray import AimfairError
 from aimfair_ray.assets import asset_path
-from aimfair_ray.data.bias import cell_counts
+from aimfair_ray.data.bias import cell_counts, resolve_majority
 from aimfair_ray.data.codecs import encode_png
 from aimfair_ray.data.io import make_table
 
@@ -58,11 +58,11 @@ def stroke_color(images: np.ndarray, colors) -> np.ndarray:
     return np.argmin(((mean[:, None, :] - ref[None]) ** 2).sum(-1), axis=1)
 
 
-def _biased_groups(n: int, y: int, G: int, b: float | None, rng) -> np.ndarray:
+def _biased_groups(n: int, y: int, G: int, b: float | None, rng, majority: list[int] | None = None) -> np.ndarray:
     """Colours for n digits of class y: counts from the bias protocol (uniform if b is None)."""
     if b is None:
         return rng.integers(0, G, size=n)
-    per_class = cell_counts(n * 2, 2, G, b)[y]  # a class holds half of a 2-class draw
+    per_class = cell_counts(n * 2, 2, G, b, majority)[y]  # a class holds half of a 2-class draw
     groups = np.repeat(np.arange(G), per_class)
     rng.shuffle(groups)
     return groups
@@ -73,6 +73,7 @@ def build(dcfg) -> dict:
     digits, labels = load_mnist_5k()
     rng = np.random.default_rng(dcfg.seed)
     G = len(dcfg.colors)
+    majority = resolve_majority(dcfg.majority, [], [], 2, G)  # the draw assigns the colours: auto is the convention
     y_all = (labels >= 5).astype(int)
     sizes = {
         "test": dcfg.n_test_per_cell * G,  # per class
@@ -96,9 +97,9 @@ def build(dcfg) -> dict:
             if split == "test":
                 g = np.repeat(np.arange(G), dcfg.n_test_per_cell)
             elif split == "train":
-                g = _biased_groups(len(ix), y, G, dcfg.bias, rng)
+                g = _biased_groups(len(ix), y, G, dcfg.bias, rng, majority)
             elif split == "val":
-                g = _biased_groups(len(ix), y, G, dcfg.val_bias or dcfg.bias, rng)
+                g = _biased_groups(len(ix), y, G, dcfg.val_bias or dcfg.bias, rng, majority)
             else:
                 g = rng.integers(0, G, size=len(ix))
             parts[split].append((ix, np.full(len(ix), y), g))
@@ -120,4 +121,5 @@ def build(dcfg) -> dict:
             }
         )
         counts[split] = {f"y{c}_s{s}": int(np.sum((y == c) & (g == s))) for c in (0, 1) for s in range(G)}
-    return {"tables": tables, "cell_counts": counts, "target_names": TARGET_NAMES, "group_names": group_names(dcfg.colors)}
+    return {"tables": tables, "cell_counts": counts, "target_names": TARGET_NAMES, "group_names": group_names(dcfg.colors),
+            "majority": majority}

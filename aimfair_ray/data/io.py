@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aimfair_ray import AimfairError
 from aimfair_ray.data.codecs import decode_png
@@ -51,7 +52,8 @@ def write_split(ds, directory: str, rows_per_file: int = 2048) -> str:
     return directory
 
 
-def _check_split(directory: str) -> None:
+def check_split(directory: str) -> None:
+    """A complete split or set directory in the image schema, or a one-line error saying what to run."""
     if not exists(directory):
         raise AimfairError(f"no data at {directory}: run `aimfair data prepare` first (or check the path)")
     if not is_complete(directory):
@@ -72,7 +74,7 @@ def read_split(directory: str):
     """A Ray Dataset over a complete split directory in the shared schema."""
     import ray
 
-    _check_split(directory)
+    check_split(directory)
     return ray.data.read_parquet(directory, file_extensions=["parquet"])
 
 
@@ -86,6 +88,15 @@ def read_table(directory: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
 
 
+def files_sha(directory: str) -> str:
+    """A short hash of a set directory's Parquet file names and sizes: a rewritten set (another import,
+    a regenerated set) gets another, so what was computed from the old one is not reused."""
+    import hashlib
+
+    files = sorted((p.name, p.stat().st_size) for p in Path(directory).glob("*.parquet")) if not is_uri(directory) else []
+    return hashlib.sha1(repr(files).encode()).hexdigest()[:16]
+
+
 def first_row(directory: str, columns: list[str]) -> dict:
     """The first row of a split or set directory (its first shard's), without reading the rest."""
     import pyarrow.parquet as pq
@@ -97,44 +108,45 @@ def first_row(directory: str, columns: list[str]) -> dict:
 
 
 def image_dataset(directories: list[str], image_size: int, cache_mb: float, keep: list | None = None,
-                  sets: bool = False):
-    """One decoded Ray Dataset (``image`` uint8 NCHW, ``target``, ``group``) over split or set
-    directories, in file order; ``keep[i]``, when not None, is the set of ids kept from directory i;
-    with ``sets``, a ``set`` column holds each row's directory index.
+                  sets: bool = False, shuffle_seed: int | None = None):
+    """The decoded rows (``image`` uint8 NCHW, ``target``, ``group``) of split or set directories, as a
+    source for Ray Train workers (:mod:`data.feed`); ``keep[i]``, when not None, is the set of ids kept
+    from directory i; with ``sets``, a ``set`` column holds each row's directory index.
 
-    A small set (rows x size² x 3 bytes ≤ ``cache_mb``) is read and decoded here, once per run, and
-    handed to Ray as Arrow tensor blocks: no Ray Data tasks to start, no PNG decode per epoch. A
-    larger one streams from Parquet (one read of all the files: a ``union`` of reads runs a pipeline
-    per input) and is decoded by Ray Data tasks every epoch."""
+    A small set (rows x size² x 3 bytes ≤ ``cache_mb``) is read and decoded here, once per run, into
+    Ray's object store (:class:`feed.InMemory`: exact seeded shuffles, no Ray Data tasks per epoch).
+    A larger one streams from Parquet (:class:`feed.Streamed`: one read of all the files, decoded by
+    Ray Data tasks every epoch; with ``shuffle_seed`` its block order is redrawn every epoch)."""
     import ray
+
+    from aimfair_ray.data.feed import InMemory, Streamed, shuffled_blocks
 
     keep = keep or [None] * len(directories)
     for d in directories:
-        _check_split(d)
+        check_split(d)
     rows = sum(len(k) if k is not None else read_table(d, ["id"]).num_rows for d, k in zip(directories, keep))
     if rows * image_size * image_size * 3 > cache_mb * 2**20 or any(is_uri(d) for d in directories):
         prefixes = [d.split("://", 1)[-1].rstrip("/") + "/" for d in directories]
         ds = ray.data.read_parquet(list(directories), file_extensions=["parquet"], include_paths=True)
-        return ds.map_batches(_decode_sets, fn_kwargs={"prefixes": prefixes, "keep": keep, "sets": sets},
-                              batch_format="numpy")
-    from ray.data.extensions import ArrowTensorArray
-
+        if shuffle_seed is not None:
+            ds = shuffled_blocks(ds, shuffle_seed)
+        ds = ds.map_batches(_decode_sets, fn_kwargs={"prefixes": prefixes, "keep": keep, "sets": sets},
+                            batch_format="numpy")
+        return Streamed(ds, rows)
     parts = []
     for i, (d, k) in enumerate(zip(directories, keep)):
         t = read_table(d, ["id", "image", "target", "group"])
         if k is not None:
             t = t.filter(pa.array([x in k for x in t["id"].to_pylist()]))
+        t = t.take(pc.sort_indices(t, [("id", "ascending")]))  # by id: the files' layout never orders the rows
         if t.num_rows:
-            imgs = np.stack([decode_png(b) for b in t["image"].to_pylist()]).transpose(0, 3, 1, 2)
-            cols = {"image": ArrowTensorArray.from_numpy(np.ascontiguousarray(imgs)),
-                    "target": t["target"].cast(pa.int64()), "group": t["group"].cast(pa.int64())}
+            part = decode_batch({c: t[c].to_numpy(zero_copy_only=False) for c in ("image", "target", "group")})
             if sets:
-                cols["set"] = pa.array(np.full(t.num_rows, i, dtype=np.int64))
-            parts.append(pa.table(cols))
+                part["set"] = np.full(t.num_rows, i, dtype=np.int64)
+            parts.append(part)
     if not parts:
         raise AimfairError(f"no rows to read in {', '.join(directories)}")
-    table = pa.concat_tables(parts)
-    return ray.data.from_arrow([table.slice(o, 1024) for o in range(0, table.num_rows, 1024)])
+    return InMemory({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
 def _decode_sets(batch: dict, prefixes: list[str], keep: list, sets: bool) -> dict:

@@ -13,9 +13,9 @@ import pandas as pd
 
 from aimfair_ray import AimfairError
 from aimfair_ray.data import cmnist
-from aimfair_ray.data.bias import count_cells, counts_dict, draw_biased_subset
+from aimfair_ray.data.bias import count_cells, counts_dict, draw_biased_subset, resolve_majority
 from aimfair_ray.data.codecs import decode_png, encode_png
-from aimfair_ray.data.io import read_split, write_split
+from aimfair_ray.data.io import read_table, write_split
 from aimfair_ray.data.readers import check_files, read_dataset
 from aimfair_ray.storage import exists, read_json, write_json
 
@@ -81,18 +81,22 @@ def _real_tables(cfg) -> dict:
     lab = read_dataset(d)
     df = _assign_splits(lab.frame, d.split_fractions, d.seed)
     C, G = len(lab.target_names), len(lab.group_names)
+    majority = resolve_majority(d.majority, df["target"], df["group"], C, G)
     parts, counts = {}, {}
     for split in SPLITS:
         part = df[df["split"] == split].reset_index(drop=True)
+        if not len(part):
+            raise AimfairError(f"the {split} split of {d.root} is empty: give every split rows (data.split_fractions, "
+                               "or the dataset's own split column)")
         b = d.bias if split == "train" else (d.val_bias or d.bias) if split == "val" else None
-        if b is not None and len(part):
+        if b is not None:
             n = d.n_train if split == "train" else min(d.n_val, len(part))
             try:
-                idx, _ = draw_biased_subset(part["target"], part["group"], n, b, d.seed, C, G)
+                idx, _ = draw_biased_subset(part["target"], part["group"], n, b, d.seed, C, G, majority)
             except AimfairError:
                 if split != "val":
                     raise
-                idx, _ = draw_biased_subset(part["target"], part["group"], None, b, d.seed, C, G)
+                idx, _ = draw_biased_subset(part["target"], part["group"], None, b, d.seed, C, G, majority)
             part = part.iloc[idx].reset_index(drop=True)
         parts[split] = part
         counts[split] = counts_dict(count_cells(part["target"], part["group"], C, G))
@@ -103,7 +107,7 @@ def _real_tables(cfg) -> dict:
         ds = ray.data.from_pandas(part[["id", "path", "target", "group", "split"]])
         tables[split] = ds.map_batches(enc, batch_format="pandas", batch_size=256)
     return {"tables": tables, "cell_counts": counts, "target_names": lab.target_names,
-            "group_names": lab.group_names, "skipped_files": lab.skipped}
+            "group_names": lab.group_names, "skipped_files": lab.skipped, "majority": majority}
 
 
 def prepare_data(cfg, force: bool = False, log=print) -> dict:
@@ -129,7 +133,7 @@ def prepare_data(cfg, force: bool = False, log=print) -> dict:
                 raise AimfairError(found[-1].strip()) from None
             raise
         if cfg.data.dataset != "colored_mnist":  # count what was written (bad images may be skipped)
-            written = read_split(f"{data_dir}/{split}").select_columns(["target", "group"]).to_pandas()
+            written = read_table(f"{data_dir}/{split}", ["target", "group"]).to_pandas()  # labels only: no Ray Data
             C, G = len(built["target_names"]), len(built["group_names"])
             built["cell_counts"][split] = counts_dict(count_cells(written["target"], written["group"], C, G))
         log(f"data: wrote {split} -> {data_dir}/{split}  cells {built['cell_counts'][split]}")
@@ -140,6 +144,7 @@ def prepare_data(cfg, force: bool = False, log=print) -> dict:
         "target_names": built["target_names"],
         "group_names": built["group_names"],
         "image_size": cfg.data.image_size,
+        "majority": built["majority"],  # the majority group of each class in the biased draws
         "splits": {s: {"n": int(sum(c.values())), "cell_counts": c} for s, c in built["cell_counts"].items()},
         "skipped_files": built.get("skipped_files", []),
         "config": wanted,

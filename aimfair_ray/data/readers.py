@@ -4,8 +4,9 @@ Each returns a :class:`Labeled` frame with columns ``id, path, target, group`` a
 where the dataset defines one, ``split``. Images are read later, in Ray Data.
 - CelebA: ``img_align_celeba/``, ``list_attr_celeba.txt``, ``list_eval_partition.txt``;
   any of the 40 attributes as target or sensitive attribute.
-- UTKFace: ``[age]_[gender]_[race]_[datetime].jpg`` file names; ``gender``, ``race``
-  or ``age_bin`` as target or sensitive attribute.
+- UTKFace: ``[age]_[gender]_[race]_[datetime].jpg`` file names; ``gender``, ``race`` (5 groups),
+  ``race_white`` (White vs the rest, as the official AIM-Fair code) or ``age_bin`` as target or
+  sensitive attribute.
 - A manifest: CSV or Parquet with ``path``, ``target`` and ``group`` columns
   (optional ``split``); relative paths resolve against the manifest's folder.
 """
@@ -78,8 +79,9 @@ def read_celeba(root: str, target: str, sensitive: str) -> Labeled:
 
 
 UTK_RE = re.compile(r"^(\d+)_([01])_([0-4])_\d+\.jpg(\.chip\.jpg)?$")
-UTK_ATTRS = ("gender", "race", "age_bin")
-UTK_NAMES = {"gender": ["male", "female"], "race": ["White", "Black", "Asian", "Indian", "Others"]}
+UTK_ATTRS = ("gender", "race", "race_white", "age_bin")
+UTK_NAMES = {"gender": ["male", "female"], "race": ["White", "Black", "Asian", "Indian", "Others"],
+             "race_white": ["non-White", "White"]}  # as the official AIM-Fair code: White = 1, all others = 0
 
 
 def _age_names(edges: list[int]) -> list[str]:
@@ -98,7 +100,7 @@ def read_utkface(root: str, target: str, sensitive: str, age_bins: list[int]) ->
             skipped.append(str(p))
             continue
         age, gender, race = int(m.group(1)), int(m.group(2)), int(m.group(3))
-        recs.append({"id": p.name, "path": str(p), "gender": gender, "race": race,
+        recs.append({"id": p.name, "path": str(p), "gender": gender, "race": race, "race_white": int(race == 0),
                      "age_bin": int(np.searchsorted(age_bins, age, side="right"))})
     if not recs:
         raise AimfairError(f"no UTKFace images named [age]_[gender]_[race]_[datetime].jpg under {root_p}")

@@ -18,6 +18,7 @@ from aimfair_ray import AimfairError
 from aimfair_ray.data.bias import cell_counts
 from aimfair_ray.data.codecs import decode_png
 from aimfair_ray.data.io import SCHEMA, write_split
+from aimfair_ray.data.synthetic import IMPORT
 from aimfair_ray.generate.images import generate_images, plan
 from aimfair_ray.generate.prompts import cells, generate_prompts
 from aimfair_ray.storage import atomic_dir, exists, read_json, write_json
@@ -32,6 +33,7 @@ def _prompt_key(cfg) -> dict:
 
 
 def run_prompts(cfg, force: bool = False, log=print) -> pd.DataFrame:
+    check_task(cfg)
     out = f"{cfg.paths.synthetic}/prompts"
     key = _prompt_key(cfg)
     if not force and exists(f"{out}/report.json") and read_json(f"{out}/report.json").get("config") == key:
@@ -46,10 +48,35 @@ def run_prompts(cfg, force: bool = False, log=print) -> pd.DataFrame:
     return table
 
 
+def check_task(cfg) -> None:
+    """The prompt task must describe the run's data: the digit task (the default) refuses other
+    datasets, and the task's classes and groups must match the prepared data's, one for one."""
+    from aimfair_ray.config import TaskConfig
+
+    task = cfg.generate.task
+    if cfg.data.dataset != "colored_mnist" and task == TaskConfig():
+        raise AimfairError(f"generate.task describes handwritten digits (the Colored MNIST default), not the "
+                           f"{cfg.data.dataset} data: set generate.task (subject, classes, groups) for it, or bring "
+                           "your own synthetic sets with `aimfair data import-synthetic`")
+    if exists(f"{cfg.data_dir}/dataset.json"):
+        meta = read_json(f"{cfg.data_dir}/dataset.json")
+        C, G = len(meta["target_names"]), len(meta["group_names"])
+        if (len(task.classes), len(task.groups)) != (C, G):
+            raise AimfairError(f"generate.task has {len(task.classes)} classes and {len(task.groups)} groups, the "
+                               f"prepared data {C} classes {meta['target_names']} and {G} groups "
+                               f"{meta['group_names']}: give generate.task one entry for each, in that order")
+
+
+def _majority(cfg) -> list[int] | None:
+    """The prepared data's majority group per class (the imbalanced set copies its cell shares)."""
+    path = f"{cfg.data_dir}/dataset.json"
+    return read_json(path).get("majority") if exists(path) else None
+
+
 def set_counts(cfg) -> dict[str, dict[str, int]]:
     g, task = cfg.generate, cfg.generate.task
     C, G = len(task.classes), len(task.groups)
-    imb = cell_counts(g.n_imbalanced, C, G, cfg.data.bias or 1 / 9)
+    imb = cell_counts(g.n_imbalanced, C, G, cfg.data.bias or 1 / 9, _majority(cfg))
     return {
         "balanced": {f"y{c}_s{s}": g.n_balanced_per_cell for c, s in cells(task)},
         "imbalanced": {f"y{c}_s{s}": int(imb[c, s]) for c, s in cells(task)},
@@ -61,6 +88,10 @@ def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print) -> di
     meta = {"pipeline": g.pipeline or "embedded:cmnist-t2i", "steps": g.steps, "guidance_scale": g.guidance_scale,
             "prompt_backend": g.backend, "seed": g.seed}
     counts = set_counts(cfg)
+    imported = [k for k in sets if exists(f"{cfg.paths.synthetic_set(k)}/{IMPORT}")]
+    for kind in imported:
+        log(f"images: {kind} is your imported set ({cfg.paths.synthetic_set(kind)}); not generating it")
+    sets = [k for k in sets if k not in imported]
     plans = {cfg.paths.synthetic_set(kind): plan(prompts, kind, counts[kind], g.seed) for kind in sets}
     by_dir = generate_images(g, plans, meta, log=log)  # one pipeline (one actor pool) for every set
     stats = {kind: by_dir[cfg.paths.synthetic_set(kind)] for kind in sets}

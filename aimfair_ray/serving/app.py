@@ -110,10 +110,10 @@ def _is_json(request: Request) -> bool:
     return ctype in ("application/json", "") or (ctype.startswith("application/") and ctype.endswith("+json"))
 
 
-def _errors(request: Request, errors: list) -> tuple[int, str]:
+def _errors(request: Optional[Request], errors: list) -> tuple[int, str]:
     """The status and message of a body that did not validate: 415 for a body that is not JSON,
     400 for invalid JSON, 422 for a JSON value that is not the request model."""
-    if not _is_json(request):
+    if request is not None and not _is_json(request):
         return 415, f"content type {request.headers.get('content-type')!r}: send application/json"
     if any(e.get("type") == "json_invalid" for e in errors):
         return 400, "the body is not valid JSON: " + "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in errors)
@@ -125,18 +125,18 @@ def _errors(request: Request, errors: list) -> tuple[int, str]:
 
 
 async def _json(request: Request) -> dict:
-    """The JSON object of a route that reads its body itself (classify: JSON or multipart)."""
+    """The JSON object of a route that reads its body itself (classify and audit take JSON or multipart);
+    a body that is not one is a :class:`BadRequest` with the status the typed routes give."""
     import json
 
     if not _is_json(request):
-        raise RequestValidationError([{"type": "content_type", "loc": ("body",), "msg": "not JSON"}])
+        raise BadRequest(*_errors(request, []))
     try:
-        body = await request.json()
+        body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": str(e),
-                                       "ctx": {"error": str(e)}}]) from None
+        raise BadRequest(400, f"the body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
-        raise RequestValidationError([{"type": "dict_type", "loc": ("body",), "msg": "not an object"}])
+        raise BadRequest(422, "the JSON body must be an object")
     return body
 
 
@@ -144,7 +144,7 @@ def _parse(model: type[BaseModel], raw: dict):
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise RequestValidationError([dict(x, loc=("body", *x["loc"])) for x in e.errors()]) from None
+        raise BadRequest(*_errors(None, [dict(x, loc=("body", *x["loc"])) for x in e.errors()])) from None
 
 
 # ---- the ingress ------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ async def _bad_request(_request: Request, exc: BadRequest):
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError):
-    """Every body that does not validate, typed or read by hand: one 4xx JSON that says what is wrong."""
+    """Every typed body that does not validate: one 4xx JSON that says what is wrong."""
     status, msg = _errors(request, list(exc.errors()))
     return JSONResponse(status_code=status, content={"error": msg})
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-AUDIT_KEYS = ("acc", "wst", "std", "eo", "eod_worst", "dp", "group_acc", "n")
+AUDIT_KEYS = ("acc", "wst", "std", "eo", "eod_worst", "dp", "group_acc", "n", "cell_counts", "warnings")
 
 
 def provenance(meta: dict) -> dict:
@@ -42,7 +42,7 @@ def model_card(model_id: str, model_dir: str) -> tuple[dict, Optional[bytes]]:
         a = json.loads((d.parent / "audit" / "audit.json").read_text())
         card["audit"] = {k: a[k] for k in AUDIT_KEYS if k in a}
         chart = group_acc_chart(dict(a, target_names=meta["target_names"], group_names=meta["group_names"]),
-                                f"{model_id}: per-group accuracy")
+                                f"{model_id}: per-group accuracy", a.get("min_cell", 30))
     return card, chart
 
 

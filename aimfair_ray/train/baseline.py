@@ -1,9 +1,9 @@
 """The biased baseline (ERM) and the Group DRO baseline, on the shared Ray Train loop.
 
-ERM sees no group labels; its best epoch on the (biased) val set is exported to
-``<run>/baseline/model``. Group DRO uses the (target, group) cells of the real train
-set as groups, with exponentiated-gradient weights (:mod:`aimfair_ray.minmax`), and
-picks its epoch by val worst-group accuracy (it has group labels anyway).
+ERM sees no group labels. Group DRO uses the (target, group) cells of the real train set as
+groups, with exponentiated-gradient weights (:mod:`aimfair_ray.minmax`). Both, like every
+fine-tuning method, export the epoch that ``train.select_metric`` picks on val (by default the
+best val accuracy, which needs no group labels).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ def real_datasets(cfg: Config) -> dict:
     from aimfair_ray.runtime import ensure_ray
 
     ensure_ray(cfg.ray)  # before any Ray Data call, which would otherwise start a default local cluster
-    return {s: image_dataset([cfg.paths.split(s)], cfg.data.image_size, cfg.train.cache_mb) for s in ("train", "val")}
+    size, cache = cfg.data.image_size, cfg.train.cache_mb
+    return {"train": image_dataset([cfg.paths.split("train")], size, cache, shuffle_seed=cfg.train.seed),
+            "val": image_dataset([cfg.paths.split("val")], size, cache)}
 
 
 def real_only(method: str) -> dict:
@@ -38,7 +40,7 @@ def train_group_dro(cfg: Config, force: bool = False, log=print, stage: str = "g
                     score: dict | None = None) -> dict:
     """Group DRO on the real train set (uses group labels); ``callbacks``/``score`` as in :func:`raytrain.fit`."""
     meta = model_meta(cfg, load_meta(cfg.data_dir))
-    tc = cfg.train.model_copy(update={"epochs": cfg.group_dro.epochs or cfg.train.epochs, "select_metric": "val_wst"})
+    tc = cfg.train.model_copy(update={"epochs": cfg.group_dro.epochs or cfg.train.epochs})
     spec = RunSpec(stage=stage, train=tc, objective="group_dro", eta=cfg.group_dro.eta, ema=cfg.group_dro.ema,
                    score=score, info={"method": "group_dro", "eta": cfg.group_dro.eta, "ema": cfg.group_dro.ema},
                    provenance=real_only("group_dro"))

@@ -24,8 +24,10 @@ import torch
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import Config
-from aimfair_ray.data.io import first_row, image_dataset, read_table
-from aimfair_ray.distributed import allreduce, fit_or_raise, make_trainer, report_files, reuse_or_resume
+from aimfair_ray.data.feed import check_rows, worker_batches
+from aimfair_ray.data.io import files_sha, first_row, image_dataset, read_table
+from aimfair_ray.data.synthetic import synthetic_source
+from aimfair_ray.distributed import allreduce, fit_or_raise, make_trainer, report_files, reuse_or_resume, worker_log
 from aimfair_ray.models import build_model, load_classifier, weights_sha
 from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, read_json, write_json
 from aimfair_ray.train import methods as registry
@@ -33,13 +35,19 @@ from aimfair_ray.train import selective as sel
 from aimfair_ray.train.raytrain import RunSpec, fit
 
 
-def synthetic_dir(cfg: Config, kind: str = "balanced") -> str:
-    """The synthetic set a run uses: ``balanced``/``imbalanced``, filtered when the filter ran."""
-    choice = cfg.finetune.synthetic
-    filtered = choice == "balanced_filtered" or (choice == "auto" and cfg.generate.filter)
+def synthetic_dir(cfg: Config, kind: str = "balanced", log=print, check: bool = True) -> str:
+    """The synthetic set a run uses: ``balanced``/``imbalanced`` (``finetune.synthetic`` and
+    ``finetune.synthetic_imbalanced``): the run's own, filtered when the filter ran, or the user's (a
+    set directory, or a manifest imported into the run). ``check``: a missing set is an error."""
+    choice = cfg.finetune.synthetic if kind == "balanced" else cfg.finetune.synthetic_imbalanced
+    if choice not in ("auto", kind, f"{kind}_filtered"):
+        return synthetic_source(cfg, choice, kind, log=log) if check else choice
+    filtered = choice == f"{kind}_filtered" or (choice == "auto" and cfg.finetune.synthetic.endswith("_filtered")) \
+        or (choice == "auto" and cfg.finetune.synthetic == "auto" and cfg.generate.filter)
     path = cfg.paths.synthetic_set(kind, filtered)
-    if not exists(path):
-        raise AimfairError(f"no synthetic {kind} set at {path}: run `aimfair generate all` first"
+    if check and not exists(path):
+        raise AimfairError(f"no synthetic {kind} set at {path}: run `aimfair generate all` first, or bring your own "
+                           f"with `aimfair data import-synthetic MANIFEST --as {kind}`"
                            + (" (with generate.filter=true, or set finetune.synthetic=balanced)" if filtered else ""))
     return path
 
@@ -69,7 +77,7 @@ def score_loop_per_worker(config: dict) -> None:
     model.to(device)
     sums = {s: {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()} for s in sel.SCORE_SETS}
     ns = {s: 0 for s in sel.SCORE_SETS}
-    for b in ray.train.get_dataset_shard("score").iter_torch_batches(batch_size=128):
+    for b in worker_batches(config["feed"], "score", 128):  # every row once, split by rank
         for i, s in enumerate(sel.SCORE_SETS):
             m = b["set"] == i
             if bool(m.any()):
@@ -81,6 +89,8 @@ def score_loop_per_worker(config: dict) -> None:
     for s in sel.SCORE_SETS:
         means, counts[s] = sel.reduce_mean_grads(sums[s], ns[s], reduce=allreduce)
         out.update({f"{s}/{k}": v for k, v in means.items()})
+    if ray.train.get_context().get_world_rank() == 0:
+        check_rows(config["feed"], "score", sum(counts.values()), worker_log.info)
     report_files({"n_rb": counts["rb"], "n_sb": counts["sb"], "n_su": counts["su"]},
                  {"grads.safetensors": save(out), "counts.json": json.dumps(counts).encode()})
 
@@ -103,8 +113,10 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
     name = stage
     stage = cfg.stage_dir(stage)
     ft, tc = cfg.finetune, cfg.train
-    sources = {"rb": f"{cfg.data_dir}/train", "sb": synthetic_dir(cfg, "imbalanced"), "su": synthetic_dir(cfg, "balanced")}
-    key = {"baseline": weights_sha(baseline_dir), "sources": sources, "score_samples": ft.score_samples,
+    sources = {"rb": cfg.paths.split("train"), "sb": synthetic_dir(cfg, "imbalanced", log),
+               "su": synthetic_dir(cfg, "balanced", log)}
+    key = {"baseline": weights_sha(baseline_dir), "sources": sources,
+           "files": {s: files_sha(d) for s, d in sources.items()}, "score_samples": ft.score_samples,
            "seed": ft.seed if ft.score_samples else None}  # the seed only picks the subset
     run_name = f"{cfg.name}-{name.replace('/', '-')}"
     done = reuse_or_resume(stage, key, f"{cfg.ray_storage}/{run_name}", force, result="scores.json", log=log,
@@ -213,14 +225,14 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
     ensure_ray(cfg.ray)  # before any Ray Data call, which would otherwise start a default local cluster
     choice = choose(cfg, method, baseline_dir, force=force, log=log,
                     scores_stage=scores_stage or f"{stage.rsplit('/', 1)[0]}/scores")
-    syn_dir = synthetic_dir(cfg, "balanced")
+    syn_dir = synthetic_dir(cfg, "balanced", log)
     n_syn = read_table(syn_dir, ["id"]).num_rows
     n_real = int(round(ft.mix_real * n_syn))
 
     def datasets() -> dict:  # built only if the run trains
         train_dir, size, cache = cfg.paths.split("train"), cfg.data.image_size, cfg.train.cache_mb
         train = ([syn_dir, train_dir], [None, sample_ids(train_dir, n_real, ft.seed)]) if n_real else ([syn_dir], None)
-        return {"train": image_dataset(*train[:1], size, cache, keep=train[1]),
+        return {"train": image_dataset(*train[:1], size, cache, keep=train[1], shuffle_seed=ft.seed),
                 "val": image_dataset([cfg.paths.split("val")], size, cache)}
 
     init, meta, _, _ = _weights(baseline_dir)
@@ -228,13 +240,12 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
     log(f"finetune: {method}: training {info['n_trainable_tensors']}/{info['n_tensors']} tensors "
         f"({100 * info['trainable_fraction']:.1f}% of the weights) on {n_syn} synthetic"
         + (f" + {n_real} real" if n_real else "") + " images")
-    tc = cfg.train.model_copy(update={"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "seed": ft.seed,
-                                      "select_metric": "last"})
+    tc = cfg.train.model_copy(update={"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "seed": ft.seed})
     spec = RunSpec(stage=stage, train=tc, init=init, trainable=choice["trainable"],
                    masks={k: v.numpy() for k, v in choice["masks"].items()} if choice["masks"] else None,
                    bn_stats=ft.bn_stats, score=score,
                    deepspeed_stage=ft.zero_stage if ft.deepspeed else None,
-                   info={"method": method, "baseline_sha": weights_sha(baseline_dir),
+                   info={"method": method, "baseline_sha": weights_sha(baseline_dir), "synthetic_files": files_sha(syn_dir),
                          "selection": {k: info[k] for k in ("n_trainable_tensors", "n_tensors", "trainable_fraction",
                                                             "trainable")}},
                    provenance=provenance(method, syn_dir, n_syn, n_real))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from aimfair_ray.config import Config, TrainConfig
+from aimfair_ray.data.feed import check_rows, worker_batches
 from aimfair_ray.distributed import (
     allreduce,
     deepspeed_engine,
@@ -102,21 +103,23 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         model = ray.train.torch.prepare_model(model)
     mean, std = mmeta["mean"], mmeta["std"]
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    feed = config["feed"]
     objective = None
     if dro is not None:
         def objective(losses, b):
             return dro(losses, (b["target"].to(losses.device).long() * G + b["group"].to(losses.device).long()))
 
     for epoch in range(start, tc.epochs):
-        batches = train_shard.iter_torch_batches(batch_size=tc.batch_size, local_shuffle_buffer_size=4 * tc.batch_size,
-                                                 local_shuffle_seed=tc.seed + epoch)
+        # A seeded shuffle of the whole split every epoch (data.feed), padded to equal steps per worker.
+        batches = worker_batches(feed, "train", tc.batch_size, seed=tc.seed, epoch=epoch, pad=True)
         t0 = time.perf_counter()
         st = loop.train_epoch(model, batches, optimizer, mean, std, device, objective, masker, frozen_bn)
         epoch_time = time.perf_counter() - t0
         n, loss_sum, correct = allreduce(torch.tensor([st["n"], st["loss_sum"], st["correct"]], dtype=torch.float64)).tolist()
-        val = gather(loop.predict(model, val_shard.iter_torch_batches(batch_size=256), mean, std, device))
+        val = gather(loop.predict(model, worker_batches(feed, "val", 256), mean, std, device))
+        if rank == 0:
+            check_rows(feed, "train", int(n), worker_log.info)
+            check_rows(feed, "val", len(val["target"]), worker_log.info)
         rep = fairness_report(val["target"], val["pred"], val["group"], mmeta["num_classes"], G)
         metrics = {
             "epoch": epoch + 1,
@@ -194,7 +197,8 @@ def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = Fa
     with result.checkpoint.as_directory() as d:
         last = json.loads((Path(d) / "state.json").read_text())
     out = {"model_dir": model_dir, "run_path": run_path, "history": last["history"], "best": best_meta["metrics"],
-           "best_epoch": state["epoch"], "group_weights": last.get("group_weights"), **spec.info}
+           "best_epoch": state["epoch"], "select_metric": spec.train.select_metric,
+           "group_weights": last.get("group_weights"), **spec.info}
     write_json(f"{stage}/result.json", out)
     log(f"train: {spec.stage}: epoch {state['epoch']} ({metric} {best_meta['metrics'][metric]:.4f}) -> {model_dir}")
     return out
