@@ -238,6 +238,14 @@ def test_your_own_celeba_and_synthetic_images_end_to_end_and_reproducible(own_da
     assert result["select_metric"] == "val_acc"
     scores = json.loads((first / "finetune/scores/scores.json").read_text())
     assert scores["counts"] == {"rb": 300, "sb": 21, "su": 40}  # every row scored, also an odd count on 2 workers
+    # the benchmark's step: the imported sets exist, so nothing is generated (the digit task would refuse celeba)
+    from aimfair_ray.pipeline import ensure_synthetic
+
+    msgs = []
+    sets = TINY_FACES + [f"data.root={root / 'celeba'}", "data.n_train=300", "data.n_val=40",
+                         f"output_dir={root / 'runs'}", "name=first"]
+    ensure_synthetic(load_config("celeba", ["cpu"], sets), log=msgs.append)
+    assert msgs and "using the synthetic sets that exist" in msgs[0], msgs
     # a manifest whose group names are not the data's: one line, exit 2
     bad = pd.read_csv(balanced).assign(group="female")
     bad.to_csv(root / "mysyn" / "bad.csv", index=False)
