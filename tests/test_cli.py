@@ -93,3 +93,20 @@ def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, tm
         serve.shutdown()  # `serve run` killed on a timeout leaves its app (route /) on the session cluster
     res = CliRunner().invoke(app, ["serve", "--model", f"x={tmp_path / 'nope'}"])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_unexpected_errors_are_one_line_unless_verbose(monkeypatch, tmp_path):
+    from aimfair_ray import pipeline
+
+    def boom(*_a, **_k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline, "run_prepare", boom)
+    args = ["data", "prepare", "--set", f"output_dir={tmp_path}"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and "RuntimeError: boom" in res.output and "--verbose" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(app, ["--verbose", *args])
+    assert isinstance(res.exception, RuntimeError)  # raised with its traceback
+    res = CliRunner().invoke(app, ["--verbose", "data", "prepare", "--set", "train.epochs=0"])
+    assert res.exit_code == 2 and "train.epochs" in res.output  # a user error: still exit 2, with the traceback

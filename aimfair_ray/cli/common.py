@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Callable, List, Optional
 
+import click
 import typer
 from rich.console import Console
 
@@ -47,13 +48,27 @@ def _load(preset: str, config: Optional[List[str]], overrides: Optional[List[str
     return cfg
 
 
+VERBOSE = False  # `aimfair --verbose ...`: tracebacks too
+
+
 def run(body: Callable[[], object]) -> object:
-    """A command body that needs no config; user errors print their message and exit 2."""
+    """A command body that needs no config. A user error prints its one-line message and exits 2; an
+    unexpected error prints one line and exits 1. ``--verbose`` adds the traceback to both."""
     try:
         return body()
     except AimfairError as e:
+        if VERBOSE:
+            console.print_exception()
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
+    except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        raise  # a command's own exit status
+    except Exception as e:  # noqa: BLE001 - an unexpected failure: one line unless --verbose
+        if VERBOSE:
+            raise
+        console.print(f"[bold red]error:[/] {type(e).__name__}: {e} (unexpected; rerun with aimfair --verbose for "
+                      "the traceback)", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def run_with_config(body: Callable[[Config], object], preset: str, config: Optional[List[str]],
