@@ -72,6 +72,7 @@ def read_synthetic_manifest(manifest: str, target_names: list[str], group_names:
         "target": _codes(df["target"], target_names, "target", p),
         "group": _codes(df["group"], group_names, "group", p),
         "prompt": df["prompt"].astype(str) if "prompt" in df.columns else None,
+        "generator": df["generator"].astype(str) if "generator" in df.columns else None,
     })
     check_files(out["path"])
     return out
@@ -99,8 +100,7 @@ def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_d
         return read_json(f"{out_dir}/{IMPORT}")
     meta = load_meta(cfg.data_dir)
     df = read_synthetic_manifest(manifest, meta["target_names"], meta["group_names"])
-    raw = pd.read_csv(manifest) if Path(manifest).suffix == ".csv" else pd.read_parquet(manifest)
-    name = generator or (str(raw["generator"].iloc[0]) if "generator" in raw.columns else f"manifest:{Path(manifest).name}")
+    name = generator or df["generator"].iloc[0] or f"manifest:{Path(manifest).name}"
     gen = json.dumps({"pipeline": name, "prompt_backend": None, "imported_from": str(Path(manifest).resolve())})
     ensure_ray(cfg.ray)
     enc = EncodeImages(cfg.data.image_size, cfg.data.skip_bad_images)
