@@ -1,28 +1,46 @@
-"""The AIM-Fair results table: baseline, fine-tuning methods and Group DRO over seeds.
+"""The AIM-Fair results table: the baseline, every fine-tuning method, the project-default
+selective recipe, JTT, Group DRO and the oracle rows, over seeds.
 
-For every seed: train the ERM baseline (that seed), fine-tune it with each method
-(that seed), train Group DRO (that seed), and audit all of them on the test split.
-Writes ``<run>/benchmark/aimfair/results.{md,csv,json}`` and a chart; reruns reuse
-every finished run.
+For every seed: train the ERM baseline (that seed), fine-tune it with each method (that seed; the
+selection mask is recomputed from that seed's baseline), train JTT and Group DRO (that seed), and
+audit all of them on the test split. The oracle rows fine-tune on *real* balanced images (the
+generator split) with the same choice of tensors, which tells the method's effect apart from the
+synthetic data's quality. Writes ``<run>/benchmark/aimfair/results.{md,csv,json,png}``; reruns
+reuse every finished run.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import platform
 
 import numpy as np
 
-from aimfair_ray.config import Config
+from aimfair_ray.config import Config, FinetuneConfig
 from aimfair_ray.metrics import HEADLINE
 from aimfair_ray.reports import csv_text, figure_png, markdown_table, mean_std, pyplot
-from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, write_json
+from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, exists, write_json
+
+EXTRA_ROWS = {  # rows beyond the baseline and the registered fine-tuning methods, in table order
+    "selective_project": "selective with the project's default fine-tuning recipe (AdamW, eval-mode scores, k 0.5, "
+                         "BatchNorm statistics kept, no augmentation)",
+    "jtt": "Just Train Twice: ERM, then ERM again with its train errors upweighted (no group labels)",
+    "group_dro": "Group DRO on the real data (uses group labels)",
+    "oracle_full": "full fine-tuning on real balanced images (the generator split), not synthetic ones",
+    "oracle_selective": "selective (the synthetic scores' tensors) fine-tuned on real balanced images",
+}
+GROUP_LABELS = ("group_dro",)  # rows that train with group labels
+REAL_ONLY = ("baseline", "jtt", "group_dro")  # rows that need no synthetic set
+HIGHER = {"acc": True, "wst": True, "std": False, "eo": False}  # which way is better
+PAIRED_AGAINST = ("baseline", "full", "random", "linear")
 
 
 def rows() -> tuple[str, ...]:
-    """The table's rows: the baseline, every registered fine-tuning method, then Group DRO."""
+    """The table's rows: the baseline, every registered fine-tuning method, then the extra rows."""
     from aimfair_ray.train.methods import METHODS
 
-    return ("baseline", *METHODS, "group_dro")
+    return ("baseline", *METHODS, *EXTRA_ROWS)
 
 
 def _audit(cfg: Config, model_dir: str, title: str) -> dict:
@@ -33,9 +51,25 @@ def _audit(cfg: Config, model_dir: str, title: str) -> dict:
                  cfg.audit, title=title)
 
 
+def project_config(cfg: Config) -> Config:
+    """``cfg`` with the project's default fine-tuning recipe (the synthetic sets and seed kept) and no augmentation."""
+    p = cfg.model_copy(deep=True)
+    keep = ("seed", "synthetic", "synthetic_imbalanced", "score_samples", "deepspeed", "zero_stage")
+    p.finetune = FinetuneConfig(**{k: getattr(cfg.finetune, k) for k in keep})
+    p.train.augment = "none"
+    return p
+
+
+def _finetuned(cfg, res, title) -> dict:
+    return dict(_audit(cfg, res["model_dir"], title),
+                epoch_time_s=float(np.mean([h["epoch_time_s"] for h in res["history"]])),
+                trainable_fraction=res["selection"]["trainable_fraction"])
+
+
 def run_seed(cfg: Config, seed: int, methods=None, log=print) -> dict[str, dict]:
     from aimfair_ray.train.baseline import train_baseline, train_group_dro
     from aimfair_ray.train.finetune import finetune
+    from aimfair_ray.train.jtt import train_jtt
     from aimfair_ray.train.methods import METHODS
 
     methods = methods or rows()
@@ -50,27 +84,108 @@ def run_seed(cfg: Config, seed: int, methods=None, log=print) -> dict[str, dict]
     for m in METHODS:
         if m in methods:
             res = finetune(scfg, m, log=log, stage=f"{root}/{m}", baseline_dir=base["model_dir"])
-            out[m] = dict(_audit(scfg, res["model_dir"], f"{m}, seed {seed}"),
-                          epoch_time_s=float(np.mean([h["epoch_time_s"] for h in res["history"]])),
-                          trainable_fraction=res["selection"]["trainable_fraction"])
+            out[m] = _finetuned(scfg, res, f"{m}, seed {seed}")
+    if "selective_project" in methods:
+        res = finetune(project_config(scfg), "selective", log=log, stage=f"{root}/selective_project",
+                       baseline_dir=base["model_dir"], scores_stage=f"{root}/scores_project")
+        out["selective_project"] = _finetuned(scfg, res, f"selective (project defaults), seed {seed}")
+    if "jtt" in methods:
+        res = train_jtt(scfg, log=log, stage=f"{root}/jtt")
+        out["jtt"] = dict(_audit(scfg, res["model_dir"], f"jtt, seed {seed}"), n_errors=res["n_errors"])
     if "group_dro" in methods:
         res = train_group_dro(scfg, log=log, stage=f"{root}/group_dro")
         out["group_dro"] = _audit(scfg, res["model_dir"], f"group_dro, seed {seed}")
+    real = scfg.paths.split("generator")
+    for m in ("full", "selective"):
+        if f"oracle_{m}" not in methods:
+            continue
+        if not exists(real):
+            log(f"benchmark: no real balanced set ({real}: Colored MNIST's generator split); skipping oracle_{m}")
+            continue
+        res = finetune(scfg, m, log=log, stage=f"{root}/oracle_{m}", baseline_dir=base["model_dir"], real_set=real,
+                       scores_stage=f"{root}/scores")
+        out[f"oracle_{m}"] = _finetuned(scfg, res, f"oracle_{m}, seed {seed}")
     return out
 
 
+def t95(n: int) -> float:
+    """The two-sided 95% Student-t quantile for n values (n - 1 degrees of freedom)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
+
+
+def summary(values) -> dict:
+    """Mean, sample std, the 95% interval of the mean, and the values."""
+    out = mean_std(values)
+    half = t95(len(out["values"])) * out["std"] / math.sqrt(len(out["values"]))
+    out["ci95"] = [out["mean"] - half, out["mean"] + half] if len(out["values"]) > 1 else [out["mean"], out["mean"]]
+    return out
+
+
+def official(cell_accs: list[dict]) -> dict:
+    """The official code's aggregation: average each cell's accuracy over seeds, then WST (the minimum)
+    and STD (np.std, population) of those averages."""
+    cells = sorted(set.intersection(*(set(c) for c in cell_accs)))
+    avg = np.array([np.mean([c[k] for c in cell_accs]) for k in cells])
+    return {"wst": float(avg.min()), "std": float(avg.std()), "cells": dict(zip(cells, avg.tolist()))}
+
+
 def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
-    """Mean and sample std over seeds of each method's metrics."""
-    methods = [m for m in rows() if all(m in r for r in per_seed.values())]
+    """Per row: each metric's summary over seeds (per-seed values), and the official aggregation."""
     table = {}
-    for m in methods:
+    for m in [m for m in rows() if all(m in r for r in per_seed.values())]:
         row = {}
         for k in HEADLINE + ("epoch_time_s", "trainable_fraction"):
             vals = [r[m][k] for r in per_seed.values() if r[m].get(k) is not None]
             if vals:
-                row[k] = mean_std(vals)
+                row[k] = summary(vals)
+        row["official"] = official([r[m]["group_acc"] for r in per_seed.values()])
         table[m] = row
     return table
+
+
+def paired(per_seed: dict[int, dict[str, dict]], ref: str = "selective", against=PAIRED_AGAINST) -> dict:
+    """Per-seed differences ``ref - other`` of each headline metric: summary and wins (seeds where
+    ``ref`` is better)."""
+    out = {}
+    for o in against:
+        if not all(ref in r and o in r for r in per_seed.values()):
+            continue
+        out[o] = {}
+        for k in HEADLINE:
+            d = [r[ref][k] - r[o][k] for r in per_seed.values()]
+            out[o][k] = dict(summary(d), wins=int(sum((x > 0) if HIGHER[k] else (x < 0) for x in d)), n=len(d))
+    return out
+
+
+def targets(table: dict, pair: dict) -> list[dict]:
+    """The issue's three targets for selective, measured."""
+    out = []
+    if "selective" in table and "baseline" in table:
+        s, b = table["selective"], table["baseline"]
+        gain = 100 * (s["wst"]["mean"] - b["wst"]["mean"])
+        out.append({"target": "WST at least 10 points above the baseline", "measured": f"{gain:+.1f} points",
+                    "met": gain >= 10})
+        out.append({"target": "EO at most half the baseline's", "measured":
+                    f"{100 * s['eo']['mean']:.1f} vs {100 * b['eo']['mean']:.1f}", "met": s["eo"]["mean"] <= b["eo"]["mean"] / 2})
+    if "selective" in table and "full" in table:
+        gap = 100 * (table["selective"]["acc"]["mean"] - table["full"]["acc"]["mean"])
+        out.append({"target": "ACC within 2 points of full fine-tuning", "measured": f"{gap:+.1f} points",
+                    "met": abs(gap) <= 2 or gap > 0})
+    if "random" in pair:
+        w, n = pair["random"]["wst"]["wins"], pair["random"]["wst"]["n"]
+        out.append({"target": "WST above random in at least 4 of 5 seeds", "measured": f"{w} of {n}",
+                    "met": w >= math.ceil(0.8 * n)})
+    return out
+
+
+def machine() -> str:
+    import torch
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {mem:.0f} GiB, {gpu}; torch {torch.__version__}"
 
 
 def selection_rule(metric: str) -> str:
@@ -81,60 +196,119 @@ def selection_rule(metric: str) -> str:
     return f"the best {metric} on val{labels}"
 
 
-def to_markdown(table: dict, seeds: list[int], title: str, select_metric: str = "val_acc") -> str:
-    def cell(r, k, scale=100):
-        v = r.get(k)
-        return "—" if v is None else f"{scale * v['mean']:.1f} ± {scale * v['std']:.1f}"
+def _pct(v: dict, key: str = "mean") -> str:
+    return f"{100 * v[key]:.1f}"
 
-    lines = [f"# {title}", "", f"Seeds: {', '.join(map(str, seeds))}. Test split; mean ± std over seeds, in %. "
+
+def to_markdown(table: dict, seeds: list[int], title: str, select_metric: str = "val_acc", pair: dict | None = None,
+                header: list[str] | None = None) -> str:
+    def cell(r, k):
+        v = r.get(k)
+        return "—" if v is None else f"{_pct(v)} ± {_pct(v, 'std')}"
+
+    lines = [f"# {title}", "", *(header or []),
+             f"Seeds: {', '.join(map(str, seeds))}. Test split; mean ± std over seeds (per-seed values), in %. "
+             f"WST* and STD*: the official code's aggregation (each cell's accuracy averaged over seeds first). "
              f"Every row's epoch: {selection_rule(select_metric)}.", ""]
     body = []
     for m, r in table.items():
         tf, et = r.get("trainable_fraction"), r.get("epoch_time_s")
-        trained = "100%" if m in ("baseline", "group_dro") else "—" if tf is None else f"{100 * tf['mean']:.1f}%"
-        body.append([m, cell(r, "acc"), cell(r, "wst"), cell(r, "std"), cell(r, "eo"), trained,
+        trained = "100%" if tf is None else f"{100 * tf['mean']:.1f}%"
+        name = f"{m} (group labels)" if m in GROUP_LABELS else m
+        off = r.get("official", {})
+        body.append([name, cell(r, "acc"), cell(r, "wst"), cell(r, "std"), cell(r, "eo"),
+                     f"{100 * off['wst']:.1f}" if off else "—", f"{100 * off['std']:.1f}" if off else "—", trained,
                      "—" if et is None else f"{et['mean']:.2f}"])
-    lines += markdown_table(["method", "ACC ↑", "WST ↑", "STD ↓", "EO ↓", "trained weights", "epoch time (s)"], body)
+    lines += markdown_table(["row", "ACC ↑", "WST ↑", "STD ↓", "EO ↓", "WST* ↑", "STD* ↓", "trained weights",
+                             "epoch time (s)"], body)
+    lines += ["", "95% intervals of the mean over seeds (Student t), in %:", ""]
+    lines += markdown_table(["row", *(k.upper() for k in HEADLINE)],
+                            [[m, *(f"[{100 * r[k]['ci95'][0]:.1f}, {100 * r[k]['ci95'][1]:.1f}]" for k in HEADLINE)]
+                             for m, r in table.items()])
+    if pair:
+        lines += ["", "Paired per-seed differences, selective minus the row (points; 95% interval; seeds where "
+                  "selective is better):", ""]
+        lines += markdown_table(["selective vs", *(k.upper() for k in HEADLINE)], [
+            [o, *(f"{100 * d[k]['mean']:+.1f} [{100 * d[k]['ci95'][0]:+.1f}, {100 * d[k]['ci95'][1]:+.1f}] "
+                  f"{d[k]['wins']}/{d[k]['n']}" for k in HEADLINE)] for o, d in pair.items()])
+    goals = targets(table, pair or {})
+    if goals:
+        lines += ["", "Targets (selective):", ""]
+        lines += markdown_table(["target", "measured", "met"],
+                                [[g["target"], g["measured"], "yes" if g["met"] else "**no**"] for g in goals])
+    rows_help = {m: h for m, h in EXTRA_ROWS.items() if m in table}
+    if rows_help:
+        lines += ["", *[f"- `{m}`: {h}" for m, h in rows_help.items()]]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: dict) -> str:
-    head = ["method"] + [f"{k}_{s}" for k in HEADLINE for s in ("mean", "std")] + ["epoch_time_s_mean", "trainable_fraction_mean"]
-    return csv_text(head, [[m, *(f"{r[k][s]:.6f}" for k in HEADLINE for s in ("mean", "std")),
+    head = (["method"] + [f"{k}_{s}" for k in HEADLINE for s in ("mean", "std", "ci95_low", "ci95_high")]
+            + ["official_wst", "official_std", "epoch_time_s_mean", "trainable_fraction_mean"])
+    return csv_text(head, [[m, *(f"{v:.6f}" for k in HEADLINE for v in (r[k]["mean"], r[k]["std"], *r[k]["ci95"])),
+                            f"{r['official']['wst']:.6f}", f"{r['official']['std']:.6f}",
                             *(f"{r[k]['mean']:.6f}" if k in r else "" for k in ("epoch_time_s", "trainable_fraction"))]
                            for m, r in table.items()])
 
 
 def chart(table: dict, title: str) -> bytes:
+    """Each headline metric per row: the mean with its 95% interval, and every seed as a dot."""
     methods = list(table)
-    fig, axes = pyplot().subplots(1, len(HEADLINE), figsize=(3.2 * len(HEADLINE), 3.2), dpi=100)
+    fig, axes = pyplot().subplots(1, len(HEADLINE), figsize=(3.4 * len(HEADLINE), 3.6), dpi=100)
     for ax, k in zip(axes, HEADLINE):
         means = [table[m][k]["mean"] for m in methods]
-        stds = [0 if math.isnan(table[m][k]["std"]) else table[m][k]["std"] for m in methods]
-        ax.bar(range(len(methods)), means, yerr=stds, capsize=3,
-               color=["#7f8c8d" if m == "baseline" else "#e67e22" if m == "selective" else "#2e86c1" for m in methods])
+        err = [[0 if math.isnan(x) else x for x in (table[m][k]["mean"] - table[m][k]["ci95"][0],
+                                                    table[m][k]["ci95"][1] - table[m][k]["mean"])] for m in methods]
+        ax.bar(range(len(methods)), means, yerr=np.array(err).T, capsize=3,
+               color=["#7f8c8d" if m == "baseline" else "#e67e22" if m.startswith("selective") else
+                      "#a9cce3" if m.startswith("oracle") else "#2e86c1" for m in methods])
+        for i, m in enumerate(methods):
+            vals = table[m][k]["values"]
+            ax.plot([i] * len(vals), vals, "k.", ms=3)
         ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels(methods, rotation=45, ha="right", fontsize=8)
-        ax.set_title(k.upper(), fontsize=9)
-    fig.suptitle(title, fontsize=10)
+        ax.set_xticklabels(methods, rotation=60, ha="right", fontsize=7)
+        ax.set_title(k.upper() + (" ↑" if HIGHER[k] else " ↓"), fontsize=9)
+    fig.suptitle(title + " (bars: mean and 95% interval; dots: seeds)", fontsize=10)
     fig.tight_layout()
     return figure_png(fig)
 
 
-def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print) -> dict:
+def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print, publish: str | None = None,
+                      command: str | None = None) -> dict:
+    """Every seed's rows, then the tables. ``publish``: also write ``<publish>.{md,json,png}`` with
+    ``command``, the wall time and the machine (e.g. ``benchmarks/results/aimfair-cmnist``)."""
+    import time
+
+    t0 = time.time()
     per_seed = {}
     for s in seeds:
         log(f"benchmark: seed {s}")
+        t = time.time()
         per_seed[s] = run_seed(cfg, s, methods, log=log)
+        log(f"benchmark: seed {s} took {time.time() - t:.0f}s")
     table = aggregate(per_seed)
+    pair = paired(per_seed)
     out = cfg.stage_dir("benchmark/aimfair")
     title = f"AIM-Fair on {cfg.data.dataset} ({cfg.model.backbone})"
-    write_json(f"{out}/results.json", {"seeds": seeds, "select_metric": cfg.train.select_metric,
-                                       "selection": selection_rule(cfg.train.select_metric), "table": table, "per_seed": {
-        str(s): {m: {k: r[k] for k in HEADLINE + ("eod_worst", "dp", "group_acc")} for m, r in res.items()}
-        for s, res in per_seed.items()}})
-    atomic_write_text(f"{out}/results.md", to_markdown(table, seeds, title, cfg.train.select_metric))
+    wall = time.time() - t0
+    result = {"seeds": seeds, "select_metric": cfg.train.select_metric,
+              "selection": selection_rule(cfg.train.select_metric), "table": table, "paired": pair,
+              "targets": targets(table, pair), "rows": {m: EXTRA_ROWS.get(m, m) for m in table},
+              "wall_s": wall, "machine": machine(), "command": command, "config": cfg.outcome(),
+              "per_seed": {str(s): {m: {k: r[k] for k in HEADLINE + ("eod_worst", "dp", "group_acc", "cell_counts")}
+                                    for m, r in res.items()} for s, res in per_seed.items()}}
+    header = [f"Command: `{command}`" if command else "", f"Machine: {machine()}. Wall time: {wall / 60:.1f} min "
+              f"for {len(seeds)} seed(s) (finished runs are reused, so a rerun is faster).", ""]
+    md = to_markdown(table, seeds, title, cfg.train.select_metric, pair, header)
+    png = chart(table, title)
+    write_json(f"{out}/results.json", result)
+    atomic_write_text(f"{out}/results.md", md)
     atomic_write_text(f"{out}/results.csv", to_csv(table))
-    atomic_write_bytes(f"{out}/results.png", chart(table, title))
+    atomic_write_bytes(f"{out}/results.png", png)
     cfg.save(out)
-    return {"dir": out, "table": table, "seeds": seeds}
+    if publish:
+        write_json(f"{publish}.json", result)
+        atomic_write_text(f"{publish}.md", md)
+        atomic_write_bytes(f"{publish}.png", png)
+        log(f"benchmark: published {publish}.md, .json and .png")
+    return {"dir": out, "table": table, "seeds": seeds, "paired": pair}

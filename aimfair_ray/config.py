@@ -15,6 +15,7 @@ from aimfair_ray.storage import atomic_write_text, is_uri, local_path
 
 PRESET_DIR = Path(__file__).parent / "presets"
 RESOURCE_DIR = PRESET_DIR / "resources"  # layers for --config: where stages run (CPUs, GPUs, workers, actors)
+RECIPE_DIR = PRESET_DIR / "recipes"  # layers for --config that change what a run computes (aimfair-official)
 BACKBONES = ("small_cnn", "resnet18", "efficientnet_lite0")
 
 
@@ -28,12 +29,18 @@ class DataConfig(_Strict):
     target: str = "digit_ge5"
     sensitive: str = "color"
     image_size: int = Field(32, ge=8, le=1024)
+    resize: Literal["center_crop", "stretch"] = Field("center_crop",
+        description="how image files become image_size squares: the centre square resized, or the whole image "
+                    "resized without a crop (stretch: the official AIM-Fair test transform, 178x218 -> 224x224)")
     bias: Optional[float] = Field(1 / 9, gt=0, le=1,
         description="bias degree b of the train draw; null keeps the natural distribution")
     majority: Union[Literal["auto"], list[int]] = Field("auto",
         description="the majority group of each class in the biased draws: auto (in each class, the group most "
                     "frequent in the source data; Colored MNIST and ties: (y+1) % G) or one group index per class")
-    val_bias: Optional[float] = Field(None, gt=0, le=1, description="bias of val; null: same as train")
+    val_bias: Union[Literal["natural"], float, None] = Field(None,
+        description="bias of val (the model-selection split): a number, natural (no biased draw: the source data's "
+                    "distribution, as the official AIM-Fair code validates; Colored MNIST: uniform colours) or null "
+                    "(the same bias as train)")
     n_train: Optional[int] = Field(2500, ge=4, description="size of the biased train set; null: the largest the pool allows")
     n_val: int = Field(500, ge=4)
     n_test_per_cell: int = Field(250, ge=1, description="Colored MNIST: test images per (target, group) cell")
@@ -44,6 +51,18 @@ class DataConfig(_Strict):
     color_jitter: int = Field(20, ge=0, le=60)
     skip_bad_images: bool = False
     seed: int = 0
+
+    @field_validator("val_bias")
+    @classmethod
+    def _val_bias(cls, v):
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError("val_bias must be in (0, 1], natural or null")
+        return v
+
+    @property
+    def val_draw_bias(self) -> Optional[float]:
+        """The bias of val's draw; None: no biased draw (natural)."""
+        return None if self.val_bias == "natural" else self.val_bias or self.bias
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -62,10 +81,28 @@ class DataConfig(_Strict):
         return self
 
 
+NO_WEIGHTS = ("small_cnn", "resnet18")  # built here with random weights: no pretrained weights to load
+
+
 class ModelConfig(_Strict):
     backbone: str = Field("small_cnn", description=f"one of {BACKBONES}, or torchvision:<name> / timm:<name>")
-    pretrained: bool = True
+    pretrained: Optional[bool] = Field(None,
+        description="start from ImageNet weights: efficientnet_lite0 (bundled, offline), torchvision:<name> and "
+                    "timm:<name> (downloaded on the cluster); small_cnn and resnet18 have none (true is refused). "
+                    "null: true where the backbone has weights")
     width: int = Field(32, ge=4, description="small_cnn channel width")
+
+    @property
+    def use_pretrained(self) -> bool:
+        return self.backbone not in NO_WEIGHTS if self.pretrained is None else self.pretrained
+
+    @model_validator(mode="after")
+    def _weights_exist(self) -> "ModelConfig":
+        if self.pretrained and self.backbone in NO_WEIGHTS:
+            raise ValueError(f"backbone {self.backbone!r} has no pretrained weights here (it would train from random "
+                             "weights): for ImageNet weights use torchvision:resnet18 (needs torchvision, downloads "
+                             "them) or efficientnet_lite0 (bundled, offline), or set model.pretrained=false")
+        return self
 
     @field_validator("backbone")
     @classmethod
@@ -81,6 +118,14 @@ class TrainConfig(_Strict):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    lr_steps: list[int] = Field([], description="step decay: the lr is multiplied by lr_gamma at the start of each of "
+                                "these epochs (1-based), e.g. [11] for x0.1 after epoch 10")
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    augment: Literal["none", "crop_flip"] = Field("none",
+        description="crop_flip: RandomResizedCrop (to the same size) and a horizontal flip of each training image, "
+                    "and of the gradient-scoring batches in score_mode=train; evaluation sees the whole image")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop's area range")
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -106,7 +151,14 @@ class FinetuneConfig(_Strict):
 
     method: str = Field("selective", description="a fine-tuning method registered in train/methods.py")
     k: float = Field(0.5, gt=0,
-        description="selective: k lowest-domain ∩ k highest-bias tensors; < 1 is a fraction of the tensors")
+        description="selective: k lowest-domain ∩ k highest-bias tensors; >= 1 a count of tensors, < 1 a fraction of "
+                    "them, also written as a ratio such as 55/62 (the official code's 55 of ResNet-18's 62 tensors)")
+    score_mode: Literal["eval", "train"] = Field("eval",
+        description="gradient scores: eval (running BatchNorm statistics, per-sample summed loss: independent of "
+                    "batching) or train (the official code: BatchNorm batch statistics, batch-mean loss over batches "
+                    "of score_batch_size, augmented as train.augment, averaged over the batches; the last partial "
+                    "batch of each set is dropped)")
+    score_batch_size: int = Field(128, ge=2)
     min_selected: int = Field(1, ge=0,
         description="if the intersection holds fewer tensors, k grows until it holds this many; 0: never grow (an empty "
                     "selection is an error)")
@@ -129,6 +181,20 @@ class FinetuneConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd: with train.momentum; both with "
+                                               "train.weight_decay")
+    lr_steps: list[int] = Field([], description="step decay of the fine-tuning lr (as train.lr_steps, by train.lr_gamma)")
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _ratio(cls, v):
+        if isinstance(v, str) and "/" in v:
+            a, _, b = v.partition("/")
+            try:
+                return float(a) / float(b)
+            except (ValueError, ZeroDivisionError):
+                raise ValueError(f"k {v!r}: a ratio is two numbers such as 55/62") from None
+        return v
 
     @field_validator("synthetic", "synthetic_imbalanced")
     @classmethod
@@ -161,6 +227,14 @@ class GroupDROConfig(_Strict):
     eta: float = Field(0.01, ge=0, description="step size of the group-weight ascent")
     ema: float = Field(0.0, ge=0, lt=1, description="decay of the EMA-smoothed group losses the ascent uses; 0: raw batch losses")
     epochs: Optional[int] = Field(None, ge=1, description="null: train.epochs")
+
+
+class JTTConfig(_Strict):
+    """Just Train Twice (Liu et al. 2021): no group labels. ERM for ``epochs``; its errors on the train set are
+    upweighted by ``upweight`` in a second ERM run of train.epochs from a fresh start."""
+
+    epochs: int = Field(2, ge=1, description="T: epochs of the identification model (its last epoch is used)")
+    upweight: float = Field(10.0, ge=1, description="λ: the loss weight of the rows it misclassifies")
 
 
 class EGTImageConfig(_Strict):
@@ -293,6 +367,7 @@ class Config(_Strict):
     generate: GenerateConfig = GenerateConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     group_dro: GroupDROConfig = GroupDROConfig()
+    jtt: JTTConfig = JTTConfig()
     egt: EGTConfig = EGTConfig()
 
     @field_validator("output_dir")
@@ -365,7 +440,15 @@ def list_presets() -> list[str]:
 
 
 def list_resource_layers() -> list[str]:
-    return sorted(p.stem for p in RESOURCE_DIR.glob("*.yaml"))
+    """The shipped --config layers by name: resources (cpu, gpu, laptop) and recipes (aimfair-official)."""
+    return sorted(p.stem for d in (RESOURCE_DIR, RECIPE_DIR) for p in d.glob("*.yaml"))
+
+
+def layer_path(name: str) -> Path | None:
+    for d in (RESOURCE_DIR, RECIPE_DIR):
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    return None
 
 
 def read_yaml(path: Path) -> dict:
@@ -456,8 +539,8 @@ def load_config(preset: str = "cmnist", config_file: str | list[str] | None = No
     raw = read_yaml(path)
     for name in [config_file] if isinstance(config_file, str) else config_file or []:
         cf = Path(name)
-        if not cf.is_file() and (RESOURCE_DIR / f"{name}.yaml").is_file():
-            cf = RESOURCE_DIR / f"{name}.yaml"  # a shipped resource layer: cpu, gpu
+        if not cf.is_file() and layer_path(name) is not None:
+            cf = layer_path(name)  # a shipped layer: cpu, gpu, laptop, aimfair-official
         if not cf.is_file():
             raise AimfairError(f"config file {name} does not exist (shipped resource layers: "
                                f"{', '.join(list_resource_layers())})")

@@ -106,6 +106,9 @@ def build_model(backbone: str, num_classes: int, image_size: int = 32, pretraine
     if backbone == "small_cnn":
         return SmallCNN(num_classes, width)
     if backbone == "resnet18":
+        if pretrained:
+            raise AimfairError("backbone 'resnet18' has no pretrained weights here: use torchvision:resnet18 (ImageNet "
+                               "weights) or efficientnet_lite0 (bundled), or pretrained=false")
         return HFResNet(num_classes)
     if backbone == "efficientnet_lite0":
         return efficientnet_lite0(num_classes, image_size, pretrained)
@@ -120,7 +123,7 @@ def normalization(backbone: str, pretrained: bool) -> tuple[list[float], list[fl
 
 def model_meta(cfg, data_meta: dict) -> dict:
     """What a checkpoint needs to rebuild and use its model."""
-    mean, std = normalization(cfg.model.backbone, cfg.model.pretrained)
+    mean, std = normalization(cfg.model.backbone, cfg.model.use_pretrained)
     return {
         "backbone": cfg.model.backbone,
         "width": cfg.model.width,

@@ -78,6 +78,13 @@ def run_group_dro(cfg: Config, force: bool = False, log=print) -> dict:
     return train_group_dro(cfg, force=force, log=log)
 
 
+def run_jtt(cfg: Config, force: bool = False, log=print) -> dict:
+    from aimfair_ray.train.jtt import train_jtt
+
+    log(f"train: JTT (T {cfg.jtt.epochs}, upweight {cfg.jtt.upweight}) on {cfg.train.num_workers} Ray Train worker(s)")
+    return train_jtt(cfg, force=force, log=log)
+
+
 def run_finetune(cfg: Config, method: Optional[str] = None, force: bool = False, log=print) -> dict:
     from aimfair_ray.train.finetune import finetune
 

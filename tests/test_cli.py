@@ -29,7 +29,8 @@ def test_help_on_every_command():
     runner = CliRunner()
     for cmd in ([], ["data", "prepare"], ["train", "baseline"], ["audit"], ["demo"], ["config", "show"],
                 ["generate", "prompts"], ["generate", "images"], ["generate", "all"], ["generate", "filter"],
-                ["generate", "quality"], ["finetune"], ["train", "groupdro"], ["benchmark", "aimfair"], ["submit"],
+                ["generate", "quality"], ["finetune"], ["train", "groupdro"], ["train", "jtt"], ["benchmark", "aimfair"],
+                ["submit"],
                 ["jobs", "list"], ["jobs", "logs"], ["jobs", "stop"], ["sweep"], ["serve"]):
         res = runner.invoke(app, cmd + ["--help"])
         assert res.exit_code == 0 and "Usage" in res.output

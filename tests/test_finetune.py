@@ -116,3 +116,57 @@ def test_group_dro_moves_the_group_weights(synth):
     assert q.shape == (4,) and q.sum() == pytest.approx(1.0)
     assert q.max() - q.min() > 0.02, q  # the ascent moved them (all workers agree: one q is reported)
     assert res["method"] == "group_dro" and Path(res["model_dir"], "model.safetensors").is_file()
+
+
+def test_official_recipe_scores_finetune_and_oracle_on_ray_train(synth):
+    """score_mode=train on two workers (batches of one set, counted in batches), then selective with
+    SGD, step decay, crop+flip and BatchNorm statistics updated, trained on real balanced images
+    (the benchmark's oracle row) with the synthetic scores' tensors."""
+    cfg, result = synth
+    c = cfg.model_copy(deep=True)
+    f = c.finetune
+    f.score_mode, f.score_batch_size, f.optimizer, f.lr, f.lr_steps, f.epochs = "train", 4, "sgd", 0.06, [2], 2
+    f.bn_stats, f.k = "update", 0.9
+    c.train.augment, c.train.crop_scale = "crop_flip", (0.5, 1.0)
+    sc = compute_scores(c, result["model_dir"], stage="official/scores", **QUIET)
+    # Su: 16 rows dealt over 2 workers, full batches of 4 only; Sb: 10 rows -> at most 2 batches
+    assert 2 <= sc["counts"]["su"] <= 4 and 1 <= sc["counts"]["sb"] <= 2 and sc["counts"]["rb"] >= 90
+    assert sc["key"]["mode"] == "train" and sc["domain"] != compute_scores(cfg, result["model_dir"], **QUIET)["domain"]
+    real = c.paths.split("generator")
+    msgs = []
+    res = finetune(c, "selective", stage="official/oracle_selective", baseline_dir=result["model_dir"],
+                   scores_stage="official/scores", real_set=real, log=msgs.append)
+    assert any(f"on {read_table(real, ['id']).num_rows} real images" in m for m in msgs), msgs
+    assert [h["lr"] for h in res["history"]] == pytest.approx([0.06, 0.006])
+    base = load_file(f"{result['model_dir']}/model.safetensors")
+    tuned = load_file(f"{res['model_dir']}/model.safetensors")
+    frozen = set(base) - set(res["selection"]["trainable"])
+    assert any(not torch.equal(base[k], tuned[k]) for k in base if "running_mean" in k)  # bn_stats=update
+    assert all(torch.equal(base[k], tuned[k]) for k in frozen if "running" not in k and "num_batches" not in k)
+    meta = json.loads(Path(res["model_dir"], "model.json").read_text())
+    assert meta["provenance"]["real_share"] == 1.0 and meta["provenance"]["real_set"] == real
+
+
+def test_jtt_retrains_with_its_errors_upweighted(synth):
+    from aimfair_ray.data.io import image_dataset
+    from aimfair_ray.train.jtt import predict_split, train_jtt
+
+    cfg, _ = synth
+    c = cfg.model_copy(deep=True)
+    c.jtt.epochs, c.jtt.upweight = 1, 6.0
+    c.train.epochs = 1
+    res = train_jtt(c, stage="jtt", **QUIET)
+    ids, target, pred = predict_split(c.stage_dir("jtt/identify") + "/model", c.paths.split("train"))
+    wrong = pred != target
+    assert res["n_errors"] == int(wrong.sum()) > 0 and res["n_train"] == len(ids) == 400
+    assert res["method"] == "jtt" and len(res["history"]) == 1
+    # the train feed carries weight lam for exactly those rows (mean 1), in id order
+    from aimfair_ray.train.jtt import error_weights
+
+    w = error_weights(pred, target, 6.0)
+    feed = image_dataset([c.paths.split("train")], c.data.image_size, c.train.cache_mb,
+                         weights={i: x for i, x, e in zip(ids, w, wrong) if e}, default_weight=float(w[~wrong][0]))
+    import ray
+
+    got = ray.get(feed.ref)["weight"]
+    assert np.allclose(got, w) and np.allclose(got[wrong], 6.0 * got[~wrong][0])

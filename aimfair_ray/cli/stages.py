@@ -65,6 +65,23 @@ def train_groupdro_cmd(preset: str = PresetOpt, config: Optional[List[str]] = Co
     run_with_config(body, preset, config, set_)
 
 
+@train_app.command("jtt")
+def train_jtt_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                  force: bool = ForceOpt):
+    """Train JTT (Just Train Twice) on real data without group labels: ERM for jtt.epochs, then ERM again with its
+    train errors upweighted by jtt.upweight."""
+    from aimfair_ray.evaluate import table
+
+    def body(cfg):
+        res = pipeline.run_jtt(cfg, force, log)
+        rep = pipeline.run_audit(cfg, res["model_dir"], title=f"JTT (T {cfg.jtt.epochs}, upweight {cfg.jtt.upweight})",
+                                 log=log)
+        console.print(table({"jtt": rep}))
+        headline("jtt", rep)
+
+    run_with_config(body, preset, config, set_)
+
+
 @top.command("finetune")
 def finetune_cmd(method: Optional[str] = typer.Option(None, "--method", "-m",
                                                       help=f"{methods.describe()} (default: finetune.method)"),

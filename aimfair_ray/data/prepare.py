@@ -30,10 +30,11 @@ def load_meta(data_dir: str) -> dict:
 
 
 class EncodeImages:
-    """Ray Data UDF: file paths -> square-cropped, resized PNG bytes in the image schema."""
+    """Ray Data UDF: file paths -> square PNG bytes in the image schema: the centre square resized
+    (``center_crop``) or the whole image resized to a square (``stretch``, the official AIM-Fair test transform)."""
 
-    def __init__(self, size: int, skip_bad: bool):
-        self.size, self.skip_bad = size, skip_bad
+    def __init__(self, size: int, skip_bad: bool, resize: str = "center_crop"):
+        self.size, self.skip_bad, self.resize = size, skip_bad, resize
 
     def _load(self, path: str) -> bytes:
         from PIL import Image
@@ -42,7 +43,8 @@ class EncodeImages:
             im = im.convert("RGB")
             w, h = im.size
             s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            if self.resize == "center_crop":
+                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
             return encode_png(np.asarray(im.resize((self.size, self.size), Image.BILINEAR)))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -88,7 +90,9 @@ def _real_tables(cfg) -> dict:
         if not len(part):
             raise AimfairError(f"the {split} split of {d.root} is empty: give every split rows (data.split_fractions, "
                                "or the dataset's own split column)")
-        b = d.bias if split == "train" else (d.val_bias or d.bias) if split == "val" else None
+        b = d.bias if split == "train" else d.val_draw_bias if split == "val" else None
+        if split == "val" and b is None and d.n_val < len(part):  # natural: a seeded sample, no biased draw
+            part = part.sample(n=d.n_val, random_state=d.seed).sort_values("id").reset_index(drop=True)
         if b is not None:
             n = d.n_train if split == "train" else min(d.n_val, len(part))
             try:
@@ -101,7 +105,7 @@ def _real_tables(cfg) -> dict:
         parts[split] = part
         counts[split] = counts_dict(count_cells(part["target"], part["group"], C, G))
     check_files([p for part in parts.values() for p in part["path"]])
-    enc = EncodeImages(d.image_size, d.skip_bad_images)
+    enc = EncodeImages(d.image_size, d.skip_bad_images, d.resize)
     tables = {}
     for split, part in parts.items():
         ds = ray.data.from_pandas(part[["id", "path", "target", "group", "split"]])

@@ -103,7 +103,7 @@ def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_d
     name = generator or df["generator"].iloc[0] or f"manifest:{Path(manifest).name}"
     gen = json.dumps({"pipeline": name, "prompt_backend": None, "imported_from": str(Path(manifest).resolve())})
     ensure_ray(cfg.ray)
-    enc = EncodeImages(cfg.data.image_size, cfg.data.skip_bad_images)
+    enc = EncodeImages(cfg.data.image_size, cfg.data.skip_bad_images, cfg.data.resize)
 
     def tag(batch: pd.DataFrame) -> pd.DataFrame:
         batch = batch.copy()

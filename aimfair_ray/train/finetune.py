@@ -32,6 +32,7 @@ from aimfair_ray.models import build_model, load_classifier, weights_sha
 from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, read_json, write_json
 from aimfair_ray.train import methods as registry
 from aimfair_ray.train import selective as sel
+from aimfair_ray.train.augment import augmenter
 from aimfair_ray.train.raytrain import RunSpec, fit
 
 
@@ -77,19 +78,26 @@ def score_loop_per_worker(config: dict) -> None:
     model.to(device)
     sums = {s: {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()} for s in sel.SCORE_SETS}
     ns = {s: 0 for s in sel.SCORE_SETS}
-    for b in worker_batches(config["feed"], "score", 128):  # every row once, split by rank
-        for i, s in enumerate(sel.SCORE_SETS):
-            m = b["set"] == i
-            if bool(m.any()):
-                part, n = sel.grad_sums(model, [{"image": b["image"][m], "target": b["target"][m]}],
-                                        mmeta["mean"], mmeta["std"], device)
-                sums[s] = {k: sums[s][k] + part[k] for k in part}
-                ns[s] += n
+    mode, rank = config["mode"], ray.train.get_context().get_world_rank()
+    if mode == "eval":  # every row once, split by rank; per-sample sums do not depend on the batching
+        batches = ((i, {k: b[k][b["set"] == i] for k in ("image", "target")})
+                   for b in worker_batches(config["feed"], "score", 128) for i in range(len(sel.SCORE_SETS))
+                   if bool((b["set"] == i).any()))
+        augment = None
+    else:  # seeded shuffle, one set per batch of exactly score_batch_size, augmented as in training
+        batches = sel.set_batches(worker_batches(config["feed"], "score", config["batch_size"], seed=config["seed"]),
+                                  len(sel.SCORE_SETS), config["batch_size"])
+        augment = augmenter(config["augment"], config["crop_scale"], config["seed"], 0, rank)
+    for i, b in batches:
+        s = sel.SCORE_SETS[i]
+        part, n = sel.grad_sums(model, [b], mmeta["mean"], mmeta["std"], device, mode, augment)
+        sums[s] = {k: sums[s][k] + part[k] for k in part}
+        ns[s] += n
     out, counts = {}, {}
     for s in sel.SCORE_SETS:
         means, counts[s] = sel.reduce_mean_grads(sums[s], ns[s], reduce=allreduce)
         out.update({f"{s}/{k}": v for k, v in means.items()})
-    if ray.train.get_context().get_world_rank() == 0:
+    if rank == 0 and mode == "eval":
         check_rows(config["feed"], "score", sum(counts.values()), worker_log.info)
     report_files({"n_rb": counts["rb"], "n_sb": counts["sb"], "n_su": counts["su"]},
                  {"grads.safetensors": save(out), "counts.json": json.dumps(counts).encode()})
@@ -115,9 +123,12 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
     ft, tc = cfg.finetune, cfg.train
     sources = {"rb": cfg.paths.split("train"), "sb": synthetic_dir(cfg, "imbalanced", log),
                "su": synthetic_dir(cfg, "balanced", log)}
+    train_mode = ft.score_mode == "train"
     key = {"baseline": weights_sha(baseline_dir), "sources": sources,
            "files": {s: files_sha(d) for s, d in sources.items()}, "score_samples": ft.score_samples,
-           "seed": ft.seed if ft.score_samples else None}  # the seed only picks the subset
+           "seed": ft.seed if ft.score_samples or train_mode else None,  # picks the subset, the batches, the crops
+           "mode": ft.score_mode, **({"batch_size": ft.score_batch_size, "augment": tc.augment,
+                                      "crop_scale": list(tc.crop_scale)} if train_mode else {})}
     run_name = f"{cfg.name}-{name.replace('/', '-')}"
     done = reuse_or_resume(stage, key, f"{cfg.ray_storage}/{run_name}", force, result="scores.json", log=log,
                            what="scores")
@@ -136,7 +147,10 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
     dirs = [sources[s] for s in sel.SCORE_SETS]
     score = image_dataset(dirs, cfg.data.image_size, tc.cache_mb, [sample_ids(d, ft.score_samples, ft.seed) for d in dirs],
                           sets=True)
-    trainer = make_trainer(score_loop_per_worker, {"init": init, "model_meta": meta, "threads": tc.torch_threads},
+    trainer = make_trainer(score_loop_per_worker, {"init": init, "model_meta": meta, "threads": tc.torch_threads,
+                                                   "mode": ft.score_mode, "batch_size": ft.score_batch_size,
+                                                   "seed": ft.seed, "augment": tc.augment,
+                                                   "crop_scale": list(tc.crop_scale)},
                            tc, cfg.ray_storage, run_name, {"score": score})
     result = fit_or_raise(trainer, "scoring", f"{cfg.ray_storage}/{run_name}")
     with result.checkpoint.as_directory() as d:
@@ -144,7 +158,9 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
         counts = json.loads(Path(d, "counts.json").read_text())
     for s, n in counts.items():
         if n == 0:
-            raise AimfairError(f"scoring: the {s} set ({sources[s]}) has no images")
+            raise AimfairError(f"scoring: the {s} set ({sources[s]}) has no images" + (
+                f" in a full batch of {ft.score_batch_size} on a worker: lower finetune.score_batch_size"
+                if train_mode else ""))
     grads = {s: {n: flat[f"{s}/{n}"] for n in names} for s in sel.SCORE_SETS}
     domain, bias = sel.scores(grads)
     out = {"key": key, "counts": counts, "domain": domain, "bias": bias, "numels": numels,
@@ -154,8 +170,9 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
         save_file(flat, f"{tmp}/grads.safetensors")
         write_json(f"{tmp}/scores.json", out)
         write_json(f"{tmp}/run.json", key)
-    log(f"scores: mean gradients over Rb {counts['rb']}, Sb {counts['sb']}, Su {counts['su']} images "
-        f"on {tc.num_workers} worker(s) -> {stage}")
+    log(f"scores ({ft.score_mode} mode): mean gradients over Rb {counts['rb']}, Sb {counts['sb']}, Su {counts['su']} "
+        f"{'images' if ft.score_mode == 'eval' else f'batches of {ft.score_batch_size}'} on {tc.num_workers} worker(s) "
+        f"-> {stage}")
     return out
 
 
@@ -207,10 +224,12 @@ def _write_selection(stage: str, choice: dict) -> dict:
 
 def finetune(cfg: Config, method: str | None = None, force: bool = False, log=print, stage: str | None = None,
              baseline_dir: str | None = None, scores_stage: str | None = None, callbacks=None,
-             score: dict | None = None) -> dict:
+             score: dict | None = None, real_set: str | None = None) -> dict:
     """Fine-tune the baseline with ``method``; returns the run's result (model_dir, history, selection).
 
     ``scores_stage``: where the gradient scores are cached (default: beside ``stage``);
+    ``real_set``: a split directory of *real* images to train on instead of the synthetic set (the
+    benchmark's oracle rows); the choice of tensors still comes from the synthetic scores;
     ``callbacks``/``score``: as in :func:`raytrain.fit` (a sweep trial passes them)."""
     from aimfair_ray.runtime import ensure_ray
 
@@ -225,7 +244,7 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
     ensure_ray(cfg.ray)  # before any Ray Data call, which would otherwise start a default local cluster
     choice = choose(cfg, method, baseline_dir, force=force, log=log,
                     scores_stage=scores_stage or f"{stage.rsplit('/', 1)[0]}/scores")
-    syn_dir = synthetic_dir(cfg, "balanced", log)
+    syn_dir = real_set or synthetic_dir(cfg, "balanced", log)
     n_syn = read_table(syn_dir, ["id"]).num_rows
     n_real = int(round(ft.mix_real * n_syn))
 
@@ -238,9 +257,10 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
     init, meta, _, _ = _weights(baseline_dir)
     info = _write_selection(cfg.stage_dir(stage), choice)
     log(f"finetune: {method}: training {info['n_trainable_tensors']}/{info['n_tensors']} tensors "
-        f"({100 * info['trainable_fraction']:.1f}% of the weights) on {n_syn} synthetic"
+        f"({100 * info['trainable_fraction']:.1f}% of the weights) on {n_syn} {'real' if real_set else 'synthetic'}"
         + (f" + {n_real} real" if n_real else "") + " images")
-    tc = cfg.train.model_copy(update={"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "seed": ft.seed})
+    tc = cfg.train.model_copy(update={"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "seed": ft.seed,
+                                      "optimizer": ft.optimizer, "lr_steps": ft.lr_steps})
     spec = RunSpec(stage=stage, train=tc, init=init, trainable=choice["trainable"],
                    masks={k: v.numpy() for k, v in choice["masks"].items()} if choice["masks"] else None,
                    bn_stats=ft.bn_stats, score=score,
@@ -248,7 +268,8 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
                    info={"method": method, "baseline_sha": weights_sha(baseline_dir), "synthetic_files": files_sha(syn_dir),
                          "selection": {k: info[k] for k in ("n_trainable_tensors", "n_tensors", "trainable_fraction",
                                                             "trainable")}},
-                   provenance=provenance(method, syn_dir, n_syn, n_real))
+                   provenance=provenance(method, syn_dir, n_syn, n_real) if not real_set else
+                   {"real_share": 1.0, "synthetic_share": 0.0, "generator": None, "real_set": real_set, "method": method})
     return fit(cfg, spec, datasets, meta, force=force, log=log, callbacks=callbacks)
 
 

@@ -21,10 +21,22 @@ def to_input(images: torch.Tensor, mean, std, device) -> torch.Tensor:
 
 
 def make_optimizer(params, tcfg) -> torch.optim.Optimizer:
+    """``tcfg.optimizer``: SGD with ``tcfg.momentum`` or AdamW, both with ``tcfg.weight_decay``."""
     params = [p for p in params if p.requires_grad]  # frozen tensors never enter the optimizer
     if tcfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=tcfg.lr, momentum=0.9, weight_decay=tcfg.weight_decay)
+        return torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     return torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+
+
+def epoch_lr(tcfg, epoch: int) -> float:
+    """Step decay: ``tcfg.lr`` times ``lr_gamma`` for each of ``lr_steps`` (1-based epochs) reached by
+    ``epoch`` (0-based). A function of the epoch alone, so a resumed run has the same schedule."""
+    return tcfg.lr * tcfg.lr_gamma ** sum(epoch + 1 >= s for s in tcfg.lr_steps)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: Optional[torch.optim.Optimizer],
@@ -50,15 +62,17 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: Op
 
 
 def train_epoch(model, batches: Iterable[dict], optimizer, mean, std, device, objective: Optional[Callable] = None,
-                after_step: Optional[Callable] = None, frozen_bn: Sequence[nn.Module] = ()) -> dict:
-    """One pass over ``batches``. ``objective(losses, batch)`` replaces the mean loss (Group DRO);
-    ``frozen_bn`` layers stay in eval mode (their running statistics do not move)."""
+                after_step: Optional[Callable] = None, frozen_bn: Sequence[nn.Module] = (),
+                augment: Optional[Callable] = None) -> dict:
+    """One pass over ``batches``. ``objective(losses, batch)`` replaces the mean loss (Group DRO, JTT);
+    ``frozen_bn`` layers stay in eval mode (their running statistics do not move); ``augment`` maps
+    each batch's uint8 images to augmented ones (:mod:`train.augment`)."""
     model.train()
     for m in frozen_bn:
         m.eval()
     total, loss_sum, correct = 0, 0.0, 0
     for b in batches:
-        x = to_input(b["image"], mean, std, device)
+        x = to_input(b["image"] if augment is None else augment(b["image"]), mean, std, device)
         y = b["target"].to(device).long()
         fn = None if objective is None else (lambda losses, b=b: objective(losses, b))
         loss, ok = train_step(model, x, y, optimizer, fn, after_step)

@@ -49,7 +49,7 @@ class RunSpec:
     trainable: Optional[list[str]] = None       # None: every tensor
     masks: Optional[dict] = None                # per-element masks {name: bool np.ndarray}
     bn_stats: str = "update"                    # "keep" | "frozen_layers" | "update" (BatchNorm running stats)
-    objective: str = "erm"                      # "erm" or "group_dro"
+    objective: str = "erm"                      # "erm", "group_dro" or "weighted" (per-row loss weights: JTT)
     eta: float = 0.0                            # Group DRO step size
     ema: float = 0.0                            # Group DRO: EMA decay of the group losses the ascent uses
     score: Optional[dict] = None                # {metric: weight}: also report "objective" = sum(weight * metric)
@@ -63,6 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from aimfair_ray.minmax import GroupWeights
+    from aimfair_ray.train.augment import augmenter
     from aimfair_ray.train.selective import ElementMask, freeze
 
     spec = RunSpec(**dict(config["spec"], train=TrainConfig.model_validate(config["spec"]["train"])))
@@ -75,7 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
 
-    model = build_model(mmeta["backbone"], mmeta["num_classes"], mmeta["image_size"], cfg_model["pretrained"],
+    model = build_model(mmeta["backbone"], mmeta["num_classes"], mmeta["image_size"], cfg_model["use_pretrained"],
                         mmeta["width"])
     if spec.init is not None:
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in spec.init.items()})
@@ -108,12 +109,17 @@ def train_loop_per_worker(config: dict) -> None:
     if dro is not None:
         def objective(losses, b):
             return dro(losses, (b["target"].to(losses.device).long() * G + b["group"].to(losses.device).long()))
+    elif spec.objective == "weighted":
+        def objective(losses, b):  # the train set's weights have mean 1: the same scale as ERM's mean loss
+            return (losses * b["weight"].to(losses.device, losses.dtype)).mean()
 
     for epoch in range(start, tc.epochs):
+        loop.set_lr(optimizer if optimizer is not None else model.optimizer, loop.epoch_lr(tc, epoch))
         # A seeded shuffle of the whole split every epoch (data.feed), padded to equal steps per worker.
         batches = worker_batches(feed, "train", tc.batch_size, seed=tc.seed, epoch=epoch, pad=True)
         t0 = time.perf_counter()
-        st = loop.train_epoch(model, batches, optimizer, mean, std, device, objective, masker, frozen_bn)
+        st = loop.train_epoch(model, batches, optimizer, mean, std, device, objective, masker, frozen_bn,
+                              augmenter(tc.augment, tc.crop_scale, tc.seed, epoch, rank))
         epoch_time = time.perf_counter() - t0
         n, loss_sum, correct = allreduce(torch.tensor([st["n"], st["loss_sum"], st["correct"]], dtype=torch.float64)).tolist()
         val = gather(loop.predict(model, worker_batches(feed, "val", 256), mean, std, device))
@@ -132,6 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
             "val_std": rep["std"],
             "val_gap": max(rep["group_acc"].values()) - min(rep["group_acc"].values()),
             "epoch_time_s": epoch_time,
+            "lr": loop.epoch_lr(tc, epoch),
             "world_size": ctx.get_world_size(),
         }
         if spec.score:
@@ -177,7 +184,8 @@ def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = Fa
     cfg.save(stage)
     spec_d = asdict(spec)
     spec_d["train"] = spec.train.model_dump(mode="json")
-    loop_config = {"spec": spec_d, "model": cfg.model.model_dump(mode="json"), "model_meta": model_meta}
+    loop_config = {"spec": spec_d, "model": dict(cfg.model.model_dump(mode="json"), use_pretrained=cfg.model.use_pretrained),
+                   "model_meta": model_meta}
     if callable(datasets):
         datasets = datasets()
     metric = "epoch" if spec.train.select_metric == "last" else spec.train.select_metric

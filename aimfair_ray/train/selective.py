@@ -8,8 +8,10 @@ balanced (Su). Then, per tensor ℓ,
     bias[ℓ]   = mean |Ḡ_Sb − Ḡ_Su|    (sensitivity to the bias)
 
 and train the intersection of the k lowest-domain and the k highest-bias tensors.
-Beyond the paper: per-element masks (the same rule on single weights) and freezing
-the BatchNorm running statistics of frozen layers.
+Gradients come from the model in eval mode (per-sample, independent of batching) or, as
+the official code does, in train mode (BatchNorm batch statistics, batch-mean loss,
+averaged over augmented batches). Beyond the paper: per-element masks (the same rule on
+single weights) and freezing the BatchNorm running statistics of frozen layers.
 """
 
 from __future__ import annotations
@@ -24,28 +26,54 @@ from torch import nn
 SCORE_SETS = ("rb", "sb", "su")  # real biased, synthetic imbalanced, synthetic balanced
 
 
-def grad_sums(model: nn.Module, batches: Iterable[dict], mean, std, device) -> tuple[dict[str, torch.Tensor], int]:
-    """Summed per-sample cross-entropy gradients of every trainable tensor, and the sample count.
+def grad_sums(model: nn.Module, batches: Iterable[dict], mean, std, device, mode: str = "eval",
+              augment=None) -> tuple[dict[str, torch.Tensor], int]:
+    """Summed gradients of every trainable tensor over ``batches``, and what they are summed over.
 
-    The model stays in eval mode (BatchNorm uses its running statistics), so the
-    gradients are those of the pre-trained model and do not depend on batching.
+    ``eval``: the model in eval mode (BatchNorm uses its running statistics), per-sample summed
+    cross-entropy; the count is the samples, so the mean is that of the pre-trained model whatever
+    the batching. ``train`` (the official code): the model in train mode (BatchNorm uses each
+    batch's statistics), the gradient of each batch's mean loss, on images passed through
+    ``augment``; the count is the batches, so the mean is the average over batches.
     """
     from aimfair_ray.train.loop import to_input
 
-    model.eval()
+    if mode not in ("eval", "train"):
+        raise ValueError(f"score mode must be eval or train, got {mode!r}")
+    model.train(mode == "train")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     sums = {n: torch.zeros_like(p, device="cpu", dtype=torch.float64) for n, p in params.items()}
     n = 0
     for b in batches:
-        x = to_input(b["image"], mean, std, device)
+        images = b["image"] if augment is None or mode == "eval" else augment(b["image"])
+        x = to_input(images, mean, std, device)
         y = b["target"].to(device).long()
-        loss = F.cross_entropy(model(x), y, reduction="sum")
+        loss = F.cross_entropy(model(x), y, reduction="sum" if mode == "eval" else "mean")
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (name, _), g in zip(params.items(), grads):
             if g is not None:
                 sums[name] += g.detach().double().cpu()
-        n += len(y)
+        n += len(y) if mode == "eval" else 1
     return sums, n
+
+
+def set_batches(batches: Iterable[dict], n_sets: int, batch_size: int) -> Iterable[tuple[int, dict]]:
+    """Re-batch a stream whose ``set`` column mixes the sets into ``(set, batch)`` of exactly
+    ``batch_size`` rows of one set each, in arrival order; each set's last partial batch is dropped
+    (the official code's ``drop_last``)."""
+    buf: list[list[dict]] = [[] for _ in range(n_sets)]
+    have = [0] * n_sets
+    for b in batches:
+        for s in range(n_sets):
+            m = b["set"] == s
+            if bool(m.any()):
+                buf[s].append({k: v[m] for k, v in b.items()})
+                have[s] += int(m.sum())
+            while have[s] >= batch_size:
+                cat = {k: torch.cat([p[k] for p in buf[s]]) for k in buf[s][0]}
+                yield s, {k: v[:batch_size] for k, v in cat.items()}
+                rest = {k: v[batch_size:] for k, v in cat.items()}
+                buf[s], have[s] = ([rest] if len(rest["target"]) else []), len(rest["target"])
 
 
 def mean_grads(sums: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
