@@ -23,8 +23,8 @@ from aimfair_ray.reports import csv_text, figure_png, markdown_table, mean_std, 
 from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, exists, write_json
 
 EXTRA_ROWS = {  # rows beyond the baseline and the registered fine-tuning methods, in table order
-    "selective_project": "selective with the project's default fine-tuning recipe (AdamW, eval-mode scores, k 0.5, "
-                         "BatchNorm statistics kept, no augmentation)",
+    "selective_project": "selective with the project's default fine-tuning recipe (AdamW lr 1e-3, batch 32, eval-mode "
+                         "scores, k 0.5, BatchNorm statistics kept, no augmentation), as many epochs as the other rows",
     "jtt": "Just Train Twice: ERM, then ERM again with its train errors upweighted (no group labels)",
     "group_dro": "Group DRO on the real data (uses group labels)",
     "oracle_full": "full fine-tuning on real balanced images (the generator split), not synthetic ones",
@@ -52,9 +52,10 @@ def _audit(cfg: Config, model_dir: str, title: str) -> dict:
 
 
 def project_config(cfg: Config) -> Config:
-    """``cfg`` with the project's default fine-tuning recipe (the synthetic sets and seed kept) and no augmentation."""
+    """``cfg`` with the project's default fine-tuning recipe and no augmentation; the synthetic sets, the
+    seed and the number of epochs stay the run's (both selective rows train as long)."""
     p = cfg.model_copy(deep=True)
-    keep = ("seed", "synthetic", "synthetic_imbalanced", "score_samples", "deepspeed", "zero_stage")
+    keep = ("seed", "epochs", "synthetic", "synthetic_imbalanced", "score_samples", "deepspeed", "zero_stage")
     p.finetune = FinetuneConfig(**{k: getattr(cfg.finetune, k) for k in keep})
     p.train.augment = "none"
     return p
@@ -66,7 +67,17 @@ def _finetuned(cfg, res, title) -> dict:
                 trainable_fraction=res["selection"]["trainable_fraction"])
 
 
-def run_seed(cfg: Config, seed: int, methods=None, log=print) -> dict[str, dict]:
+def finished_rows(cfg: Config, seed: int, methods) -> list[str]:
+    """The rows of ``methods`` whose runs for ``seed`` have finished (their ``result.json`` exists)."""
+    root = cfg.stage_dir(f"benchmark/aimfair/seed{seed}")
+    if not exists(f"{root}/baseline/result.json"):
+        return []
+    return [m for m in methods if exists(f"{root}/{m}/result.json")]
+
+
+def run_seed(cfg: Config, seed: int, methods=None, log=print, finished_only: bool = False) -> dict[str, dict]:
+    """Train (or reuse) and audit the rows of one seed; ``finished_only``: train nothing, audit the rows
+    whose runs have finished."""
     from aimfair_ray.train.baseline import train_baseline, train_group_dro
     from aimfair_ray.train.finetune import finetune
     from aimfair_ray.train.jtt import train_jtt
@@ -77,6 +88,10 @@ def run_seed(cfg: Config, seed: int, methods=None, log=print) -> dict[str, dict]
     scfg.train.seed = seed
     scfg.finetune.seed = seed
     root = f"benchmark/aimfair/seed{seed}"
+    if finished_only:
+        methods = finished_rows(scfg, seed, methods)
+        if not methods:
+            return {}
     out = {}
     base = train_baseline(scfg, log=log, stage=f"{root}/baseline")
     if "baseline" in methods:
@@ -132,15 +147,17 @@ def official(cell_accs: list[dict]) -> dict:
 
 
 def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
-    """Per row: each metric's summary over seeds (per-seed values), and the official aggregation."""
+    """Per row, over the seeds that have it: each metric's summary (per-seed values), the official
+    aggregation, and the seeds."""
     table = {}
-    for m in [m for m in rows() if all(m in r for r in per_seed.values())]:
-        row = {}
+    for m in [m for m in rows() if any(m in r for r in per_seed.values())]:
+        have = {s: r[m] for s, r in per_seed.items() if m in r}
+        row = {"seeds": sorted(have)}
         for k in HEADLINE + ("epoch_time_s", "trainable_fraction"):
-            vals = [r[m][k] for r in per_seed.values() if r[m].get(k) is not None]
+            vals = [r[k] for r in have.values() if r.get(k) is not None]
             if vals:
                 row[k] = summary(vals)
-        row["official"] = official([r[m]["group_acc"] for r in per_seed.values()])
+        row["official"] = official([r["group_acc"] for r in have.values()])
         table[m] = row
     return table
 
@@ -150,11 +167,12 @@ def paired(per_seed: dict[int, dict[str, dict]], ref: str = "selective", against
     ``ref`` is better)."""
     out = {}
     for o in against:
-        if not all(ref in r and o in r for r in per_seed.values()):
+        both = [r for r in per_seed.values() if ref in r and o in r]
+        if not both:
             continue
         out[o] = {}
         for k in HEADLINE:
-            d = [r[ref][k] - r[o][k] for r in per_seed.values()]
+            d = [r[ref][k] - r[o][k] for r in both]
             out[o][k] = dict(summary(d), wins=int(sum((x > 0) if HIGHER[k] else (x < 0) for x in d)), n=len(d))
     return out
 
@@ -216,10 +234,10 @@ def to_markdown(table: dict, seeds: list[int], title: str, select_metric: str = 
         trained = "100%" if tf is None else f"{100 * tf['mean']:.1f}%"
         name = f"{m} (group labels)" if m in GROUP_LABELS else m
         off = r.get("official", {})
-        body.append([name, cell(r, "acc"), cell(r, "wst"), cell(r, "std"), cell(r, "eo"),
+        body.append([name, len(r.get("seeds", seeds)), cell(r, "acc"), cell(r, "wst"), cell(r, "std"), cell(r, "eo"),
                      f"{100 * off['wst']:.1f}" if off else "—", f"{100 * off['std']:.1f}" if off else "—", trained,
                      "—" if et is None else f"{et['mean']:.2f}"])
-    lines += markdown_table(["row", "ACC ↑", "WST ↑", "STD ↓", "EO ↓", "WST* ↑", "STD* ↓", "trained weights",
+    lines += markdown_table(["row", "seeds", "ACC ↑", "WST ↑", "STD ↓", "EO ↓", "WST* ↑", "STD* ↓", "trained weights",
                              "epoch time (s)"], body)
     lines += ["", "95% intervals of the mean over seeds (Student t), in %:", ""]
     lines += markdown_table(["row", *(k.upper() for k in HEADLINE)],
@@ -274,9 +292,10 @@ def chart(table: dict, title: str) -> bytes:
 
 
 def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print, publish: str | None = None,
-                      command: str | None = None) -> dict:
+                      command: str | None = None, finished_only: bool = False) -> dict:
     """Every seed's rows, then the tables. ``publish``: also write ``<publish>.{md,json,png}`` with
-    ``command``, the wall time and the machine (e.g. ``benchmarks/results/aimfair-cmnist``)."""
+    ``command``, the wall time and the machine (e.g. ``benchmarks/results/aimfair-cmnist``).
+    ``finished_only``: train nothing; tabulate the runs that finished (each row over its seeds)."""
     import time
 
     t0 = time.time()
@@ -284,22 +303,30 @@ def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print, pu
     for s in seeds:
         log(f"benchmark: seed {s}")
         t = time.time()
-        per_seed[s] = run_seed(cfg, s, methods, log=log)
+        per_seed[s] = run_seed(cfg, s, methods, log=log, finished_only=finished_only)
         log(f"benchmark: seed {s} took {time.time() - t:.0f}s")
+    per_seed = {s: r for s, r in per_seed.items() if r}
+    if not per_seed:
+        from aimfair_ray import AimfairError
+
+        raise AimfairError("no finished runs to tabulate: run `aimfair benchmark aimfair` without --finished-only")
     table = aggregate(per_seed)
     pair = paired(per_seed)
     out = cfg.stage_dir("benchmark/aimfair")
     title = f"AIM-Fair on {cfg.data.dataset} ({cfg.model.backbone})"
     wall = time.time() - t0
-    result = {"seeds": seeds, "select_metric": cfg.train.select_metric,
+    result = {"seeds": sorted(per_seed), "finished_only": finished_only, "select_metric": cfg.train.select_metric,
               "selection": selection_rule(cfg.train.select_metric), "table": table, "paired": pair,
               "targets": targets(table, pair), "rows": {m: EXTRA_ROWS.get(m, m) for m in table},
               "wall_s": wall, "machine": machine(), "command": command, "config": cfg.outcome(),
               "per_seed": {str(s): {m: {k: r[k] for k in HEADLINE + ("eod_worst", "dp", "group_acc", "cell_counts")}
                                     for m, r in res.items()} for s, res in per_seed.items()}}
-    header = [f"Command: `{command}`" if command else "", f"Machine: {machine()}. Wall time: {wall / 60:.1f} min "
-              f"for {len(seeds)} seed(s) (finished runs are reused, so a rerun is faster).", ""]
-    md = to_markdown(table, seeds, title, cfg.train.select_metric, pair, header)
+    header = [f"Command: `{command}`" if command else "", f"Machine: {machine()}. Wall time of this command: "
+              f"{wall / 60:.1f} min for {len(seeds)} seed(s) (finished runs are reused: a rerun, or a "
+              f"--finished-only table, takes only the audits)." + (
+                  " Tabulated with --finished-only: each row over the seeds whose run finished." if finished_only else ""),
+              ""]
+    md = to_markdown(table, sorted(per_seed), title, cfg.train.select_metric, pair, header)
     png = chart(table, title)
     write_json(f"{out}/results.json", result)
     atomic_write_text(f"{out}/results.md", md)
@@ -311,4 +338,4 @@ def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print, pu
         atomic_write_text(f"{publish}.md", md)
         atomic_write_bytes(f"{publish}.png", png)
         log(f"benchmark: published {publish}.md, .json and .png")
-    return {"dir": out, "table": table, "seeds": seeds, "paired": pair}
+    return {"dir": out, "table": table, "seeds": sorted(per_seed), "paired": pair}

@@ -184,6 +184,8 @@ class FinetuneConfig(_Strict):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="sgd: with train.momentum; both with "
                                                "train.weight_decay")
     lr_steps: list[int] = Field([], description="step decay of the fine-tuning lr (as train.lr_steps, by train.lr_gamma)")
+    augment: Optional[Literal["none", "crop_flip"]] = Field(None,
+        description="augmentation while fine-tuning and in train-mode scores; null: train.augment (crops: train.crop_scale)")
 
     @field_validator("k", mode="before")
     @classmethod

@@ -38,7 +38,7 @@ def test_official_layer_shows_every_value_of_the_recipe():
     t, f = cfg.train, cfg.finetune
     assert (t.optimizer, t.momentum, t.lr, t.weight_decay, t.epochs, t.lr_steps, t.lr_gamma, t.batch_size) == \
         ("sgd", 0.9, 0.01, 1e-4, 15, [11], 0.1, 128)
-    assert (t.augment, tuple(t.crop_scale), t.select_metric) == ("crop_flip", (0.08, 1.0), "val_acc")
+    assert (t.augment, f.augment, tuple(t.crop_scale), t.select_metric) == ("crop_flip", "crop_flip", (0.08, 1.0), "val_acc")
     assert (f.optimizer, f.lr, f.epochs, f.batch_size, f.bn_stats, f.score_mode, f.score_batch_size, f.mix_real) == \
         ("sgd", 0.06, 10, 128, "update", "train", 128, 0.0)
     assert sel.resolve_k(f.k, 62) == 55 and f.k == pytest.approx(55 / 62)
@@ -210,3 +210,8 @@ def test_benchmark_aggregations_and_paired_differences():
     assert goals["WST at least 10 points above the baseline"] is True
     md = to_markdown(table, [0, 1, 2], "t", pair=pair)
     assert "WST*" in md and "selective vs" in md and "95% intervals" in md
+    # a row that finished for some seeds only is summarised over those, and says how many
+    per_seed[2]["jtt"] = audit(0.7, 0.6, {"y0_s0": 0.6, "y0_s1": 0.8})
+    part = aggregate(per_seed)["jtt"]
+    assert part["seeds"] == [2] and part["wst"]["values"] == [0.6]
+    assert "| jtt | 1 |" in to_markdown(aggregate(per_seed), [0, 1, 2], "t")

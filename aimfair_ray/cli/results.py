@@ -97,6 +97,8 @@ def benchmark_aimfair_cmd(seeds: int = typer.Option(5, "--seeds", min=1, help="n
                                                                 "default: every row (see `aimfair benchmark aimfair --help`)"),
                           publish: Optional[str] = typer.Option(None, "--publish", help="also write PREFIX.md, .json "
                                                                 "and .png with the command, wall time and machine"),
+                          finished_only: bool = typer.Option(False, "--finished-only", help="train nothing: tabulate "
+                                                             "the runs that finished, each row over its seeds"),
                           preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
     """Results table over seeds: the baseline, every fine-tuning method on the synthetic sets, selective with the
     project's default recipe, JTT, Group DRO (uses group labels), and oracle rows fine-tuned on real balanced
@@ -110,11 +112,12 @@ def benchmark_aimfair_cmd(seeds: int = typer.Option(5, "--seeds", min=1, help="n
         if bad:
             raise AimfairError(f"unknown --methods {bad}; choose from {', '.join(known)}")
         pipeline.run_prepare(cfg, log=log)
-        if set(chosen) - set(REAL_ONLY):  # rows that read the synthetic sets
+        if set(chosen) - set(REAL_ONLY) and not finished_only:  # rows that read the synthetic sets
             pipeline.ensure_synthetic(cfg, log=log)
         t0 = time.time()
         command = "aimfair " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("aimfair") else None
-        out = benchmark_aimfair(cfg, list(range(seeds)), chosen, log=log, publish=publish, command=command)
+        out = benchmark_aimfair(cfg, list(range(seeds)), chosen, log=log, publish=publish, command=command,
+                                finished_only=finished_only)
         console.print(open(f"{out['dir']}/results.md").read(), highlight=False)
         log(f"benchmark: wrote {out['dir']}/results.md, .csv, .json and .png in {time.time() - t0:.0f}s")
 

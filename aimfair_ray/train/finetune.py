@@ -79,6 +79,7 @@ def score_loop_per_worker(config: dict) -> None:
     sums = {s: {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()} for s in sel.SCORE_SETS}
     ns = {s: 0 for s in sel.SCORE_SETS}
     mode, rank = config["mode"], ray.train.get_context().get_world_rank()
+    torch.manual_seed(config["seed"] * 1009 + rank)  # dropout, in train mode
     if mode == "eval":  # every row once, split by rank; per-sample sums do not depend on the batching
         batches = ((i, {k: b[k][b["set"] == i] for k in ("image", "target")})
                    for b in worker_batches(config["feed"], "score", 128) for i in range(len(sel.SCORE_SETS))
@@ -127,7 +128,7 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
     key = {"baseline": weights_sha(baseline_dir), "sources": sources,
            "files": {s: files_sha(d) for s, d in sources.items()}, "score_samples": ft.score_samples,
            "seed": ft.seed if ft.score_samples or train_mode else None,  # picks the subset, the batches, the crops
-           "mode": ft.score_mode, **({"batch_size": ft.score_batch_size, "augment": tc.augment,
+           "mode": ft.score_mode, **({"batch_size": ft.score_batch_size, "augment": ft.augment or tc.augment,
                                       "crop_scale": list(tc.crop_scale)} if train_mode else {})}
     run_name = f"{cfg.name}-{name.replace('/', '-')}"
     done = reuse_or_resume(stage, key, f"{cfg.ray_storage}/{run_name}", force, result="scores.json", log=log,
@@ -149,7 +150,7 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
                           sets=True)
     trainer = make_trainer(score_loop_per_worker, {"init": init, "model_meta": meta, "threads": tc.torch_threads,
                                                    "mode": ft.score_mode, "batch_size": ft.score_batch_size,
-                                                   "seed": ft.seed, "augment": tc.augment,
+                                                   "seed": ft.seed, "augment": ft.augment or tc.augment,
                                                    "crop_scale": list(tc.crop_scale)},
                            tc, cfg.ray_storage, run_name, {"score": score})
     result = fit_or_raise(trainer, "scoring", f"{cfg.ray_storage}/{run_name}")
@@ -260,7 +261,8 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
         f"({100 * info['trainable_fraction']:.1f}% of the weights) on {n_syn} {'real' if real_set else 'synthetic'}"
         + (f" + {n_real} real" if n_real else "") + " images")
     tc = cfg.train.model_copy(update={"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "seed": ft.seed,
-                                      "optimizer": ft.optimizer, "lr_steps": ft.lr_steps})
+                                      "optimizer": ft.optimizer, "lr_steps": ft.lr_steps,
+                                      "augment": ft.augment or cfg.train.augment})
     spec = RunSpec(stage=stage, train=tc, init=init, trainable=choice["trainable"],
                    masks={k: v.numpy() for k, v in choice["masks"].items()} if choice["masks"] else None,
                    bn_stats=ft.bn_stats, score=score,
