@@ -21,7 +21,7 @@ import torch
 
 from aimfair_ray import AimfairError
 from aimfair_ray.models import load_optimizer, save_optimizer
-from aimfair_ray.storage import exists, is_uri, read_json, write_json
+from aimfair_ray.storage import exists, filesystem, is_uri, read_json, write_json
 
 # A child of Ray Train's logger: shown once on the driver (plain print() is echoed twice by Train V2).
 worker_log = logging.getLogger("ray.train.aimfair")
@@ -182,5 +182,10 @@ def reuse_or_resume(stage: str, key: dict, run_path: Optional[str] = None, force
             shutil.rmtree(run_path, ignore_errors=True)
         else:
             log(f"{what}: resuming the interrupted run at {run_path}")
+    # An earlier run's result must not pass for this one's if this one is interrupted: the key is
+    # recorded first, so the old result goes before it.
+    fs, p = filesystem(f"{stage}/{result}")
+    if exists(f"{stage}/{result}"):
+        fs.delete_file(p)
     write_json(f"{stage}/run.json", key)
     return None

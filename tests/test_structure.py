@@ -97,6 +97,13 @@ def test_reuse_or_resume_reuses_a_finished_run_and_starts_a_changed_one_fresh(tm
     assert reuse_or_resume(stage, {"a": 2}, str(run_path), log=msgs.append) is None  # changed key: fresh
     assert not run_path.exists() and json.loads((tmp_path / "stage" / "run.json").read_text()) == {"a": 2}
     assert reuse_or_resume(stage, {"a": 2}, str(run_path), outputs=("model/model.json",), log=msgs.append) is None
+    # a changed run that is interrupted must not find the old result beside its new key
+    write_json(f"{stage}/result.json", {"x": 3})
+    (tmp_path / "stage" / "model").mkdir()
+    (tmp_path / "stage" / "model" / "model.json").write_text("{}")
+    assert reuse_or_resume(stage, {"a": 3}, str(run_path), outputs=("model/model.json",), log=msgs.append) is None
+    assert not (tmp_path / "stage" / "result.json").exists()  # killed here: the next call trains, never reuses
+    assert reuse_or_resume(stage, {"a": 3}, str(run_path), outputs=("model/model.json",), log=msgs.append) is None
 
 
 def test_run_paths_name_every_artefact_a_stage_hands_on(tmp_path):
