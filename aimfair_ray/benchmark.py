@@ -286,6 +286,7 @@ def chart(table: dict, title: str) -> bytes:
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=60, ha="right", fontsize=7)
         ax.set_title(k.upper() + (" ↑" if HIGHER[k] else " ↓"), fontsize=9)
+        ax.set_ylim(0, 1.05)  # every headline metric is a rate: intervals of few seeds can reach past it
     fig.suptitle(title + " (bars: mean and 95% interval; dots: seeds)", fontsize=10)
     fig.tight_layout()
     return figure_png(fig)
