@@ -125,10 +125,11 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
     sources = {"rb": cfg.paths.split("train"), "sb": synthetic_dir(cfg, "imbalanced", log),
                "su": synthetic_dir(cfg, "balanced", log)}
     train_mode = ft.score_mode == "train"
+    augment = ft.augment or tc.augment  # fine-tuning's augmentation, also that of train-mode scores
     key = {"baseline": weights_sha(baseline_dir), "sources": sources,
            "files": {s: files_sha(d) for s, d in sources.items()}, "score_samples": ft.score_samples,
            "seed": ft.seed if ft.score_samples or train_mode else None,  # picks the subset, the batches, the crops
-           "mode": ft.score_mode, **({"batch_size": ft.score_batch_size, "augment": ft.augment or tc.augment,
+           "mode": ft.score_mode, **({"batch_size": ft.score_batch_size, "augment": augment,
                                       "crop_scale": list(tc.crop_scale)} if train_mode else {})}
     run_name = f"{cfg.name}-{name.replace('/', '-')}"
     done = reuse_or_resume(stage, key, f"{cfg.ray_storage}/{run_name}", force, result="scores.json", log=log,
@@ -150,7 +151,7 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
                           sets=True)
     trainer = make_trainer(score_loop_per_worker, {"init": init, "model_meta": meta, "threads": tc.torch_threads,
                                                    "mode": ft.score_mode, "batch_size": ft.score_batch_size,
-                                                   "seed": ft.seed, "augment": ft.augment or tc.augment,
+                                                   "seed": ft.seed, "augment": augment,
                                                    "crop_scale": list(tc.crop_scale)},
                            tc, cfg.ray_storage, run_name, {"score": score})
     result = fit_or_raise(trainer, "scoring", f"{cfg.ray_storage}/{run_name}")
