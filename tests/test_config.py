@@ -30,7 +30,6 @@ def test_user_yaml_is_merged(tmp_path):
         ("train.epochs=0", ["train.epochs", "greater than or equal to 1"]),
         ("train.epoch=3", ["unknown field 'epoch'", "epochs", "batch_size"]),
         ("trian.epochs=3", ["unknown field 'trian'", "train", "data"]),
-        ("data.dataset=celeba", ["data.root"]),
     ],
 )
 def test_bad_values_name_field_and_allowed(override, expected):

@@ -13,12 +13,12 @@ PKG = Path(__file__).resolve().parents[1] / "aimfair_ray"
 LEVELS = {
     # shared pieces, below every stage
     "": 0, "config": 0, "storage": 0, "paths": 0, "models": 0, "llm": 0, "distributed": 0, "metrics": 0,
-    "minmax": 0, "reports": 0, "runtime": 0, "assets": 0, "tracking": 0,
+    "minmax": 0, "reports": 0, "runtime": 0, "assets": 0, "tracking": 0, "tasks": 0,
     "data": 1,
     "generate": 2,
     "train": 3, "egt": 3,
     "evaluate": 4, "benchmark": 5, "sweep": 5,
-    "serving": 6, "pipeline": 6, "submit": 6,
+    "serving": 6, "pipeline": 6, "submit": 6, "plan": 6,
     "cli": 7,
 }
 # Shared pieces inside the data package, which every stage may read.

@@ -122,9 +122,15 @@ def test_refusals_are_one_line(tmp_path):
 
     with pytest.raises(AimfairError, match="share > 0 for each of train, val and test"):
         load_config("cmnist", overrides=["data.split_fractions=[1, 0, 0]"])
-    cfg = load_config("celeba", ["cpu"], [f"data.root={tmp_path}", f"output_dir={tmp_path}"])
-    with pytest.raises(AimfairError, match="describes handwritten digits.*import-synthetic"):
-        check_task(cfg)
+    cfg = load_config("celeba", ["cpu"], ["data.dataset=manifest", f"data.root={tmp_path}/m.csv", f"output_dir={tmp_path}"])
+    with pytest.raises(AimfairError, match="no classes or groups for the manifest data.*import-synthetic"):
+        check_task(cfg)  # a manifest's classes are the user's to phrase
+    with pytest.raises(AimfairError, match="no face phrasing for celeba attribute 'Attractive'.*set generate.task"):
+        check_task(load_config("celeba", overrides=["data.target=Attractive"]))  # loads: only generation needs it
+    from aimfair_ray.data.readers import read_dataset
+
+    with pytest.raises(AimfairError, match=r"needs data.root.*--set data.root=/data/celeba"):
+        read_dataset(load_config("celeba").data)
     with pytest.raises(AimfairError, match="neither one of auto, balanced"):
         load_config("cmnist", overrides=["finetune.synthetic=balanced_filterd"])
 

@@ -102,9 +102,21 @@ def finetune_cmd(method: Optional[str] = typer.Option(None, "--method", "-m",
 
 @gen_app.command("prompts")
 def generate_prompts_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-                         force: bool = ForceOpt):
+                         force: bool = ForceOpt,
+                         dry_run: bool = typer.Option(False, "--dry-run", help="print what would run (the task's cells, "
+                                                      "an example LLM request, the vLLM processor config) and stop")):
     """Write N checked, de-duplicated prompts per (target, group) cell."""
-    run_with_config(lambda cfg: pipeline.run_generate(cfg, "prompts", force, log), preset, config, set_)
+    import json
+
+    from aimfair_ray.generate.stage import prompts_dry_run
+
+    def body(cfg):
+        if dry_run:
+            console.print_json(json.dumps(prompts_dry_run(cfg), default=str))
+            return
+        pipeline.run_generate(cfg, "prompts", force, log)
+
+    run_with_config(body, preset, config, set_)
 
 
 @gen_app.command("images")

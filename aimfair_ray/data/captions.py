@@ -12,14 +12,9 @@ import numpy as np
 
 from aimfair_ray.config import DIGITS as WORDS
 from aimfair_ray.config import TaskConfig
+from aimfair_ray.tasks import DIGIT_TASK
 
-TEMPLATES = [
-    "{subject} {cls} in {grp}, {ctx}",
-    "a {grp} {cls}, {ctx}",
-    "{ctx}: the number {cls} written in {grp}",
-    "an image of {subject} {cls}, drawn in {grp}, {ctx}",
-    "{cls} in {grp} ink, {ctx}",
-]
+TEMPLATES = DIGIT_TASK.templates
 
 
 def render(template: int, subject: str, cls: str, grp: str, ctx: str) -> str:
@@ -72,7 +67,7 @@ def caption_images(imgs: np.ndarray, digits, groups, group_names: list[str], k: 
     with bank ``all``, half of them in the prompt stage's phrasings."""
     if bank not in ("all", "recipe"):
         raise ValueError(f"caption bank {bank!r}: choose all or recipe")
-    task = TaskConfig()  # the default (Colored MNIST) task's context axes
+    task = DIGIT_TASK  # the Colored MNIST task's context axes
     st = np.array([style(im) for im in imgs])
     t1, t2 = np.quantile(st[:, 0], [1 / 3, 2 / 3])
     rng = np.random.default_rng(seed)

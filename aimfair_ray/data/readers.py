@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from aimfair_ray import AimfairError
+from aimfair_ray.tasks import UTK_NAMES
 
 SPLIT_NAMES = {0: "train", 1: "val", 2: "test"}
 
@@ -80,8 +81,6 @@ def read_celeba(root: str, target: str, sensitive: str) -> Labeled:
 
 UTK_RE = re.compile(r"^(\d+)_([01])_([0-4])_\d+\.jpg(\.chip\.jpg)?$")
 UTK_ATTRS = ("gender", "race", "race_white", "age_bin")
-UTK_NAMES = {"gender": ["male", "female"], "race": ["White", "Black", "Asian", "Indian", "Others"],
-             "race_white": ["non-White", "White"]}  # as the official AIM-Fair code: White = 1, all others = 0
 
 
 def _age_names(edges: list[int]) -> list[str]:
@@ -146,6 +145,10 @@ def read_manifest(path: str) -> Labeled:
 
 
 def read_dataset(dcfg) -> Labeled:
+    if dcfg.dataset != "colored_mnist" and not dcfg.root:
+        what = "manifest file" if dcfg.dataset == "manifest" else f"{dcfg.dataset} folder"
+        raise AimfairError(f"dataset {dcfg.dataset!r} needs data.root, the {what} on the machines that read it: "
+                           f"--set data.root=/data/{dcfg.dataset}")
     if dcfg.dataset == "celeba":
         return read_celeba(dcfg.root, dcfg.target, dcfg.sensitive)
     if dcfg.dataset == "utkface":

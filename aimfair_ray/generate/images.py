@@ -49,16 +49,25 @@ def plan(prompts: pd.DataFrame, kind: str, counts: dict[str, int], seed: int) ->
 
 
 def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                   size: int | None = None) -> np.ndarray:
-    """One generation batch, plain PyTorch: uint8 images [N, H, W, 3], one seed per image."""
+                   size: int | None = None, negative_prompt: str | None = None, save_size: int | None = None) -> np.ndarray:
+    """One generation batch, plain PyTorch: uint8 images [N, H, W, 3], one seed per image (its noise
+    drawn on the CPU, so an id gives the same image on any device), drawn at ``size`` and resized to
+    ``save_size`` with LANCZOS."""
     import torch
 
     from aimfair_ray.generate.t2i import as_uint8
 
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     kw = {"height": size, "width": size} if size else {}
-    out = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np", **kw)
-    return as_uint8(out.images)
+    if negative_prompt:
+        kw["negative_prompt"] = [negative_prompt] * len(prompts)
+    out = as_uint8(pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                        output_type="np", **kw).images)
+    if save_size and out.shape[1:3] != (save_size, save_size):
+        from PIL import Image
+
+        out = np.stack([np.asarray(Image.fromarray(im).resize((save_size, save_size), Image.LANCZOS)) for im in out])
+    return out
 
 
 class DiffusionActor:
@@ -69,20 +78,22 @@ class DiffusionActor:
     pipeline to one stage: no second worker process per batch, no image bytes through
     the object store."""
 
-    def __init__(self, pipeline: str, dtype: str, steps: int, guidance: float, size: int | None, meta: dict,
-                 threads: int = 1):
+    def __init__(self, pipeline: str, dtype: str, scheduler: str | None, steps: int, guidance: float,
+                 size: int | None, negative_prompt: str | None, save_size: int | None, meta: dict, threads: int = 1):
         import torch
 
         from aimfair_ray.generate.t2i import load_pipeline
 
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe = load_pipeline(pipeline, device=device, dtype=dtype if device == "cuda" else "float32")
-        self.steps, self.guidance, self.size = steps, guidance, size
+        self.pipe = load_pipeline(pipeline, device=device, dtype=dtype if device == "cuda" else "float32",
+                                  scheduler=scheduler)
+        self.kw = {"steps": steps, "guidance": guidance, "size": size, "negative_prompt": negative_prompt,
+                   "save_size": save_size}
         self.meta = json.dumps(meta)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        imgs = generate_batch(self.pipe, batch["prompt"].tolist(), batch["seed"].tolist(), self.steps, self.guidance, self.size)
+        imgs = generate_batch(self.pipe, batch["prompt"].tolist(), batch["seed"].tolist(), **self.kw)
         rows = pd.DataFrame({
             "id": batch["id"].to_numpy(), "image": [encode_png(im) for im in imgs],
             "target": batch["target"].astype("int64").to_numpy(), "group": batch["group"].astype("int64").to_numpy(),
@@ -110,7 +121,8 @@ def written_ids(out_dir: str) -> list[str]:
     return [i for f in files for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
 
 
-def generate_images(gcfg, plans: dict[str, pd.DataFrame], meta: dict, log=print) -> dict[str, dict]:
+def generate_images(gcfg, plans: dict[str, pd.DataFrame], meta: dict, save_size: int | None = None,
+                    log=print) -> dict[str, dict]:
     """Generate every planned id not yet written, for each output folder of ``plans`` (folder ->
     plan), in one Ray Data pipeline (one actor pool for all the sets); returns each folder's
     throughput figures."""
@@ -138,8 +150,9 @@ def generate_images(gcfg, plans: dict[str, pd.DataFrame], meta: dict, log=print)
         chunks = [todo.iloc[i:i + gcfg.batch_size] for todo in todos.values() for i in range(0, len(todo), gcfg.batch_size)]
         ds = ray.data.from_pandas(chunks).map_batches(
             DiffusionActor,
-            fn_constructor_kwargs={"pipeline": pipeline, "dtype": gcfg.dtype, "steps": gcfg.steps,
-                                   "guidance": gcfg.guidance_scale, "size": gcfg.image_size, "meta": meta,
+            fn_constructor_kwargs={"pipeline": pipeline, "dtype": gcfg.dtype, "scheduler": gcfg.scheduler,
+                                   "steps": gcfg.steps, "guidance": gcfg.guidance_scale, "size": gcfg.image_size,
+                                   "negative_prompt": gcfg.negative_prompt, "save_size": save_size, "meta": meta,
                                    "threads": max(1, int(gcfg.cpus_per_actor))},
             batch_size=gcfg.batch_size, batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=gcfg.actors),

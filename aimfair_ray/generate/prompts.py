@@ -1,9 +1,11 @@
 """CSDG prompt stage: N prompts per (target, group) cell that name the cell's class and
-group, with diverse contexts. Backends:
-- ``template``: combinatorial context banks, no model;
+group, with diverse contexts, for the run's task (``aimfair_ray.tasks``: digits, faces). Backends:
+- ``template``: the task's templates and context banks, no model;
 - ``transformers``: a local HF model folder or GGUF file (default: the bundled
   SmolLM2-135M-Instruct) in a Ray Data actor pool;
-- ``vllm``: ``ray.data.llm`` on GPU clusters.
+- ``vllm``: ``ray.data.llm`` on GPU clusters (``vllm_config`` builds its processor config,
+  which ``aimfair generate prompts --dry-run`` prints without vLLM installed);
+- ``file``: fixed lists per cell (``generate.prompt_file``), as the official AIM-Fair code.
 Every prompt is checked: it must mention a phrase of its own class and group and none of
 another's. Failures are dropped and counted, duplicates removed, and missing prompts
 requested again (a few rounds) until each cell has N.
@@ -19,28 +21,32 @@ import numpy as np
 import pandas as pd
 
 from aimfair_ray import AimfairError
-from aimfair_ray.data.captions import TEMPLATES, render
+from aimfair_ray.tasks import has_phrase
 
 
 def cells(task) -> list[tuple[int, int]]:
     return [(c, g) for c in range(len(task.classes)) for g in range(len(task.groups))]
 
 
-def _has(text: str, phrases: list[str]) -> bool:
-    return any(re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", text, re.IGNORECASE) for p in phrases)
+def _without(text: str, phrases: list[str]) -> str:
+    """``text`` with its own phrases blanked, longest first, so "not smiling" does not also read as "smiling"."""
+    for p in sorted(phrases, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w-]){re.escape(p)}(?![\w-])", " # ", text, flags=re.IGNORECASE)
+    return text
 
 
 def check_prompt(text: str, task, c: int, g: int) -> str | None:
     """None if the prompt names its class and group (and no other), else the reason."""
     if not text or len(text) < 8:
         return "empty"
-    if not _has(text, task.classes[c].phrases):
+    if not has_phrase(text, task.classes[c].phrases):
         return "class missing"
-    if not _has(text, task.groups[g].phrases):
+    if not has_phrase(text, task.groups[g].phrases):
         return "group missing"
-    if any(_has(text, k.phrases) for i, k in enumerate(task.classes) if i != c):
+    rest = _without(text, task.classes[c].phrases + task.groups[g].phrases)
+    if any(has_phrase(rest, k.phrases) for i, k in enumerate(task.classes) if i != c):
         return "other class"
-    if any(_has(text, k.phrases) for i, k in enumerate(task.groups) if i != g):
+    if any(has_phrase(rest, k.phrases) for i, k in enumerate(task.groups) if i != g):
         return "other group"
     return None
 
@@ -54,26 +60,37 @@ def requests(task, n_per_cell: dict, seed: int, round_: int) -> pd.DataFrame:
             ctx = {axis: str(rng.choice(vals)) for axis, vals in task.context.items()}
             rows.append({
                 "cell": f"y{c}_s{g}", "target": c, "group": g,
-                "cls": str(rng.choice(task.classes[c].phrases)), "grp": str(rng.choice(task.groups[g].phrases)),
-                "ctx": ", ".join(ctx.values()), "template": int(rng.integers(len(TEMPLATES))),
+                "cls": str(rng.choice(task.classes[c].wording or task.classes[c].phrases)),
+                "grp": str(rng.choice(task.groups[g].wording or task.groups[g].phrases)),
+                "ctx": ", ".join(ctx.values()), "template": int(rng.integers(len(task.templates))),
                 "seed": int(rng.integers(2**31 - 1)),
             })
     return pd.DataFrame(rows)
 
 
-def template_batch(batch: pd.DataFrame, subject: str) -> pd.DataFrame:
+_AN = re.compile(r"\b([Aa]) (?=(?!one\b|uni|eu|use|usu|ur)[aeiouAEIOU])")
+
+
+def fill(template: str, subject: str, cls: str, grp: str, ctx: str) -> str:
+    """A template or instruction filled in ("a Indian man" -> "an Indian man"; an empty context leaves no
+    dangling comma)."""
+    if not ctx:
+        for joined in (", {ctx}", "{ctx}, ", "{ctx}: "):
+            template = template.replace(joined, "")
+    return _AN.sub(r"\1n ", template.format(subject=subject, cls=cls, grp=grp, ctx=ctx))
+
+
+def template_batch(batch: pd.DataFrame, task) -> pd.DataFrame:
     out = batch.copy()
-    out["prompt"] = [render(t, subject, c, g, x)
+    out["prompt"] = [fill(task.templates[t], task.subject, c, g, x)
                      for t, c, g, x in zip(batch["template"], batch["cls"], batch["grp"], batch["ctx"])]
     return out
 
 
-def llm_messages(cls: str, grp: str, ctx: str, subject: str) -> list[dict]:
+def llm_messages(cls: str, grp: str, ctx: str, task) -> list[dict]:
     return [
         {"role": "system", "content": "You write short, concrete captions for an image generator."},
-        {"role": "user", "content": f"Write one short caption, under 20 words, for a picture of {subject} {cls} "
-                                    f"written in {grp} ink, {ctx}. Use the words '{cls}' and '{grp}'. "
-                                    "Reply with the caption only."},
+        {"role": "user", "content": fill(task.instruction, task.subject, cls, grp, ctx)},
     ]
 
 
@@ -86,7 +103,7 @@ def clean(text: str) -> str:
 class PromptWriter:
     """Ray Data UDF: a causal LM (transformers) writes one caption per request row."""
 
-    def __init__(self, llm: str | None, subject: str, max_new_tokens: int, temperature: float, threads: int = 1):
+    def __init__(self, llm: str | None, task, max_new_tokens: int, temperature: float, threads: int = 1):
         import torch
 
         from aimfair_ray.llm import load_causal_lm
@@ -95,12 +112,12 @@ class PromptWriter:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tok, self.model = load_causal_lm(llm, self.device, padding_side="left")
         self.model.eval()
-        self.subject, self.max_new, self.temp = subject, max_new_tokens, temperature
+        self.task, self.max_new, self.temp = task, max_new_tokens, temperature
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
 
-        texts = [self.tok.apply_chat_template(llm_messages(c, g, x, self.subject), tokenize=False, add_generation_prompt=True)
+        texts = [self.tok.apply_chat_template(llm_messages(c, g, x, self.task), tokenize=False, add_generation_prompt=True)
                  for c, g, x in zip(batch["cls"], batch["grp"], batch["ctx"])]
         enc = self.tok(texts, return_tensors="pt", padding=True).to(self.device)
         torch.manual_seed(int(batch["seed"].iloc[0]))  # deterministic per batch of requests
@@ -113,27 +130,41 @@ class PromptWriter:
         return res
 
 
+def vllm_config(gcfg):
+    """The ``ray.data.llm`` processor config of the vllm backend, built and validated by Ray's own
+    model (no vLLM needed): what ``aimfair generate prompts --dry-run`` prints."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    from aimfair_ray.llm import resolve_llm
+
+    path, gguf = resolve_llm(gcfg.llm)
+    if gcfg.llm_gpus > 1 and gcfg.llm_gpus != int(gcfg.llm_gpus):
+        raise AimfairError(f"generate.llm_gpus={gcfg.llm_gpus}: a vLLM engine takes whole GPUs (its tensor-parallel size)")
+    engine = ({"tensor_parallel_size": int(gcfg.llm_gpus)} if gcfg.llm_gpus >= 1 else {}) | gcfg.vllm_engine_kwargs
+    try:
+        return vLLMEngineProcessorConfig(
+            model_source=str(Path(path) / gguf) if gguf else path,
+            engine_kwargs=engine,
+            batch_size=gcfg.llm_batch_size,
+            concurrency=gcfg.llm_actors,
+            should_continue_on_error=True,
+        )
+    except Exception as e:  # pydantic's ValidationError: the user's engine kwargs or sizes
+        raise AimfairError(f"generate.vllm_engine_kwargs / llm_batch_size / llm_actors do not make a vLLM processor "
+                           f"config: {str(e).splitlines()[0]}") from None
+
+
 def _vllm(ds, gcfg):
     if importlib.util.find_spec("vllm") is None:
         raise AimfairError("generate.backend=vllm needs vLLM, which runs on CUDA GPUs only: install the gpu extra "
                            "(pip install 'aimfair-ray[gpu]') on the GPU cluster, or use generate.backend=transformers "
                            "or template here")
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    from ray.data.llm import build_processor
 
-    from aimfair_ray.llm import resolve_llm
-
-    path, gguf = resolve_llm(gcfg.llm)
-    subject, temp, max_new = gcfg.task.subject, gcfg.temperature, gcfg.max_new_tokens
-    config = vLLMEngineProcessorConfig(
-        model_source=str(Path(path) / gguf) if gguf else path,
-        engine_kwargs=gcfg.vllm_engine_kwargs,
-        batch_size=gcfg.llm_batch_size,
-        concurrency=gcfg.llm_actors,
-        should_continue_on_error=True,
-    )
+    task, temp, max_new = gcfg.task, gcfg.temperature, gcfg.max_new_tokens
     processor = build_processor(
-        config,
-        preprocess=lambda row: dict(row, messages=llm_messages(row["cls"], row["grp"], row["ctx"], subject),
+        vllm_config(gcfg),
+        preprocess=lambda row: dict(row, messages=llm_messages(row["cls"], row["grp"], row["ctx"], task),
                                     sampling_params={"temperature": temp, "max_tokens": max_new, "seed": row["seed"]}),
         postprocess=lambda row: {k: row[k] for k in ("cell", "target", "group", "cls", "grp", "ctx", "template", "seed")}
         | {"prompt": clean(row.get("generated_text") or "")},
@@ -146,12 +177,12 @@ def write_batch(ds, gcfg):
     import ray
 
     if gcfg.backend == "template":
-        return ds.map_batches(template_batch, fn_kwargs={"subject": gcfg.task.subject}, batch_format="pandas")
+        return ds.map_batches(template_batch, fn_kwargs={"task": gcfg.task}, batch_format="pandas")
     if gcfg.backend == "vllm":
         return _vllm(ds, gcfg)
     return ds.map_batches(
         PromptWriter,
-        fn_constructor_kwargs={"llm": gcfg.llm, "subject": gcfg.task.subject, "max_new_tokens": gcfg.max_new_tokens,
+        fn_constructor_kwargs={"llm": gcfg.llm, "task": gcfg.task, "max_new_tokens": gcfg.max_new_tokens,
                                "temperature": gcfg.temperature, "threads": max(1, int(gcfg.llm_cpus))},
         batch_size=gcfg.llm_batch_size,
         batch_format="pandas",
@@ -161,11 +192,75 @@ def write_batch(ds, gcfg):
     )
 
 
+def read_prompt_file(path: str, task) -> dict[tuple[int, int], list[str]]:
+    """Fixed prompt lists per cell: a YAML/JSON mapping whose keys are cells (``y1_s0``) or
+    ``class name/group name``, or a folder of ``y<c>_s<g>.txt`` files (one prompt per line)."""
+    import yaml
+
+    p = Path(path)
+    if p.is_dir():
+        raw = {f.stem: [ln.strip() for ln in f.read_text().splitlines() if ln.strip()] for f in sorted(p.glob("*.txt"))}
+    elif p.is_file():
+        try:
+            raw = yaml.safe_load(p.read_text())  # JSON is YAML
+        except yaml.YAMLError as e:
+            raise AimfairError(f"generate.prompt_file {p}: not valid YAML or JSON ({str(e).splitlines()[0]})") from None
+    else:
+        raise AimfairError(f"generate.prompt_file {path} does not exist: give a YAML/JSON file or a folder of "
+                           "<cell>.txt files (generate.backend=file)")
+    if not isinstance(raw, dict):
+        raise AimfairError(f"generate.prompt_file {p}: expected a mapping of cell to a list of prompts")
+    keys = {f"y{c}_s{g}": (c, g) for c, g in cells(task)}
+    keys |= {f"{task.classes[c].name}/{task.groups[g].name}": (c, g) for c, g in cells(task)}
+    out: dict[tuple[int, int], list[str]] = {cell: [] for cell in cells(task)}
+    for key, prompts in raw.items():
+        if str(key) not in keys:
+            names = list(keys)
+            raise AimfairError(f"generate.prompt_file {p}: unknown cell {key!r}; cells are y<class>_s<group> "
+                               f"({', '.join(names[:len(out)])}) or 'class/group' names ({', '.join(names[len(out):])})")
+        if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
+            raise AimfairError(f"generate.prompt_file {p}: cell {key!r} must hold a list of prompt strings")
+        out[keys[str(key)]] += [x.strip() for x in prompts if x.strip()]
+    empty = [f"y{c}_s{g}" for (c, g), v in out.items() if not v]
+    if empty:
+        raise AimfairError(f"generate.prompt_file {p}: no prompts for cells {empty}: give every cell its list")
+    return out
+
+
+def _file_prompts(gcfg, log=print) -> tuple[dict, dict, int]:
+    """backend file: every listed prompt that passes the check, once."""
+    kept: dict[tuple, list] = {}
+    dropped: dict[str, int] = {}
+    seen: set[str] = set()
+    duplicates = 0
+    for (c, g), prompts in read_prompt_file(gcfg.prompt_file, gcfg.task).items():
+        kept[(c, g)] = []
+        for text in prompts:
+            reason = check_prompt(text, gcfg.task, c, g)
+            if reason:
+                dropped[reason] = dropped.get(reason, 0) + 1
+                log(f"prompts: y{c}_s{g}: dropped ({reason}): {text}")
+            elif text.lower() in seen:
+                duplicates += 1
+            else:
+                seen.add(text.lower())
+                kept[(c, g)].append({"cell": f"y{c}_s{g}", "target": c, "group": g, "prompt": text, "backend": "file",
+                                     "seed": 0})
+    return kept, dropped, duplicates
+
+
 def generate_prompts(gcfg, rounds: int = 4, log=print) -> tuple[pd.DataFrame, dict]:
     """Prompts for every cell, checked and de-duplicated; returns (table, report)."""
     import ray
 
     task = gcfg.task
+    if gcfg.backend == "file":
+        kept, dropped, duplicates = _file_prompts(gcfg, log)
+        short = {f"y{c}_s{g}": 1 for (c, g), v in kept.items() if not v}
+        if short:
+            raise AimfairError(f"generate.prompt_file {gcfg.prompt_file}: no prompt of cells {sorted(short)} passes the "
+                               f"phrase check ({dropped}): each must name its class and group, and no other")
+        return _table(kept, {"backend": "file", "dropped": dropped, "duplicates": duplicates, "short": {}})
     need = {cell: gcfg.prompts_per_cell for cell in cells(task)}
     kept: dict[tuple, list] = {cell: [] for cell in need}
     seen: set[str] = set()
@@ -195,10 +290,12 @@ def generate_prompts(gcfg, rounds: int = 4, log=print) -> tuple[pd.DataFrame, di
         log(f"prompts: round {r + 1}: {sum(map(len, kept.values()))}/{sum(need.values())} kept, dropped {dropped}, "
             f"duplicates {duplicates}")
     short = {f"y{c}_s{g}": need[(c, g)] - len(v) for (c, g), v in kept.items() if len(v) < need[(c, g)]}
-    rows = [dict(r, id=f"p-{r['cell']}-{i:05d}") for v in kept.values() for i, r in enumerate(v)]
-    table = pd.DataFrame(rows, columns=["id", "cell", "target", "group", "prompt", "backend", "seed"])
-    report = {"backend": gcfg.backend, "per_cell": {f"y{c}_s{g}": len(v) for (c, g), v in kept.items()},
-              "dropped": dropped, "duplicates": duplicates, "short": short}
     if short:
         log(f"prompts: warning: cells short of prompts after {rounds} rounds: {short}")
-    return table, report
+    return _table(kept, {"backend": gcfg.backend, "dropped": dropped, "duplicates": duplicates, "short": short})
+
+
+def _table(kept: dict, report: dict) -> tuple[pd.DataFrame, dict]:
+    rows = [dict(r, id=f"p-{r['cell']}-{i:05d}") for v in kept.values() for i, r in enumerate(v)]
+    table = pd.DataFrame(rows, columns=["id", "cell", "target", "group", "prompt", "backend", "seed"])
+    return table, dict(report, per_cell={f"y{c}_s{g}": len(v) for (c, g), v in kept.items()})

@@ -28,8 +28,13 @@ SYNTHETIC_SETS = ("balanced", "imbalanced")
 
 def _prompt_key(cfg) -> dict:
     g = cfg.generate
-    return g.model_dump(mode="json", include={"backend", "llm", "task", "prompts_per_cell", "max_new_tokens",
-                                              "temperature", "seed"})
+    key = g.model_dump(mode="json", include={"backend", "llm", "task", "prompts_per_cell", "max_new_tokens",
+                                             "temperature", "seed"})
+    if g.backend == "file":  # the lists themselves decide the prompts
+        from aimfair_ray.generate.prompts import read_prompt_file
+
+        key["prompt_file"] = {f"y{c}_s{s}": v for (c, s), v in read_prompt_file(g.prompt_file, g.task).items()}
+    return key
 
 
 def run_prompts(cfg, force: bool = False, log=print) -> pd.DataFrame:
@@ -48,16 +53,50 @@ def run_prompts(cfg, force: bool = False, log=print) -> pd.DataFrame:
     return table
 
 
+def prompts_dry_run(cfg) -> dict:
+    """What the prompt stage would run, without running it: the task's cells, the requests, an example
+    LLM request or template prompt, and (backend vllm) the ray.data.llm processor config (no vLLM needed)."""
+    from aimfair_ray.generate.prompts import llm_messages, requests, template_batch, vllm_config
+
+    check_task(cfg)
+    g, task = cfg.generate, cfg.generate.task
+    out = {"backend": g.backend, "cells": {f"y{c}_s{s}": f"{task.classes[c].name} / {task.groups[s].name}"
+                                           for c, s in cells(task)}}
+    if g.backend == "file":
+        from aimfair_ray.generate.prompts import read_prompt_file
+
+        return out | {"prompt_file": g.prompt_file, "prompts": {f"y{c}_s{s}": len(v) for (c, s), v in
+                                                                read_prompt_file(g.prompt_file, task).items()}}
+    req = requests(task, {cell: g.prompts_per_cell for cell in cells(task)}, g.seed, 0)
+    out |= {"requests": len(req), "example_template_prompt": template_batch(req.head(1), task)["prompt"].iloc[0]}
+    if g.backend != "template":
+        r = req.iloc[0]
+        out |= {"llm": g.llm or "bundled SmolLM2-135M-Instruct", "example_messages": llm_messages(r.cls, r.grp, r.ctx, task),
+                "sampling": {"temperature": g.temperature, "max_tokens": g.max_new_tokens, "seed": "per request"}}
+    if g.backend == "vllm":
+        out["vllm_processor_config"] = vllm_config(g).model_dump(mode="json")
+    return out
+
+
 def check_task(cfg) -> None:
     """The prompt task must describe the run's data: the digit task (the default) refuses other
     datasets, and the task's classes and groups must match the prepared data's, one for one."""
-    from aimfair_ray.config import TaskConfig
+    from aimfair_ray.tasks import DIGIT_TASK, registered
 
     task = cfg.generate.task
-    if cfg.data.dataset != "colored_mnist" and task == TaskConfig():
-        raise AimfairError(f"generate.task describes handwritten digits (the Colored MNIST default), not the "
+    if task.classes is None or task.groups is None:
+        registered(cfg.data)  # a face pair with no phrasing says so
+        raise AimfairError(f"generate.task has no classes or groups for the {cfg.data.dataset} data: set "
+                           "generate.task.classes and generate.task.groups (a name and phrases for each, in the data's "
+                           "order) and generate.task.subject, or bring your own synthetic sets with "
+                           "`aimfair data import-synthetic`")
+    if cfg.data.dataset != "colored_mnist" and (task.classes, task.groups) == (DIGIT_TASK.classes, DIGIT_TASK.groups):
+        raise AimfairError(f"generate.task describes handwritten digits (the Colored MNIST task), not the "
                            f"{cfg.data.dataset} data: set generate.task (subject, classes, groups) for it, or bring "
                            "your own synthetic sets with `aimfair data import-synthetic`")
+    if cfg.generate.backend == "file" and not cfg.generate.prompt_file:
+        raise AimfairError("generate.backend=file needs generate.prompt_file (a YAML/JSON mapping of cell to prompts, "
+                           "or a folder of <cell>.txt files)")
     if exists(f"{cfg.data_dir}/dataset.json"):
         meta = read_json(f"{cfg.data_dir}/dataset.json")
         C, G = len(meta["target_names"]), len(meta["group_names"])
@@ -83,17 +122,24 @@ def set_counts(cfg) -> dict[str, dict[str, int]]:
     }
 
 
+def save_size(cfg) -> int | None:
+    """The size synthetic images are saved at (``generate.save_size``; data: the real data's size)."""
+    s = cfg.generate.save_size
+    return cfg.data.image_size if s == "data" else s
+
+
 def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print) -> dict:
     g = cfg.generate
-    meta = {"pipeline": g.pipeline or "embedded:cmnist-t2i", "steps": g.steps, "guidance_scale": g.guidance_scale,
-            "prompt_backend": g.backend, "seed": g.seed}
+    meta = {"pipeline": g.pipeline or "embedded:cmnist-t2i", "scheduler": g.scheduler, "steps": g.steps,
+            "guidance_scale": g.guidance_scale, "negative_prompt": g.negative_prompt, "image_size": g.image_size,
+            "save_size": save_size(cfg), "prompt_backend": g.backend, "seed": g.seed}
     counts = set_counts(cfg)
     imported = [k for k in sets if exists(f"{cfg.paths.synthetic_set(k)}/{IMPORT}")]
     for kind in imported:
         log(f"images: {kind} is your imported set ({cfg.paths.synthetic_set(kind)}); not generating it")
     sets = [k for k in sets if k not in imported]
     plans = {cfg.paths.synthetic_set(kind): plan(prompts, kind, counts[kind], g.seed) for kind in sets}
-    by_dir = generate_images(g, plans, meta, log=log)  # one pipeline (one actor pool) for every set
+    by_dir = generate_images(g, plans, meta, save_size(cfg), log=log)  # one pipeline (one actor pool) for every set
     stats = {kind: by_dir[cfg.paths.synthetic_set(kind)] for kind in sets}
     for kind in sets:
         log(f"images: {kind} done: {stats[kind]}")
@@ -102,12 +148,23 @@ def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print) -> di
 
 
 def checker_for(cfg, log=print):
-    """The Colored MNIST checker, trained once per run on real digits outside the generator split."""
+    """The filter's checker (``generate.checker``; auto: digits for Colored MNIST, gender for faces)."""
+    kind = cfg.generate.checker
+    if kind == "auto":
+        kind = "digits" if cfg.data.dataset == "colored_mnist" else "gender"
+    if kind == "gender":
+        from aimfair_ray.generate.face_checker import GenderChecker
+
+        return GenderChecker.for_config(cfg)
+    if kind == "clip":
+        from aimfair_ray.generate.face_checker import ClipChecker
+
+        return ClipChecker(cfg.generate.clip_model, cfg.generate.task, batch_size=cfg.generate.checker_batch_size)
     from aimfair_ray.generate.checker import Checker, train_checker
 
     if cfg.data.dataset != "colored_mnist":
-        raise AimfairError("the faithfulness filter's built-in checker covers colored_mnist only; "
-                           "set generate.filter=false for other datasets")
+        raise AimfairError("generate.checker=digits checks Colored MNIST digits only: use generate.checker=gender "
+                           "or clip for faces, or generate.filter=false")
     path = cfg.paths.checker
     if exists(f"{path}/checker.json"):
         return Checker.load(path)
@@ -117,31 +174,40 @@ def checker_for(cfg, log=print):
     return ck
 
 
-def read_set(directory: str) -> pd.DataFrame:
+def set_shards(directory: str) -> list[Path]:
     files = sorted(Path(directory).glob("shard-*.parquet"))
     if not files:
         raise AimfairError(f"no synthetic images in {directory}: run `aimfair generate images` first")
-    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True).sort_values("id")
+    return files
 
 
 def run_filter(cfg, sets=SYNTHETIC_SETS, log=print) -> dict:
-    """Drop images whose checker-predicted target or group disagrees with their labels."""
+    """Drop images whose checker-predicted target or group (what the checker checks) disagrees with their
+    labels; one shard in memory at a time."""
     ck = checker_for(cfg, log)
     report = {}
     for kind in sets:
-        df = read_set(cfg.paths.synthetic_set(kind))
-        imgs = np.stack([decode_png(b) for b in df["image"]])
-        pred = ck.predict(imgs)
-        keep = (pred["target"] == df["target"].to_numpy()) & (pred["group"] == df["group"].to_numpy())
+        kept, checked = [], set()
+        for f in set_shards(cfg.paths.synthetic_set(kind)):
+            df = pq.read_table(f).to_pandas()
+            pred = ck.predict(np.stack([decode_png(b) for b in df["image"]]))
+            checked |= set(pred)
+            keep = np.ones(len(df), bool)
+            for role, p in pred.items():
+                keep &= p == df[role].to_numpy()
+            kept.append(df.assign(_keep=keep))  # PNG bytes: the decoded images are dropped with the shard
+        df = pd.concat(kept, ignore_index=True).sort_values("id")
+        keep = df.pop("_keep").to_numpy()
         cells_ = df["target"].astype(str).radd("y") + "_s" + df["group"].astype(str)
         per_cell = {c: {"kept": int(keep[cells_ == c].sum()), "total": int((cells_ == c).sum()),
                         "kept_fraction": round(float(keep[cells_ == c].mean()), 4)} for c in sorted(set(cells_))}
-        kept = df[keep]
-        write_split(pa.Table.from_pandas(kept[list(SCHEMA.names)], schema=SCHEMA, preserve_index=False),
+        write_split(pa.Table.from_pandas(df[keep][list(SCHEMA.names)], schema=SCHEMA, preserve_index=False),
                     cfg.paths.synthetic_set(kind, filtered=True))
-        report[kind] = {"kept": int(keep.sum()), "total": len(df), "per_cell": per_cell}
+        report[kind] = {"checker": type(ck).__name__, "checked": sorted(checked), "kept": int(keep.sum()),
+                        "total": len(df), "per_cell": per_cell}
         fractions = ", ".join(f"{c}: {v['kept_fraction']:.2f}" for c, v in per_cell.items())
-        log(f"filter: {kind}: kept {int(keep.sum())}/{len(df)}; kept fraction per cell {fractions}")
+        log(f"filter: {kind} ({type(ck).__name__}, checks {', '.join(sorted(checked))}): kept {int(keep.sum())}/"
+            f"{len(df)}; kept fraction per cell {fractions}")
     write_json(f"{cfg.paths.synthetic}/filter.json", report)
     return report
 
@@ -159,7 +225,7 @@ def quality_report(cfg, pipeline: str | None = None, per_cell: int = 200, log=pr
     g = cfg.generate
     pipe = load_pipeline(pipeline or g.pipeline or str(embedded_weights()))
     torch.set_num_threads(2)
-    req = template_batch(requests(g.task, {c: per_cell for c in cells(g.task)}, g.seed + 7, 0), g.task.subject)
+    req = template_batch(requests(g.task, {c: per_cell for c in cells(g.task)}, g.seed + 7, 0), g.task)
     want_digit = np.array([DIGITS.index(c) if c in DIGITS else int(c) for c in req["cls"]])
     imgs = np.concatenate([generate_batch(pipe, req["prompt"].iloc[i:i + 100].tolist(),
                                           [sample_seed(g.seed, f"q{j}") for j in range(i, min(i + 100, len(req)))],

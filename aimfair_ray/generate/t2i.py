@@ -106,7 +106,7 @@ class AimfairT2IPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt, num_inference_steps: int = 30, guidance_scale: float = 3.0,
                  generator: torch.Generator | list[torch.Generator] | None = None, height: int | None = None,
-                 width: int | None = None, output_type: str = "np", **_):
+                 width: int | None = None, output_type: str = "np", negative_prompt: str | None = None, **_):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         n, size = len(prompts), self.unet.config.sample_size
         shape = (3, height or size, width or size)
@@ -116,7 +116,7 @@ class AimfairT2IPipeline(DiffusionPipeline):
             x = torch.randn((n, *shape), generator=generator)
         x = x.to(self.device, self.unet.dtype)
         cond = self.condition(prompts)
-        uncond = self.condition([""]).expand(n, -1)  # the empty prompt, as in training's caption dropout
+        uncond = self.condition([negative_prompt or ""]).expand(n, -1)  # "": as in training's caption dropout
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.scheduler.timesteps:
             if guidance_scale == 1.0:
@@ -134,16 +134,26 @@ class AimfairT2IPipeline(DiffusionPipeline):
         return type("Out", (), {"images": imgs})()
 
 
-def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32"):
-    """Any diffusers text-to-image pipeline folder or hub id; the embedded one by class name."""
+def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32", scheduler: str | None = None):
+    """Any diffusers text-to-image pipeline folder or hub id (Stable Diffusion: its safety checker left
+    out), the embedded one by class name; ``scheduler`` (ddim, euler, dpm) replaces the pipeline's
+    sampler, keeping its noise schedule."""
     import json
+
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     torch_dtype = getattr(torch, dtype)
     index = Path(path) / "model_index.json"
     if index.is_file() and json.loads(index.read_text()).get("_class_name") == AimfairT2IPipeline.__name__:
         pipe = AimfairT2IPipeline.from_pretrained(str(path), dtype=torch_dtype)
     else:
-        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype)
+        kw = {}
+        if index.is_file() and "safety_checker" in json.loads(index.read_text()) or not index.is_file():
+            kw = {"safety_checker": None, "requires_safety_checker": False}  # SD: no NSFW model to load or run
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, **kw)
+    if scheduler:
+        kind = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}[scheduler]
+        pipe.scheduler = kind.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
