@@ -22,6 +22,10 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 # 2 s worker poll stays: at 0.2 s a sweep trial deadlocked in Ray Tune, when its run's last report and
 # its end came too close together; see runtime.LOCAL_TRAIN_ENV.)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Token auth, as the session's head runs it (the ray_head fixture makes the token): set before any test
+# imports ray, which reads the auth mode once, at import (a test that imported ray before the head
+# started could not join it).
+os.environ["RAY_AUTH_MODE"] = "token"
 
 TINY = [
     "data.n_train=400",

@@ -81,9 +81,9 @@ class ClipChecker:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            self.processor = CLIPProcessor.from_pretrained(model, use_fast=False)
+            self.processor = CLIPProcessor.from_pretrained(model)
             self.model = CLIPModel.from_pretrained(model).eval().to(self.device)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # not found; not a folder nor a hub id
             raise AimfairError(f"generate.clip_model {model!r} cannot be loaded ({str(e).splitlines()[0]}): give a CLIP "
                                "model folder, or a hub id on a machine that reaches the hub") from None
         self.batch_size = batch_size

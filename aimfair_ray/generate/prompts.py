@@ -21,32 +21,41 @@ import numpy as np
 import pandas as pd
 
 from aimfair_ray import AimfairError
-from aimfair_ray.tasks import has_phrase
 
 
 def cells(task) -> list[tuple[int, int]]:
     return [(c, g) for c in range(len(task.classes)) for g in range(len(task.groups))]
 
 
-def _without(text: str, phrases: list[str]) -> str:
-    """``text`` with its own phrases blanked, longest first, so "not smiling" does not also read as "smiling"."""
-    for p in sorted(phrases, key=len, reverse=True):
-        text = re.sub(rf"(?<![\w-]){re.escape(p)}(?![\w-])", " # ", text, flags=re.IGNORECASE)
-    return text
+def _spans(text: str, phrases: list[str]) -> list[tuple[int, int]]:
+    return [m.span() for p in phrases for m in re.finditer(rf"(?<![\w-]){re.escape(p)}(?![\w-])", text, re.IGNORECASE)]
+
+
+def _free(spans: list, cover: list) -> list:
+    """The spans not inside a longer span of ``cover``: "smiling" inside "not smiling" is not "smiling"."""
+    return [(a, b) for a, b in spans if not any(c <= a and b <= d and d - c > b - a for c, d in cover)]
+
+
+def _names(text: str, kinds, own: int) -> tuple[bool, bool]:
+    """Whether ``text`` names kind ``own``, and whether it names another (of classes, or of groups)."""
+    mine = _spans(text, kinds[own].phrases)
+    other = [sp for i, k in enumerate(kinds) if i != own for sp in _spans(text, k.phrases)]
+    return bool(_free(mine, other)), bool(_free(other, mine))
 
 
 def check_prompt(text: str, task, c: int, g: int) -> str | None:
     """None if the prompt names its class and group (and no other), else the reason."""
     if not text or len(text) < 8:
         return "empty"
-    if not has_phrase(text, task.classes[c].phrases):
+    has_cls, other_cls = _names(text, task.classes, c)
+    has_grp, other_grp = _names(text, task.groups, g)
+    if not has_cls:
         return "class missing"
-    if not has_phrase(text, task.groups[g].phrases):
+    if not has_grp:
         return "group missing"
-    rest = _without(text, task.classes[c].phrases + task.groups[g].phrases)
-    if any(has_phrase(rest, k.phrases) for i, k in enumerate(task.classes) if i != c):
+    if other_cls:
         return "other class"
-    if any(has_phrase(rest, k.phrases) for i, k in enumerate(task.groups) if i != g):
+    if other_grp:
         return "other group"
     return None
 

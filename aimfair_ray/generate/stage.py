@@ -191,6 +191,7 @@ def run_filter(cfg, sets=SYNTHETIC_SETS, log=print) -> dict:
         for f in set_shards(cfg.paths.synthetic_set(kind)):
             df = pq.read_table(f).to_pandas()
             pred = ck.predict(np.stack([decode_png(b) for b in df["image"]]))
+            pred = {role: pred[role] for role in ("target", "group") if role in pred}  # what the labels say
             checked |= set(pred)
             keep = np.ones(len(df), bool)
             for role, p in pred.items():
