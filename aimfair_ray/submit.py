@@ -26,6 +26,7 @@ STAGES = {
     "minmax": "minmax_finetune.py",
     "sweep": "sweep.py",
     "audit": "audit.py",
+    "benchmark": "benchmark.py",
     "pipeline": "pipeline.py",
 }
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

@@ -206,8 +206,8 @@ def faces_run(ray_cluster, tiny, tmp_path_factory):
     make_sorted_celeba(root / "celeba", per_class=120)
     sets = [f"data.root={root / 'celeba'}", "data.n_train=120", "data.n_val=20", "data.image_size=24",
             f"output_dir={root / 'runs'}", f"generate.pipeline={tiny['sd']}", "generate.backend=template",
-            "generate.prompts_per_cell=6", "generate.steps=8", "generate.image_size=32", "generate.batch_size=2",
-            "generate.n_balanced_per_cell=24", "generate.n_imbalanced=40", "generate.cpus_per_actor=1"]
+            "generate.prompts_per_cell=6", "generate.steps=3", "generate.image_size=32", "generate.batch_size=2",
+            "generate.n_balanced_per_cell=12", "generate.n_imbalanced=20", "generate.cpus_per_actor=1"]
     cfg = load_config("celeba", ["cpu"], sets)
     run_prepare(cfg, log=lambda *_: None)
     out = Path(cfg.paths.synthetic_set("balanced"))
@@ -228,34 +228,52 @@ def faces_run(ray_cluster, tiny, tmp_path_factory):
 
 
 def test_generate_all_under_celeba_with_a_tiny_sd_pipeline(faces_run):
-    from aimfair_ray.data.io import read_split
+    from aimfair_ray.data.io import SCHEMA, read_split
     from aimfair_ray.generate.face_checker import GenderChecker
-    from aimfair_ray.generate.images import plan, written_ids
+    from aimfair_ray.generate.images import generate_batch, plan, sample_seed, written_ids
     from aimfair_ray.generate.stage import set_counts
+    from aimfair_ray.generate.t2i import load_pipeline
 
     cfg, res = faces_run["cfg"], faces_run["rerun"]
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert 3 <= faces_run["before"] < 48 and "already written" in res.stdout
+    assert 3 <= faces_run["before"] < 24 and "already written" in res.stdout
     task = cfg.generate.task
     prompts = pd.read_parquet(f"{cfg.paths.synthetic}/prompts/prompts.parquet")
     assert len(prompts) == 24 and all(check_prompt(p, task, c, g) is None
                                       for p, c, g in zip(prompts["prompt"], prompts["target"], prompts["group"]))
     counts = set_counts(cfg)
-    assert counts["imbalanced"] == {"y0_s0": 18, "y0_s1": 2, "y1_s0": 2, "y1_s1": 18}  # the data's majority pairing
+    assert counts["imbalanced"] == {"y0_s0": 9, "y0_s1": 1, "y1_s0": 1, "y1_s1": 9}  # the data's majority pairing
     for kind in ("balanced", "imbalanced"):
         ids = written_ids(cfg.paths.synthetic_set(kind))
         planned = plan(prompts, kind, counts[kind], cfg.generate.seed)["id"].tolist()
         assert len(ids) == len(set(ids)) and sorted(ids) == sorted(planned)  # none missing, none twice
+    for kind in ("balanced", "imbalanced"):
+        df = read_split(cfg.paths.synthetic_set(kind)).to_pandas()
+        cells_ = (df["target"].astype(str).radd("y") + "_s" + df["group"].astype(str)).value_counts().to_dict()
+        assert cells_ == counts[kind] and set(df["source"]) == {"synthetic"} and df["prompt"].notna().all()
     df = read_split(cfg.paths.synthetic_set("balanced")).to_pandas()
     assert decode_png(df["image"].iloc[0]).shape == (24, 24, 3)  # drawn at 32, saved at data.image_size (LANCZOS)
+    shard = next(Path(cfg.paths.synthetic_set("balanced")).glob("shard-*.parquet"))
+    assert pq.read_schema(shard).remove_metadata().equals(SCHEMA)
+    # same ids, same images: one shard (one generation batch) drawn again here, in another process
+    import torch
+
+    torch.set_num_threads(1)  # as in the 1-CPU actor: float reductions depend on the thread count
+    batch = pq.read_table(shard).to_pandas()
+    g = cfg.generate
+    again = generate_batch(load_pipeline(g.pipeline, scheduler=g.scheduler), batch["prompt"].tolist(),
+                           [sample_seed(g.seed, i) for i in batch["id"]], g.steps, g.guidance_scale, g.image_size,
+                           save_size=24)
+    d = np.stack([np.abs(a.astype(int) - decode_png(b).astype(int)) for a, b in zip(again, batch["image"])])
+    assert (d == 0).mean() > 0.99 and d.max() <= 2, (d > 0).mean()
     meta = json.loads(df["generator"].iloc[0])
-    assert meta["scheduler"] == "ddim" and meta["steps"] == 8 and meta["guidance_scale"] == 9.0
+    assert meta["scheduler"] == "ddim" and meta["steps"] == 3 and meta["guidance_scale"] == 9.0
     assert all(check_prompt(p, task, c, g) is None for p, c, g in zip(df["prompt"], df["target"], df["group"]))
     # the gender checker ran: a kept fraction per cell, and what it kept agrees with it
     rep = json.loads(Path(f"{cfg.paths.synthetic}/filter.json").read_text())["balanced"]
-    assert rep["checker"] == "GenderChecker" and rep["checked"] == ["group"] and rep["total"] == 96
+    assert rep["checker"] == "GenderChecker" and rep["checked"] == ["group"] and rep["total"] == 48
     assert set(rep["per_cell"]) == {"y0_s0", "y0_s1", "y1_s0", "y1_s1"}
-    assert all(0 <= v["kept_fraction"] <= 1 and v["total"] == 24 for v in rep["per_cell"].values())
+    assert all(0 <= v["kept_fraction"] <= 1 and v["total"] == 12 for v in rep["per_cell"].values())
     kept = pq.read_table(cfg.paths.synthetic_set("balanced", filtered=True)).to_pandas()
     assert len(kept) == rep["kept"]
     if len(kept):
