@@ -42,11 +42,12 @@ def make_plan(cfg, images_per_gpu_s: float = SD_IMAGES_PER_GPU_S) -> dict:
                          backend=g.backend)
     counts = set_counts(cfg) if n_cells else {"balanced": {}, "imbalanced": {}}
     n_images = sum(sum(c.values()) for c in counts.values())
-    size = g.image_size or "the pipeline's own"
+    drawn = f"{g.image_size} px" if g.image_size else "the pipeline's size"
+    saved = f"{save_size(cfg)} px" if save_size(cfg) else "as drawn"
     images = _stage("images", g.actors, g.cpus_per_actor, g.gpus_per_actor,
                     f"{n_images} images: balanced {counts['balanced']}, imbalanced {counts['imbalanced']}; drawn at "
-                    f"{size} px, saved at {save_size(cfg) or 'the drawn size'} px, {g.steps} {g.scheduler or ''} steps, "
-                    f"CFG {g.guidance_scale}", f"{g.pipeline or 'embedded Colored-MNIST model'} ({g.dtype} on GPUs)",
+                    f"{drawn}, saved {'at ' if save_size(cfg) else ''}{saved}, {g.steps} {g.scheduler or 'sampler'} "
+                    f"steps, CFG {g.guidance_scale}", f"{g.pipeline or 'embedded Colored-MNIST model'} ({g.dtype} on GPUs)",
                     f"{p.synthetic_set('balanced')}, {p.synthetic_set('imbalanced')}", images=n_images,
                     balanced=counts["balanced"], imbalanced=counts["imbalanced"])
     gpus = g.actors * g.gpus_per_actor
@@ -73,7 +74,7 @@ def make_plan(cfg, images_per_gpu_s: float = SD_IMAGES_PER_GPU_S) -> dict:
                          f"{f.epochs} epochs on the balanced synthetic set", model, p.model(f"finetune/{f.method}")))
     stages.append(_stage("audit", a.actors, a.cpus_per_actor, a.gpus_per_actor, f"metrics on the {a.split} split",
                          "the trained models", f"{cfg.run_dir}/audit"))
-    return {"run": cfg.run_dir, "data": {"dataset": cfg.data.dataset, "root": cfg.data.root or "not set",
+    return {"run": cfg.run_dir, "data": {"dataset": cfg.data.dataset, "root": cfg.data.root or "(data.root not set)",
                                          "target": cfg.data.target, "sensitive": cfg.data.sensitive,
                                          "image_size": cfg.data.image_size},
             "stages": stages}
@@ -101,13 +102,13 @@ def check_cluster(plan: dict, nodes: list[dict]) -> list[str]:
 
 
 def cluster_nodes(address: str | None) -> list[dict] | None:
-    """The alive nodes' resources of the cluster this process is connected to, or of the one at ``address``
-    (ray.address, RAY_ADDRESS); None when there is none to check against."""
+    """The alive nodes' resources of the cluster at ``address`` (ray.address, RAY_ADDRESS; joined unless
+    this process already is); None without an address."""
     import ray
 
+    if not address:
+        return None
     if not ray.is_initialized():
-        if not address:
-            return None
         from aimfair_ray.runtime import use_cluster_token
 
         use_cluster_token()

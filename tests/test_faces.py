@@ -148,7 +148,8 @@ def test_gender_and_clip_checkers(tiny):
 
 
 def test_plan_numbers_match_the_preset_without_data():
-    res = _cli(["plan", "--preset", "celeba", "--config", "gpu", "--json"] + [x for s in CLUSTER for x in ("--set", s)])
+    res = _cli(["plan", "--preset", "celeba", "--config", "gpu", "--json"] + [x for s in CLUSTER for x in ("--set", s)],
+               {"RAY_ADDRESS": None})  # no cluster to check against, even inside a test session joined to one
     assert res.exit_code == 0, res.output
     plan = json.loads(res.output)
     st = {s["stage"]: s for s in plan["stages"]}
@@ -282,9 +283,10 @@ def test_generate_all_under_celeba_with_a_tiny_sd_pipeline(faces_run):
 
 
 def test_plan_against_the_session_cluster(ray_cluster):
-    gpu = _cli(["plan", "--preset", "celeba", "--config", "gpu"] + [x for s in CLUSTER for x in ("--set", s)])
+    env = {"RAY_ADDRESS": ray_cluster}
+    gpu = _cli(["plan", "--preset", "celeba", "--config", "gpu"] + [x for s in CLUSTER for x in ("--set", s)], env)
     assert gpu.exit_code == 2 and "plan refused" in gpu.output and "0 GPUs" in gpu.output
     assert "Traceback" not in gpu.output
-    cpu = _cli(["plan", "--preset", "celeba", "--config", "cpu"] + [x for s in CLUSTER for x in ("--set", s)])
+    cpu = _cli(["plan", "--preset", "celeba", "--config", "cpu"] + [x for s in CLUSTER for x in ("--set", s)], env)
     assert cpu.exit_code == 0, cpu.output
     assert "holds it" in cpu.output and "images: 1 fit" in cpu.output

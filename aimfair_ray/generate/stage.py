@@ -187,6 +187,9 @@ def run_filter(cfg, sets=SYNTHETIC_SETS, log=print) -> dict:
     ck = checker_for(cfg, log)
     report = {}
     for kind in sets:
+        if exists(f"{cfg.paths.synthetic_set(kind)}/{IMPORT}"):
+            log(f"filter: {kind} is your imported set; used as it is, not filtered")
+            continue
         kept, checked = [], set()
         for f in set_shards(cfg.paths.synthetic_set(kind)):
             df = pq.read_table(f).to_pandas()

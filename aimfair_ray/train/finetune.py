@@ -26,7 +26,7 @@ from aimfair_ray import AimfairError
 from aimfair_ray.config import Config
 from aimfair_ray.data.feed import check_rows, worker_batches
 from aimfair_ray.data.io import files_sha, first_row, image_dataset, read_table
-from aimfair_ray.data.synthetic import synthetic_source
+from aimfair_ray.data.synthetic import IMPORT, synthetic_source
 from aimfair_ray.distributed import allreduce, fit_or_raise, make_trainer, report_files, reuse_or_resume, worker_log
 from aimfair_ray.models import build_model, load_classifier, weights_sha
 from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, read_json, write_json
@@ -38,13 +38,15 @@ from aimfair_ray.train.raytrain import RunSpec, fit
 
 def synthetic_dir(cfg: Config, kind: str = "balanced", log=print, check: bool = True) -> str:
     """The synthetic set a run uses: ``balanced``/``imbalanced`` (``finetune.synthetic`` and
-    ``finetune.synthetic_imbalanced``): the run's own, filtered when the filter ran, or the user's (a
-    set directory, or a manifest imported into the run). ``check``: a missing set is an error."""
+    ``finetune.synthetic_imbalanced``): the run's own, filtered when the filter ran (a set you imported
+    as the run's is yours, used as it is), or the user's (a set directory, or a manifest imported into
+    the run). ``check``: a missing set is an error."""
     choice = cfg.finetune.synthetic if kind == "balanced" else cfg.finetune.synthetic_imbalanced
     if choice not in ("auto", kind, f"{kind}_filtered"):
         return synthetic_source(cfg, choice, kind, log=log) if check else choice
-    filtered = choice == f"{kind}_filtered" or (choice == "auto" and cfg.finetune.synthetic.endswith("_filtered")) \
-        or (choice == "auto" and cfg.finetune.synthetic == "auto" and cfg.generate.filter)
+    imported = exists(f"{cfg.paths.synthetic_set(kind)}/{IMPORT}")
+    filtered = choice == f"{kind}_filtered" or (choice == "auto" and not imported and (
+        cfg.finetune.synthetic.endswith("_filtered") or (cfg.finetune.synthetic == "auto" and cfg.generate.filter)))
     path = cfg.paths.synthetic_set(kind, filtered)
     if check and not exists(path):
         raise AimfairError(f"no synthetic {kind} set at {path}: run `aimfair generate all` first, or bring your own "
