@@ -8,6 +8,7 @@ import time
 from typing import Optional
 
 from aimfair_ray.config import Config
+from aimfair_ray.storage import write_json
 
 
 def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
@@ -133,4 +134,6 @@ def run_demo(cfg: Config, log=print) -> dict:
     log_wandb(cfg, res, base, log)
     ft = run_finetune(cfg, log=log)
     tuned = run_audit(cfg, ft["model_dir"], title=f"AIM-Fair fine-tuned ({ft['method']})", log=log)
-    return {"baseline": base, "finetuned": tuned, "method": ft["method"], "wall_s": time.time() - t0}
+    out = {"baseline": base, "finetuned": tuned, "method": ft["method"], "wall_s": time.time() - t0}
+    write_json(f"{cfg.run_dir}/demo.json", {"wall_s": round(out["wall_s"], 1), "method": ft["method"]})
+    return out

@@ -18,11 +18,11 @@ LEVELS = {
     "generate": 2,
     "train": 3, "egt": 3,
     "evaluate": 4, "benchmark": 5, "sweep": 5,
-    "serving": 6, "pipeline": 6, "submit": 6, "plan": 6,
+    "serving": 6, "pipeline": 6, "submit": 6, "plan": 6, "report": 6,
     "cli": 7,
 }
 # Shared pieces inside the data package, which every stage may read.
-SHARED_DATA = {"data.codecs", "data.captions", "data.io", "data.feed", "data.cmnist", "data.bias"}
+SHARED_DATA = {"data.codecs", "data.captions", "data.io", "data.feed", "data.cmnist", "data.bias", "data.samples"}
 # The two deliberate exceptions, each a lazy import inside a function:
 ALLOWED = {
     ("", "generate"), ("", "generate.t2i"),  # diffusers finds a saved pipeline's classes as aimfair_ray.<Class>

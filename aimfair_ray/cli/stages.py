@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import typer
@@ -174,6 +175,24 @@ def audit_cmd(checkpoint: Optional[str] = typer.Option(None, "--checkpoint", hel
     run_with_config(body, preset, config, set_)
 
 
+@top.command("report")
+def report_cmd(name: Optional[str] = typer.Option(None, "--name", help="the run's name (default: the config's)"),
+               preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+    """Write runs/<name>/report.html: one self-contained page of what the run's stages made (data, synthetic
+    samples with prompts, models side by side, selection, results, provenance); opens in any browser."""
+    from aimfair_ray import AimfairError
+    from aimfair_ray.report import write_report
+
+    def body(cfg):
+        if name:
+            cfg.name = name
+        if not os.path.isdir(cfg.run_dir):
+            raise AimfairError(f"no run at {cfg.run_dir}: run a stage first, or give --name / --set output_dir=")
+        console.print(f"report: {write_report(cfg.run_dir)}", highlight=False)
+
+    run_with_config(body, preset, config, set_)
+
+
 @top.command("demo")
 def demo(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
          wandb: bool = WandbOpt):
@@ -186,6 +205,9 @@ def demo(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_:
         console.print(table({"baseline (ERM)": r["baseline"], f"finetune: {r['method']}": r["finetuned"]}))
         headline("biased baseline on the test set", r["baseline"])
         headline(f"fine-tuned ({r['method']}) on the test set", r["finetuned"])
+        from aimfair_ray.report import write_report
+
         log(f"demo: done in {r['wall_s']:.0f}s; outputs under {cfg.run_dir}")
+        log(f"report: {write_report(cfg.run_dir)} (open it in a browser)")
 
     run_with_config(body, preset, config, set_, wandb)

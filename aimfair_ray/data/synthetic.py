@@ -21,6 +21,7 @@ from aimfair_ray import AimfairError
 from aimfair_ray.data.io import SCHEMA, check_split, read_table
 from aimfair_ray.data.prepare import EncodeImages, load_meta
 from aimfair_ray.data.readers import check_files
+from aimfair_ray.data.samples import write_samples
 from aimfair_ray.storage import atomic_dir, exists, read_json, write_json
 
 IMPORT = "import.json"
@@ -123,6 +124,8 @@ def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_d
     with atomic_dir(out_dir) as tmp:
         ds.map_batches(encode, batch_format="pandas", batch_size=256).write_parquet(tmp, min_rows_per_file=2048)
         write_json(f"{tmp}/{IMPORT}", info)
+        write_samples(tmp, f"{kind} set imported from {Path(manifest).name} ({name})", meta["target_names"],
+                      meta["group_names"])
     log(f"import: {len(df)} images from {manifest} -> {out_dir} as the {kind} set (generator {name}); cells {counts}")
     return info
 

@@ -18,6 +18,7 @@ from aimfair_ray import AimfairError
 from aimfair_ray.data.bias import cell_counts
 from aimfair_ray.data.codecs import decode_png
 from aimfair_ray.data.io import SCHEMA, write_split
+from aimfair_ray.data.samples import write_samples
 from aimfair_ray.data.synthetic import IMPORT
 from aimfair_ray.generate.images import generate_images, plan
 from aimfair_ray.generate.prompts import cells, generate_prompts
@@ -122,6 +123,16 @@ def set_counts(cfg) -> dict[str, dict[str, int]]:
     }
 
 
+def cell_names(cfg) -> tuple[list[str], list[str]]:
+    """The class and group names: the prepared data's, else the prompt task's."""
+    path = f"{cfg.data_dir}/dataset.json"
+    if exists(path):
+        meta = read_json(path)
+        return meta["target_names"], meta["group_names"]
+    task = cfg.generate.task
+    return [k.name for k in task.classes or []], [k.name for k in task.groups or []]
+
+
 def save_size(cfg) -> int | None:
     """The size synthetic images are saved at (``generate.save_size``; data: the real data's size)."""
     s = cfg.generate.save_size
@@ -143,6 +154,7 @@ def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print) -> di
     stats = {kind: by_dir[cfg.paths.synthetic_set(kind)] for kind in sets}
     for kind in sets:
         log(f"images: {kind} done: {stats[kind]}")
+        write_samples(cfg.paths.synthetic_set(kind), f"{kind} synthetic set ({meta['pipeline']})", *cell_names(cfg))
     cfg.save(cfg.paths.synthetic)
     return stats
 
@@ -207,6 +219,8 @@ def run_filter(cfg, sets=SYNTHETIC_SETS, log=print) -> dict:
                         "kept_fraction": round(float(keep[cells_ == c].mean()), 4)} for c in sorted(set(cells_))}
         write_split(pa.Table.from_pandas(df[keep][list(SCHEMA.names)], schema=SCHEMA, preserve_index=False),
                     cfg.paths.synthetic_set(kind, filtered=True))
+        write_samples(cfg.paths.synthetic_set(kind, filtered=True), f"{kind}, filtered ({type(ck).__name__})",
+                      *cell_names(cfg))
         report[kind] = {"checker": type(ck).__name__, "checked": sorted(checked), "kept": int(keep.sum()),
                         "total": len(df), "per_cell": per_cell}
         fractions = ", ".join(f"{c}: {v['kept_fraction']:.2f}" for c, v in per_cell.items())

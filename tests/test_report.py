@@ -1,0 +1,46 @@
+"""The run report: one self-contained HTML page (images inlined) that headless Chromium opens offline,
+with every section's figures; and the samples.png the generation stage writes beside each set."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from aimfair_ray.cli import app
+
+
+def test_report_opens_in_headless_chromium_with_every_section(synth, tmp_path):
+    from aimfair_ray.pipeline import run_audit
+    from aimfair_ray.report import write_report
+
+    cfg, _ = synth
+    for kind in ("balanced", "imbalanced"):  # the generation stage drew each set's sample grid
+        png = Path(cfg.paths.synthetic_set(kind)) / "samples.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    rep = run_audit(cfg, title="baseline", log=lambda *_: None)
+    path = write_report(cfg.run_dir)
+    html = Path(path).read_text()
+    assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html  # nothing fetched
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is missing: `make setup` installs Debian's chromium (apt-get install chromium)"
+    out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"file://{path}"],
+                         capture_output=True, text=True, timeout=120)
+    dom = out.stdout
+    for section in ("data", "synthetic", "models", "selection", "results", "provenance"):
+        assert f'id="{section}"' in dom, (section, out.stderr[-2000:])
+    assert "<td>train</td><td>400</td>" in dom  # the data's cell counts
+    assert "<h3>balanced</h3>" in dom and "<h3>imbalanced</h3>" in dom and "backend <b>template</b>" in dom
+    assert f"{rep['acc']:.4f}" in dom and f"{rep['wst']:.4f}" in dom  # the baseline's audit
+    # real grid, one grid per synthetic set, the per-cell comparison chart: all inlined
+    assert dom.count('src="data:image/png;base64,') >= 4 and "<img" in dom
+    assert "ray</td><td>2.60.0" in dom and "Resolved config" in dom
+
+
+def test_report_of_a_missing_run_is_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["report", "--set", f"output_dir={tmp_path}", "--name", "nothing"])
+    assert res.exit_code == 2 and "no run at" in res.output and "Traceback" not in res.output
