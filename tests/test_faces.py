@@ -275,7 +275,8 @@ def test_generate_all_under_celeba_with_a_tiny_sd_pipeline(faces_run):
     assert rep["checker"] == "GenderChecker" and rep["checked"] == ["group"] and rep["total"] == 48
     assert set(rep["per_cell"]) == {"y0_s0", "y0_s1", "y1_s0", "y1_s1"}
     assert all(0 <= v["kept_fraction"] <= 1 and v["total"] == 12 for v in rep["per_cell"].values())
-    kept = pq.read_table(cfg.paths.synthetic_set("balanced", filtered=True)).to_pandas()
+    kept = read_split(cfg.paths.synthetic_set("balanced", filtered=True)).to_pandas()
+    assert (Path(cfg.paths.synthetic_set("balanced", filtered=True)) / "samples.png").is_file()  # its sample grid
     assert len(kept) == rep["kept"]
     if len(kept):
         imgs = np.stack([decode_png(b) for b in kept["image"]])

@@ -44,3 +44,15 @@ def test_report_opens_in_headless_chromium_with_every_section(synth, tmp_path):
 def test_report_of_a_missing_run_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["report", "--set", f"output_dir={tmp_path}", "--name", "nothing"])
     assert res.exit_code == 2 and "no run at" in res.output and "Traceback" not in res.output
+
+
+def test_audit_page_shows_the_synthetic_samples_a_model_was_tuned_on(tmp_path):
+    from aimfair_ray.serving.cards import audit_page
+
+    (tmp_path / "balanced").mkdir()
+    (tmp_path / "balanced" / "samples.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    tuned = {"backbone": "small_cnn", "dataset": "colored_mnist", "audit": None,
+             "provenance": {"generator": "embedded:cmnist-t2i", "synthetic_set": str(tmp_path / "balanced")}}
+    base = dict(tuned, provenance={"generator": None})
+    page = audit_page({"tuned": tuned, "baseline": base}, {})
+    assert page.count('alt="synthetic samples of') == 1 and 'alt="synthetic samples of tuned"' in page

@@ -47,9 +47,15 @@ def model_card(model_id: str, model_dir: str) -> tuple[dict, Optional[bytes]]:
 
 
 def audit_page(cards: dict, charts: dict) -> str:
-    """The HTML audit page: each model's headline metrics, provenance and per-group accuracy chart."""
+    """The HTML audit page: each model's headline metrics, provenance and per-group accuracy chart, and
+    for a model fine-tuned on a synthetic set, that set's sample grid (``samples.png``) when it has one."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape())
     b64 = {mid: base64.b64encode(png).decode() for mid, png in charts.items() if png}
-    return env.get_template("audit.html").render(cards=cards, charts=b64)
+    samples = {}
+    for mid, c in cards.items():
+        grid = Path(str((c.get("provenance") or {}).get("synthetic_set") or "/nonexistent")) / "samples.png"
+        if grid.is_file():
+            samples[mid] = base64.b64encode(grid.read_bytes()).decode()
+    return env.get_template("audit.html").render(cards=cards, charts=b64, samples=samples)
