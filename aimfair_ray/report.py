@@ -44,28 +44,25 @@ def _data(run: Path) -> dict | None:
             "bias": (meta.get("config") or {}).get("bias"), "names": (meta["target_names"], meta["group_names"])}
 
 
-def _synthetic(run: Path, names) -> list[dict]:
+def _synthetic(run: Path, names) -> dict | None:
+    from aimfair_ray.data.io import first_row
     from aimfair_ray.data.samples import sample_grid
 
     syn = run / "synthetic"
     if not syn.is_dir():
-        return []
+        return None
     prompts = _json(syn / "prompts" / "report.json") or {}
     filt = _json(syn / "filter.json") or {}
     out = []
     for d in sorted(p for p in syn.iterdir() if p.is_dir() and p.name != "prompts" and any(p.glob("*.parquet"))):
         png = (d / "samples.png").read_bytes() if (d / "samples.png").is_file() else \
             sample_grid(str(d), d.name, *(names or (None, None)))
-        first = next(iter(sorted(d.glob("*.parquet"))))
-        import pyarrow.parquet as pq
-
-        gen = pq.read_table(first, columns=["generator"])["generator"][0].as_py() if "generator" in \
-            pq.read_schema(first).names else None
+        gen = first_row(str(d), ["generator"])["generator"]  # every set is in the image schema
         base = d.name.removesuffix("_filtered")
         out.append({"name": d.name, "grid": _b64(png), "stats": _json(d / "stats.json"),
                     "imported": _json(d / "import.json"), "generator": json.loads(gen) if gen else None,
                     "filter": filt.get(base) if d.name.endswith("_filtered") else None})
-    return [{"prompts": prompts, "sets": out}]
+    return {"prompts": prompts, "sets": out} if out else None
 
 
 def _models(run: Path) -> dict | None:

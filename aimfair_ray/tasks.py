@@ -152,9 +152,9 @@ FACE_INSTRUCTION = ("Write one short caption, under 25 words, for a realistic po
                     "Use the words '{grp}' and '{cls}'. Reply with the caption only.")
 
 
-def has_phrase(text: str, phrases: list[str]) -> bool:
-    """Whether ``text`` holds one of ``phrases`` as whole words (case-insensitive)."""
-    return any(re.search(rf"(?<![\w-]){re.escape(p)}(?![\w-])", text, re.IGNORECASE) for p in phrases)
+def phrase_spans(text: str, phrases: list[str]) -> list[tuple[int, int]]:
+    """Where ``text`` holds one of ``phrases`` as whole words (case-insensitive; "male" is not in "female")."""
+    return [m.span() for p in phrases for m in re.finditer(rf"(?<![\w-]){re.escape(p)}(?![\w-])", text, re.IGNORECASE)]
 
 
 def _attribute(dataset: str, attr: str) -> tuple[list[Side], bool, tuple]:
@@ -189,7 +189,7 @@ def face_task(dataset: str, target: str, sensitive: str) -> TaskConfig:
     classes = [Phrasing(name=n, phrases=s.phrases, wording=w) for n, s, w in zip(cls_names, cls_sides, cls_words)]
     groups = [Phrasing(name=n, phrases=s.phrases, wording=w) for n, s, w in zip(grp_names, grp_sides, grp_words)]
     every = [p for k in classes + groups for p in k.phrases]
-    context = {ax: [v for v in vals if not has_phrase(v, every)] for ax, vals in FACE_CONTEXT.items()
+    context = {ax: [v for v in vals if not phrase_spans(v, every)] for ax, vals in FACE_CONTEXT.items()
                if ax not in cls_axes + grp_axes}
     return TaskConfig(subject="a portrait photo", classes=classes, groups=groups,
                       context={ax: v for ax, v in context.items() if v},

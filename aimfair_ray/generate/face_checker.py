@@ -89,7 +89,7 @@ class ClipChecker:
         self.batch_size = batch_size
         self.heads = {"target": self._head(task.classes), "group": self._head(task.groups)}
 
-    def _head(self, kinds) -> "torch.Tensor":  # noqa: F821
+    def _head(self, kinds):
         import torch
 
         rows = []

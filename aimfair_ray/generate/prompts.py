@@ -21,14 +21,11 @@ import numpy as np
 import pandas as pd
 
 from aimfair_ray import AimfairError
+from aimfair_ray.tasks import phrase_spans
 
 
 def cells(task) -> list[tuple[int, int]]:
     return [(c, g) for c in range(len(task.classes)) for g in range(len(task.groups))]
-
-
-def _spans(text: str, phrases: list[str]) -> list[tuple[int, int]]:
-    return [m.span() for p in phrases for m in re.finditer(rf"(?<![\w-]){re.escape(p)}(?![\w-])", text, re.IGNORECASE)]
 
 
 def _free(spans: list, cover: list) -> list:
@@ -38,8 +35,8 @@ def _free(spans: list, cover: list) -> list:
 
 def _names(text: str, kinds, own: int) -> tuple[bool, bool]:
     """Whether ``text`` names kind ``own``, and whether it names another (of classes, or of groups)."""
-    mine = _spans(text, kinds[own].phrases)
-    other = [sp for i, k in enumerate(kinds) if i != own for sp in _spans(text, k.phrases)]
+    mine = phrase_spans(text, kinds[own].phrases)
+    other = [sp for i, k in enumerate(kinds) if i != own for sp in phrase_spans(text, k.phrases)]
     return bool(_free(mine, other)), bool(_free(other, mine))
 
 
@@ -236,26 +233,38 @@ def read_prompt_file(path: str, task) -> dict[tuple[int, int], list[str]]:
     return out
 
 
-def _file_prompts(gcfg, log=print) -> tuple[dict, dict, int]:
-    """backend file: every listed prompt that passes the check, once."""
-    kept: dict[tuple, list] = {}
-    dropped: dict[str, int] = {}
-    seen: set[str] = set()
-    duplicates = 0
-    for (c, g), prompts in read_prompt_file(gcfg.prompt_file, gcfg.task).items():
-        kept[(c, g)] = []
-        for text in prompts:
-            reason = check_prompt(text, gcfg.task, c, g)
-            if reason:
-                dropped[reason] = dropped.get(reason, 0) + 1
-                log(f"prompts: y{c}_s{g}: dropped ({reason}): {text}")
-            elif text.lower() in seen:
-                duplicates += 1
-            else:
-                seen.add(text.lower())
-                kept[(c, g)].append({"cell": f"y{c}_s{g}", "target": c, "group": g, "prompt": text, "backend": "file",
-                                     "seed": 0})
-    return kept, dropped, duplicates
+class Sieve:
+    """The prompts kept per cell: each offered prompt is checked, a duplicate (any cell, any case) dropped,
+    and a full cell (``need``) takes no more; drops and duplicates are counted."""
+
+    def __init__(self, task, need: dict | None = None):
+        self.task, self.need = task, need
+        self.kept: dict[tuple, list] = {cell: [] for cell in cells(task)}
+        self.dropped: dict[str, int] = {}
+        self.duplicates = 0
+        self.seen: set[str] = set()
+
+    def offer(self, text: str, c: int, g: int, backend: str, seed: int) -> str | None:
+        """Keep the prompt or say why not (None: kept or the cell was full)."""
+        reason = check_prompt(text, self.task, c, g)
+        if reason:
+            self.dropped[reason] = self.dropped.get(reason, 0) + 1
+            return reason
+        if text.lower() in self.seen:
+            self.duplicates += 1
+            return "duplicate"
+        if self.need is None or len(self.kept[(c, g)]) < self.need[(c, g)]:
+            self.seen.add(text.lower())
+            self.kept[(c, g)].append({"cell": f"y{c}_s{g}", "target": c, "group": g, "prompt": text, "backend": backend,
+                                      "seed": seed})
+        return None
+
+    def report(self, backend: str, short: dict) -> tuple[pd.DataFrame, dict]:
+        """The kept prompts as a table (ids ``p-<cell>-<k>``) and the stage's report."""
+        rows = [dict(r, id=f"p-{r['cell']}-{i:05d}") for v in self.kept.values() for i, r in enumerate(v)]
+        table = pd.DataFrame(rows, columns=["id", "cell", "target", "group", "prompt", "backend", "seed"])
+        return table, {"backend": backend, "dropped": self.dropped, "duplicates": self.duplicates, "short": short,
+                       "per_cell": {f"y{c}_s{g}": len(v) for (c, g), v in self.kept.items()}}
 
 
 def generate_prompts(gcfg, rounds: int = 4, log=print) -> tuple[pd.DataFrame, dict]:
@@ -263,18 +272,21 @@ def generate_prompts(gcfg, rounds: int = 4, log=print) -> tuple[pd.DataFrame, di
     import ray
 
     task = gcfg.task
-    if gcfg.backend == "file":
-        kept, dropped, duplicates = _file_prompts(gcfg, log)
-        short = {f"y{c}_s{g}": 1 for (c, g), v in kept.items() if not v}
-        if short:
-            raise AimfairError(f"generate.prompt_file {gcfg.prompt_file}: no prompt of cells {sorted(short)} passes the "
-                               f"phrase check ({dropped}): each must name its class and group, and no other")
-        return _table(kept, {"backend": "file", "dropped": dropped, "duplicates": duplicates, "short": {}})
+    if gcfg.backend == "file":  # every listed prompt that passes the check, once
+        sieve = Sieve(task)
+        for (c, g), prompts in read_prompt_file(gcfg.prompt_file, task).items():
+            for text in prompts:
+                reason = sieve.offer(text, c, g, "file", 0)
+                if reason and reason != "duplicate":
+                    log(f"prompts: y{c}_s{g}: dropped ({reason}): {text}")
+        empty = sorted(f"y{c}_s{g}" for (c, g), v in sieve.kept.items() if not v)
+        if empty:
+            raise AimfairError(f"generate.prompt_file {gcfg.prompt_file}: no prompt of cells {empty} passes the "
+                               f"phrase check ({sieve.dropped}): each must name its class and group, and no other")
+        return sieve.report("file", {})
     need = {cell: gcfg.prompts_per_cell for cell in cells(task)}
-    kept: dict[tuple, list] = {cell: [] for cell in need}
-    seen: set[str] = set()
-    dropped: dict[str, int] = {}
-    duplicates = 0
+    sieve = Sieve(task, need)
+    kept = sieve.kept
     for r in range(rounds):
         todo = {cell: int(np.ceil((n - len(kept[cell])) * (1.0 if r == 0 else 1.5))) for cell, n in need.items()
                 if len(kept[cell]) < n}
@@ -283,28 +295,10 @@ def generate_prompts(gcfg, rounds: int = 4, log=print) -> tuple[pd.DataFrame, di
         req = requests(task, todo, gcfg.seed, r)
         out = write_batch(ray.data.from_pandas(req), gcfg).to_pandas()
         for row in out.itertuples(index=False):
-            cell = (int(row.target), int(row.group))
-            reason = check_prompt(row.prompt, task, *cell)
-            if reason:
-                dropped[reason] = dropped.get(reason, 0) + 1
-                continue
-            key = row.prompt.lower()
-            if key in seen:
-                duplicates += 1
-                continue
-            if len(kept[cell]) < need[cell]:
-                seen.add(key)
-                kept[cell].append({"cell": row.cell, "target": cell[0], "group": cell[1], "prompt": row.prompt,
-                                   "backend": gcfg.backend, "seed": int(row.seed)})
-        log(f"prompts: round {r + 1}: {sum(map(len, kept.values()))}/{sum(need.values())} kept, dropped {dropped}, "
-            f"duplicates {duplicates}")
+            sieve.offer(row.prompt, int(row.target), int(row.group), gcfg.backend, int(row.seed))
+        log(f"prompts: round {r + 1}: {sum(map(len, kept.values()))}/{sum(need.values())} kept, dropped {sieve.dropped}, "
+            f"duplicates {sieve.duplicates}")
     short = {f"y{c}_s{g}": need[(c, g)] - len(v) for (c, g), v in kept.items() if len(v) < need[(c, g)]}
     if short:
         log(f"prompts: warning: cells short of prompts after {rounds} rounds: {short}")
-    return _table(kept, {"backend": gcfg.backend, "dropped": dropped, "duplicates": duplicates, "short": short})
-
-
-def _table(kept: dict, report: dict) -> tuple[pd.DataFrame, dict]:
-    rows = [dict(r, id=f"p-{r['cell']}-{i:05d}") for v in kept.values() for i, r in enumerate(v)]
-    table = pd.DataFrame(rows, columns=["id", "cell", "target", "group", "prompt", "backend", "seed"])
-    return table, dict(report, per_cell={f"y{c}_s{g}": len(v) for (c, g), v in kept.items()})
+    return sieve.report(gcfg.backend, short)

@@ -159,11 +159,16 @@ def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print) -> di
     return stats
 
 
+def checker_kind(cfg) -> str:
+    """``generate.checker``, with auto resolved: digits for Colored MNIST, gender for faces."""
+    if cfg.generate.checker != "auto":
+        return cfg.generate.checker
+    return "digits" if cfg.data.dataset == "colored_mnist" else "gender"
+
+
 def checker_for(cfg, log=print):
-    """The filter's checker (``generate.checker``; auto: digits for Colored MNIST, gender for faces)."""
-    kind = cfg.generate.checker
-    if kind == "auto":
-        kind = "digits" if cfg.data.dataset == "colored_mnist" else "gender"
+    """The filter's checker (``checker_kind``)."""
+    kind = checker_kind(cfg)
     if kind == "gender":
         from aimfair_ray.generate.face_checker import GenderChecker
 

@@ -144,13 +144,12 @@ def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32",
 
     torch_dtype = getattr(torch, dtype)
     index = Path(path) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") == AimfairT2IPipeline.__name__:
+    info = json.loads(index.read_text()) if index.is_file() else {}  # {}: a hub id
+    if info.get("_class_name") == AimfairT2IPipeline.__name__:
         pipe = AimfairT2IPipeline.from_pretrained(str(path), dtype=torch_dtype)
     else:
-        kw = {}
-        if index.is_file() and "safety_checker" in json.loads(index.read_text()) or not index.is_file():
-            kw = {"safety_checker": None, "requires_safety_checker": False}  # SD: no NSFW model to load or run
-        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, **kw)
+        kw = {"safety_checker": None, "requires_safety_checker": False} if not info or "safety_checker" in info else {}
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, **kw)  # SD: no NSFW model to run
     if scheduler:
         kind = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}[scheduler]
         pipe.scheduler = kind.from_config(pipe.scheduler.config)

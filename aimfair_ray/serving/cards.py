@@ -55,7 +55,7 @@ def audit_page(cards: dict, charts: dict) -> str:
     b64 = {mid: base64.b64encode(png).decode() for mid, png in charts.items() if png}
     samples = {}
     for mid, c in cards.items():
-        grid = Path(str((c.get("provenance") or {}).get("synthetic_set") or "/nonexistent")) / "samples.png"
-        if grid.is_file():
-            samples[mid] = base64.b64encode(grid.read_bytes()).decode()
+        syn = (c.get("provenance") or {}).get("synthetic_set")
+        if syn and (Path(syn) / "samples.png").is_file():
+            samples[mid] = base64.b64encode((Path(syn) / "samples.png").read_bytes()).decode()
     return env.get_template("audit.html").render(cards=cards, charts=b64, samples=samples)
