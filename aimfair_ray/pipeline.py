@@ -1,8 +1,12 @@
 """The chain of stages as plain functions: data -> synthetic sets -> baseline -> fine-tuning ->
-audits. The CLI commands and the Ray job entrypoints call these; each takes a ``log``."""
+audits. The CLI commands and the Ray job entrypoints call these; each takes a ``log``, logs its start and
+its end with its wall time, and appends that time to ``runs/<name>/logs/stages.jsonl`` (the report reads it)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import os
 import time
 from typing import Optional
@@ -11,6 +15,40 @@ from aimfair_ray.config import Config
 from aimfair_ray.storage import write_json
 
 
+def duration(secs: float) -> str:
+    return f"{secs:.1f} s" if secs < 120 else f"{int(secs // 60)} min {int(secs % 60):02d} s"
+
+
+def timed(name: str):
+    """A stage function ``f(cfg, ..., log=print)``: after it, one line 'NAME: done in T' (or 'failed after T')
+    and a record in the run's ``logs/stages.jsonl``."""
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            cfg, log = bound.arguments["cfg"], bound.arguments.get("log", print)
+            t0, status = time.time(), "failed"
+            try:
+                out = fn(*args, **kwargs)
+                status = "done"
+                return out
+            finally:
+                secs = time.time() - t0
+                log(f"{name}: {status} {'in' if status == 'done' else 'after'} {duration(secs)}")
+                os.makedirs(f"{cfg.run_dir}/logs", exist_ok=True)
+                with open(f"{cfg.run_dir}/logs/stages.jsonl", "a") as f:
+                    f.write(json.dumps({"stage": name, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+                                        "seconds": round(secs, 1), "status": status}) + "\n")
+
+        return run
+
+    return wrap
+
+
+@timed("data")
 def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
     from aimfair_ray.data.prepare import prepare_data
     from aimfair_ray.runtime import ensure_ray
@@ -20,6 +58,7 @@ def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
     return prepare_data(cfg, force=force, log=log)
 
 
+@timed("import")
 def run_import(cfg: Config, manifest: str, kind: str, generator: Optional[str], force: bool = False, log=print) -> dict:
     """Your own synthetic images (a manifest) as the run's ``balanced`` or ``imbalanced`` set."""
     from aimfair_ray import AimfairError
@@ -32,6 +71,7 @@ def run_import(cfg: Config, manifest: str, kind: str, generator: Optional[str], 
     return info
 
 
+@timed("generate")
 def run_generate(cfg: Config, what: str, force: bool = False, log=print) -> dict:
     """``prompts``, ``images`` (prompts first), ``all`` (then the filter if ``generate.filter``) or ``filter``."""
     from aimfair_ray.generate import stage
@@ -65,6 +105,7 @@ def ensure_synthetic(cfg: Config, log=print) -> None:
     run_generate(cfg, "all", log=log)
 
 
+@timed("train baseline")
 def run_baseline(cfg: Config, force: bool = False, log=print) -> dict:
     from aimfair_ray.train.baseline import train_baseline
 
@@ -72,6 +113,7 @@ def run_baseline(cfg: Config, force: bool = False, log=print) -> dict:
     return train_baseline(cfg, force=force, log=log)
 
 
+@timed("train groupdro")
 def run_group_dro(cfg: Config, force: bool = False, log=print) -> dict:
     from aimfair_ray.train.baseline import train_group_dro
 
@@ -79,6 +121,7 @@ def run_group_dro(cfg: Config, force: bool = False, log=print) -> dict:
     return train_group_dro(cfg, force=force, log=log)
 
 
+@timed("train jtt")
 def run_jtt(cfg: Config, force: bool = False, log=print) -> dict:
     from aimfair_ray.train.jtt import train_jtt
 
@@ -86,6 +129,7 @@ def run_jtt(cfg: Config, force: bool = False, log=print) -> dict:
     return train_jtt(cfg, force=force, log=log)
 
 
+@timed("finetune")
 def run_finetune(cfg: Config, method: Optional[str] = None, force: bool = False, log=print) -> dict:
     from aimfair_ray.train.finetune import finetune
 
@@ -95,6 +139,7 @@ def run_finetune(cfg: Config, method: Optional[str] = None, force: bool = False,
     return finetune(cfg, m, force=force, log=log)
 
 
+@timed("audit")
 def run_audit(cfg: Config, checkpoint: Optional[str] = None, split: Optional[str] = None, out: Optional[str] = None,
               title: str = "audit", log=print) -> dict:
     """Audit a model folder (default: the run's baseline) on a split; writes ``audit/`` beside the model."""
@@ -106,10 +151,9 @@ def run_audit(cfg: Config, checkpoint: Optional[str] = None, split: Optional[str
     model_dir = checkpoint or cfg.paths.baseline_model
     sdir = split_dir(cfg, split or cfg.audit.split)
     out_dir = out or f"{os.path.dirname(model_dir.rstrip('/'))}/audit"
-    log(f"audit: {model_dir} on {sdir}")
+    log(f"audit: {title}: {model_dir} on {sdir} -> {out_dir}/")
     rep = audit(model_dir, sdir, out_dir, cfg.audit, title=title)
     cfg.save(out_dir)
-    log(f"audit: wrote {out_dir}/audit.json and {out_dir}/group_acc.png")
     return rep
 
 

@@ -123,13 +123,18 @@ def _provenance(run: Path) -> dict:
             pass
     configs = sorted(run.rglob("config.yaml"), key=lambda p: p.stat().st_mtime)
     times = {}
-    for f in sorted(run.rglob("result.json")):
+    stages = run / "logs" / "stages.jsonl"  # each stage run through the pipeline, timed (the last 40)
+    records = [json.loads(x) for x in stages.read_text().splitlines() if x.strip()][-40:] if stages.is_file() else []
+    for r in records:
+        failed = "" if r["status"] == "done" else ", failed"
+        times[f"{r['stage']} (started {r['started'].replace('T', ' ')}{failed})"] = r["seconds"]
+    for f in [] if records else sorted(run.rglob("result.json")):  # runs from before stage times were kept
         r = _json(f) or {}
         secs = r.get("wall_s") or sum(h.get("epoch_time_s", 0) for h in r.get("history", []))
         if secs:
             label = "" if r.get("wall_s") else " (training epochs only)"
             times[f"{f.parent.relative_to(run)}{label}"] = round(float(secs), 1)
-    for f in sorted((run / "synthetic").glob("*/stats.json")) if (run / "synthetic").is_dir() else []:
+    for f in sorted((run / "synthetic").glob("*/stats.json")) if (run / "synthetic").is_dir() and not records else []:
         r = _json(f) or {}
         if r.get("seconds"):
             times[f"synthetic/{f.parent.name} (generation, all sets)"] = r["seconds"]

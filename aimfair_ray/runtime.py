@@ -31,7 +31,10 @@ def ensure_ray(rcfg) -> dict:
     """Start or join a Ray cluster once per process; returns the cluster's resources."""
     import ray
 
+    from aimfair_ray import ray_logs
+
     if ray.is_initialized():
+        ray_logs.attach_workers()  # a run routed after Ray started (a second command in one process)
         return ray.cluster_resources()
     address = os.environ.get("RAY_ADDRESS") or rcfg.address
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
@@ -55,6 +58,14 @@ def ensure_ray(rcfg) -> dict:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _temp_dir=rcfg.temp_dir,
                  log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
-    # Progress bars only on a terminal (or AIMFAIR_PROGRESS=1); logs stay readable in CI and jobs.
-    ctx.enable_progress_bars = os.environ.get("AIMFAIR_PROGRESS", "1" if sys.stdout.isatty() else "0") == "1"
-    return ray.cluster_resources()
+    resources = ray.cluster_resources()
+    if ray_logs.log_dir():  # the command line's quiet console: its own bars, Ray's output in the run's logs
+        ctx.enable_progress_bars = False
+        ray_logs.attach_workers()
+        gpus = f", {int(resources['GPU'])} GPUs" if resources.get("GPU") else ""
+        ray_logs.say(f"ray: {'joined ' + address if address else 'started a local cluster'} "
+                     f"({int(resources.get('CPU', 0))} CPUs{gpus}); Ray's own output -> {ray_logs.log_dir()}/")
+    else:
+        # Ray Data's bars only on a terminal (or AIMFAIR_PROGRESS=1); logs stay readable in CI and jobs.
+        ctx.enable_progress_bars = os.environ.get("AIMFAIR_PROGRESS", "1" if sys.stdout.isatty() else "0") == "1"
+    return resources

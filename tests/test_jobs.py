@@ -46,6 +46,16 @@ def test_pipeline_job_end_to_end_publishes_to_storage_and_resumes_on_a_fresh_nod
     tuned = [ln for ln in out.splitlines() if ln.startswith("fine-tuned (selective) on the test set")]
     assert tuned and f"WST {ft['wst']:.4f}" in tuned[0]
     assert json.loads((run / "finetune" / "selective" / "selection.json").read_text())["n_trainable_tensors"] >= 1
+    # the quiet console (issue 23): a line per stage with its time, no Ray internals (they are in the run's logs/)
+    for stage in ("data", "generate", "train baseline", "finetune", "audit"):
+        assert f"{stage}: done in" in out, stage
+    for noise in ("TrainingReport", "Checkpoint successfully created", "core_worker.cc", "Execution plan of Dataset",
+                  "Deprecat", "worker processes have been started", "Started training worker group"):
+        assert noise not in out, noise
+    assert len(out.splitlines()) < 100, len(out.splitlines())
+    assert "TrainingReport" in (run / "logs" / "workers.log").read_text()
+    stages = [json.loads(x)["stage"] for x in (run / "logs" / "stages.jsonl").read_text().splitlines()]
+    assert stages == ["data", "generate", "train baseline", "audit", "finetune", "audit"], stages
     for d in ("data", "synthetic", "baseline", "baseline/audit", "finetune/selective", "finetune/selective/audit"):
         assert (run / d / "config.yaml").is_file(), d
     for d in ("data/train", "data/test", "synthetic/balanced", "synthetic/imbalanced", "baseline/model"):

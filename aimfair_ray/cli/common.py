@@ -5,6 +5,7 @@ the run is published to ``storage_uri`` at the end, also after a failure)."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Callable, List, Optional
 
@@ -28,6 +29,53 @@ WandbOpt = typer.Option(False, "--wandb", help="log to W&B (offline by default)"
 
 def log(msg: str) -> None:
     console.print(f"[cyan]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
+
+
+class Bars:
+    """Rich progress bars for ``aimfair_ray.progress`` on a terminal: one per running task (images of a set,
+    a model's epochs, sweep trials), gone when it completes; the log lines print above them."""
+
+    def __init__(self, out: Console):
+        self.out = out
+        self.bars = None
+        self.tasks: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with self.lock:
+            if self.bars is None:
+                self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=self.out, transient=True)
+                self.bars.start()
+            if task not in self.tasks:
+                self.tasks[task] = self.bars.add_task(task, total=total)
+            self.bars.update(self.tasks[task], completed=done, total=total)
+            if done >= total:
+                self.bars.remove_task(self.tasks.pop(task))
+                if not self.tasks:
+                    self.stop()
+
+    def stop(self) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+            self.bars, self.tasks = None, {}
+
+
+BARS = Bars(console)
+
+
+def quiet_console(cfg: Config) -> None:
+    """Ray's output to ``runs/<name>/logs/`` (``aimfair_ray.ray_logs``) and, on a terminal, progress bars;
+    ``--verbose`` leaves Ray's output on the console."""
+    if VERBOSE:
+        return
+    from aimfair_ray import progress, ray_logs
+
+    ray_logs.route(f"{cfg.run_dir}/logs", echo=log)
+    if console.is_terminal:
+        progress.set_sink(BARS)
 
 
 def headline(name: str, r: dict) -> None:
@@ -56,7 +104,12 @@ def run(body: Callable[[], object]) -> object:
     unexpected error prints one line and exits 1. ``--verbose`` adds the traceback to both."""
     try:
         return body()
+    except KeyboardInterrupt:
+        BARS.stop()
+        console.print("[bold red]interrupted[/]: the same command resumes where this one stopped", highlight=False)
+        raise typer.Exit(130) from None
     except AimfairError as e:
+        BARS.stop()
         if VERBOSE:
             console.print_exception()
         console.print(f"[bold red]error:[/] {e}", highlight=False)
@@ -64,10 +117,14 @@ def run(body: Callable[[], object]) -> object:
     except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
         raise  # a command's own exit status
     except Exception as e:  # noqa: BLE001 - an unexpected failure: one line unless --verbose
+        BARS.stop()
         if VERBOSE:
             raise
+        from aimfair_ray import ray_logs
+
+        where = f"; Ray's logs: {ray_logs.log_dir()}/" if ray_logs.log_dir() else ""
         console.print(f"[bold red]error:[/] {type(e).__name__}: {e} (unexpected; rerun with aimfair --verbose for "
-                      "the traceback)", highlight=False)
+                      f"the traceback{where})", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -80,11 +137,13 @@ def run_with_config(body: Callable[[Config], object], preset: str, config: Optio
     def go():
         cfg = _load(preset, config, overrides, wandb)
         loaded.append(cfg)
+        quiet_console(cfg)
         return body(cfg)
 
     try:
         return run(go)
     finally:
+        BARS.stop()
         for cfg in loaded:
             if cfg.storage_uri:
                 from aimfair_ray.storage import push_run

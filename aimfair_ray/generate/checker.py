@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from aimfair_ray import progress
 from aimfair_ray.data.cmnist import load_mnist_5k, stroke_color
 from aimfair_ray.models import SmallCNN
 
@@ -71,7 +72,8 @@ def train_checker(colors, exclude: set[int] = frozenset(), epochs: int = 10, see
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * ((len(tr) + 127) // 128))
     best, best_state = -1.0, None
-    for _ in range(epochs):
+    log(f"checker: training the digit checker on {len(tr)} real digits, {epochs} epochs (once per run)")
+    for epoch in range(epochs):
         model.train()
         perm = torch.from_numpy(rng.permutation(tr))
         for i in range(0, len(perm), 128):
@@ -89,6 +91,7 @@ def train_checker(colors, exclude: set[int] = frozenset(), epochs: int = 10, see
             acc = float((model(x[hold]).argmax(1) == y[hold]).float().mean())
         if acc > best:
             best, best_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
+        progress.update("checker epochs", epoch + 1, epochs)
     model.load_state_dict(best_state)
     acc = best
     log(f"checker: digit accuracy on {len(hold)} held-out real digits: {acc:.4f}")

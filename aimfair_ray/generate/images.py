@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aimfair_ray import AimfairError
+from aimfair_ray import AimfairError, progress
 from aimfair_ray.data.codecs import encode_png
 from aimfair_ray.data.io import SCHEMA
 from aimfair_ray.storage import COMPLETE, write_json
@@ -158,11 +158,18 @@ def generate_images(gcfg, plans: dict[str, pd.DataFrame], meta: dict, save_size:
             compute=ray.data.ActorPoolStrategy(size=gcfg.actors),
             num_cpus=gcfg.cpus_per_actor, num_gpus=gcfg.gpus_per_actor or None,
         )
+        shown = {d: 0 for d in plans}  # quarters of a set already logged: a line per quarter, a bar per batch
+        for d in todos:
+            progress.update(f"images {Path(d).name}", len(done[d]), len(plans[d]))
         for b in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for d in dict.fromkeys(where[i] for i in b["id"]):
                 n[d] += sum(where[i] == d for i in b["id"])
-                log(f"images: {Path(d).name}: {len(done[d]) + n[d]}/{len(plans[d])} written, "
-                    f"{sum(n.values()) / (time.time() - t0):.2f} images/s")
+                written, planned = len(done[d]) + n[d], len(plans[d])
+                progress.update(f"images {Path(d).name}", written, planned)
+                if 4 * written // planned > shown[d]:
+                    shown[d] = 4 * written // planned
+                    log(f"images: {Path(d).name}: {written}/{planned} written, "
+                        f"{sum(n.values()) / (time.time() - t0):.2f} images/s")
     secs = time.time() - t0
     stats = {}
     for out_dir, plan_df in plans.items():

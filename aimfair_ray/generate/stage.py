@@ -153,7 +153,6 @@ def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print) -> di
     by_dir = generate_images(g, plans, meta, save_size(cfg), log=log)  # one pipeline (one actor pool) for every set
     stats = {kind: by_dir[cfg.paths.synthetic_set(kind)] for kind in sets}
     for kind in sets:
-        log(f"images: {kind} done: {stats[kind]}")
         write_samples(cfg.paths.synthetic_set(kind), f"{kind} synthetic set ({meta['pipeline']})", *cell_names(cfg))
     cfg.save(cfg.paths.synthetic)
     return stats

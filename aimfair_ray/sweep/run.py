@@ -189,7 +189,9 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
         scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=min(spec.asha.grace_period, epochs),
                                    reduction_factor=spec.asha.reduction_factor)
                      if spec.asha.enabled else FIFOScheduler())
-        callbacks = [_wandb_callback(cfg, exp_name, out)] if wandb else []
+        from aimfair_ray.sweep.trial_bar import TrialBar
+
+        callbacks = [TrialBar()] + ([_wandb_callback(cfg, exp_name, out)] if wandb else [])
         tuner = Tuner(trainable, param_space=param_space(spec),
                       tune_config=TuneConfig(metric="objective", mode=spec.mode, scheduler=scheduler,
                                              num_samples=spec.num_samples, max_concurrent_trials=n_conc,
