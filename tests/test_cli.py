@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from aimfair_ray.cli import app
@@ -36,8 +38,9 @@ def test_help_on_every_command():
         assert res.exit_code == 0 and "Usage" in res.output
 
 
-def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, tmp_path):
-    """`aimfair serve` with the shipped config's layout, one model and no generators; a SIGTERM stops it."""
+def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, ray_head, tmp_path):
+    """`aimfair serve` with the shipped config's layout, one model and no generators; a SIGTERM stops it.
+    Its token (from --token-file) is in no written file, log, console line or process argument list."""
     import os
     import signal
     import socket
@@ -61,8 +64,10 @@ def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, tm
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    token = os.urandom(16).hex()
+    (tmp_path / "token").write_text(token)
     args = [os.path.join(os.path.dirname(sys.executable), "aimfair"), "serve", "--config", str(tmp_path / "serve.yaml"),
-            "--model", f"mine={tmp_path / 'm' / 'model'}", "--port", str(port), "--token", "t0k",
+            "--model", f"mine={tmp_path / 'm' / 'model'}", "--port", str(port), "--token-file", str(tmp_path / "token"),
             "--out", str(tmp_path / "out")]
     proc = subprocess.Popen(args, env=dict(os.environ, RAY_ADDRESS=ray_cluster), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -78,7 +83,7 @@ def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, tm
                 proc.kill()
                 raise AssertionError(f"aimfair serve did not come up: {proc.stdout.read()[-4000:]}")
             time.sleep(1)
-        ok = requests.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer t0k"}, timeout=10)
+        ok = requests.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert ok.status_code == 200 and [m["id"] for m in ok.json()["models"]] == ["mine"]
         assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
         written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
@@ -86,12 +91,21 @@ def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, tm
         assert written["http_options"] == {"host": "127.0.0.1", "port": port} and list(app0["args"]["models"]) == ["mine"]
         # the config's options for other models and for the disabled generators are dropped
         assert {d["name"] for d in app0["deployments"]} == {"Api"}
+        assert app0["args"]["token_file"] == str(tmp_path / "token")
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert "aimfair serve" in ps and token not in ps
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        out, _ = proc.communicate(timeout=120)
         from ray import serve
 
         serve.shutdown()  # `serve run` killed on a timeout leaves its app (route /) on the session cluster
+    assert token not in out and "token_file" in (tmp_path / "out" / "config.yaml").read_text()
+    for f in list((tmp_path / "out").rglob("*")) + list(Path(ray_head["temp_dir"]).rglob("*")):
+        if f.is_file() and not f.is_symlink() and f.stat().st_size < 50 * 2**20:
+            assert token.encode() not in f.read_bytes(), f  # Serve's controller and replica logs included
+    res = CliRunner().invoke(app, ["serve", "--token", token])
+    assert res.exit_code == 2 and "--token-file" in res.output and "process list" in res.output
     res = CliRunner().invoke(app, ["serve", "--model", f"x={tmp_path / 'nope'}"])
     assert res.exit_code == 2 and "does not exist" in res.output
 

@@ -42,10 +42,17 @@ def _containers(pod_template: dict) -> list[dict]:
 def test_kuberay_manifests_parse_name_an_image_and_point_at_existing_entrypoints():
     kinds = {}
     for f in KUBE:
-        doc = yaml.safe_load(f.read_text())
-        assert doc["apiVersion"] == "ray.io/v1", f
-        kinds[doc["kind"]] = doc
-    assert set(kinds) == {"RayCluster", "RayJob", "RayService"}
+        for doc in yaml.safe_load_all(f.read_text()):
+            assert doc["apiVersion"] in ("ray.io/v1", "v1"), f
+            kinds[doc["kind"]] = doc
+    assert set(kinds) == {"RayCluster", "RayJob", "RayService", "Secret"}
+    # the RayService's token: the Secret the manifest defines, as AIMFAIR_SERVE_TOKEN in every pod, never in the config
+    secret = kinds["Secret"]["metadata"]["name"]
+    rs = kinds["RayService"]["spec"]["rayClusterConfig"]
+    for pod in [rs["headGroupSpec"]["template"]] + [g["template"] for g in rs["workerGroupSpecs"]]:
+        env = {e["name"]: e for c in _containers(pod) for e in c.get("env", [])}
+        assert env["AIMFAIR_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == secret
+    assert "token" not in kinds["RayService"]["spec"]["serveConfigV2"].replace("token_file", "")
     specs = [kinds["RayCluster"]["spec"], kinds["RayJob"]["spec"]["rayClusterSpec"],
              kinds["RayService"]["spec"]["rayClusterConfig"]]
     for spec in specs:

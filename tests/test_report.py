@@ -3,8 +3,6 @@ with every section's figures; and the samples.png the generation stage writes be
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -24,12 +22,9 @@ def test_report_opens_in_headless_chromium_with_every_section(synth, tmp_path):
     path = write_report(cfg.run_dir)
     html = Path(path).read_text()
     assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html  # nothing fetched
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Chromium is missing: `make setup` installs Debian's chromium (apt-get install chromium)"
-    out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"file://{path}"],
-                         capture_output=True, text=True, timeout=120)
+    from browser import dump_dom
+
+    out = dump_dom(f"file://{path}", tmp_path / "profile")
     dom = out.stdout
     for section in ("data", "synthetic", "models", "selection", "results", "provenance"):
         assert f'id="{section}"' in dom, (section, out.stderr[-2000:])
@@ -39,6 +34,7 @@ def test_report_opens_in_headless_chromium_with_every_section(synth, tmp_path):
     # real grid, one grid per synthetic set, the per-cell comparison chart: all inlined
     assert dom.count('src="data:image/png;base64,') >= 4 and "<img" in dom
     assert "ray</td><td>2.60.0" in dom and "Resolved config" in dom
+    assert "audit (started " in dom  # stage times from logs/stages.jsonl
 
 
 def test_report_of_a_missing_run_is_one_line(tmp_path):
@@ -47,12 +43,17 @@ def test_report_of_a_missing_run_is_one_line(tmp_path):
 
 
 def test_audit_page_shows_the_synthetic_samples_a_model_was_tuned_on(tmp_path):
-    from aimfair_ray.serving.cards import audit_page
+    from aimfair_ray.models import build_model, save_classifier
+    from aimfair_ray.serving.cards import audit_page, model_card
 
     (tmp_path / "balanced").mkdir()
     (tmp_path / "balanced" / "samples.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
-    tuned = {"backbone": "small_cnn", "dataset": "colored_mnist", "audit": None,
-             "provenance": {"generator": "embedded:cmnist-t2i", "synthetic_set": str(tmp_path / "balanced")}}
-    base = dict(tuned, provenance={"generator": None})
-    page = audit_page({"tuned": tuned, "baseline": base}, {})
+    meta = {"backbone": "small_cnn", "width": 8, "num_classes": 2, "image_size": 32, "mean": [0.5] * 3,
+            "std": [0.5] * 3, "target_names": ["a", "b"], "group_names": ["g0", "g1"], "dataset": "colored_mnist"}
+    for name, prov in (("tuned", {"generator": "embedded:cmnist-t2i", "synthetic_set": str(tmp_path / "balanced")}),
+                       ("baseline", {"generator": None})):
+        save_classifier(build_model("small_cnn", 2, 32, width=8), dict(meta, provenance=prov), str(tmp_path / name / "model"))
+    cards = {n: model_card(n, str(tmp_path / n / "model"), str(tmp_path))[0] for n in ("tuned", "baseline")}
+    assert cards["tuned"]["provenance"]["synthetic_set"] == "balanced"  # relative to the serving root
+    page = audit_page(cards, {})
     assert page.count('alt="synthetic samples of') == 1 and 'alt="synthetic samples of tuned"' in page

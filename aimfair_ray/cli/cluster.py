@@ -25,11 +25,14 @@ def serve_cmd(config: str = typer.Option("serve/config.yaml", "--config", help="
                                                            help="diffusers pipeline folder for /v1/generate/image, e.g. "
                                                                 "an EGT run's runs/cmnist/egt/image/minmax-seed0/model"),
               host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
-              token: Optional[str] = typer.Option(None, "--token", help="bearer token (else args.token or "
-                                                                          "AIMFAIR_SERVE_TOKEN); /healthz stays open"),
+              token_file: Optional[str] = typer.Option(None, "--token-file", help="a file holding the bearer token "
+                                                       "(else $AIMFAIR_SERVE_TOKEN, else no auth); /healthz and /login "
+                                                       "stay open"),
+              token: Optional[str] = typer.Option(None, "--token", hidden=True),
               out: str = typer.Option("runs/serve", "--out", help="where the resolved Serve config is written")):
     """Serve the audited models and the generators over HTTP (Ray Serve), on 127.0.0.1 by default:
-    the config's app with --model/--token applied, run with `serve run` until Ctrl-C."""
+    the config's app with --model/--token-file applied, run with `serve run` until Ctrl-C. The token is never
+    written into the resolved config: it stays in its file or in $AIMFAIR_SERVE_TOKEN."""
     from pathlib import Path
 
     import yaml
@@ -38,7 +41,12 @@ def serve_cmd(config: str = typer.Option("serve/config.yaml", "--config", help="
     from aimfair_ray.storage import atomic_write_text
 
     def body():
-        cfg = serve_config.resolve(config, model, image_pipeline, host, port, token)
+        if token is not None:
+            from aimfair_ray import AimfairError
+
+            raise AimfairError("--token puts the token in the process list: use --token-file FILE (chmod 600) or "
+                               "AIMFAIR_SERVE_TOKEN=... aimfair serve")
+        cfg = serve_config.resolve(config, model, image_pipeline, host, port, token_file)
         path = f"{Path(out).resolve()}/config.yaml"
         atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
         models = cfg["applications"][0]["args"]["models"]

@@ -6,17 +6,17 @@ the data provenance and the fairness audit that ``aimfair audit`` wrote beside i
     aimfair serve                        # or: serve run serve/config.yaml
     curl 127.0.0.1:8000/v1/models
 
-Routes: GET /healthz, GET / (the audit page), GET /docs, GET /v1/models,
-GET /v1/models/{id}/card, POST /v1/classify (JSON base64 or multipart), POST /v1/audit,
-POST /v1/generate/image, POST /v1/generate/text. Bad input gets a 4xx JSON error that says
-what is wrong; an optional bearer token covers every route but /healthz.
+Routes: GET /healthz, GET / (the audit page), GET|POST /login, GET /docs and /redoc (offline),
+GET /v1/models, GET /v1/models/{id}/card, POST /v1/classify (JSON base64 or multipart),
+POST /v1/audit, POST /v1/generate/image, POST /v1/generate/text. Bad input gets a 4xx JSON error
+that says what is wrong (``bodies.py``); a slow route a 504. An optional bearer token (``auth.py``)
+covers every route but /healthz and /login; a browser signs in at /login for a session cookie.
 """
 
 # (no `from __future__ import annotations`: FastAPI reads the route annotations at runtime)
 import asyncio
 import base64
 import binascii
-import hmac
 import os
 from pathlib import Path
 from typing import Optional
@@ -24,85 +24,34 @@ from typing import Optional
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from ray import serve
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from aimfair_ray import AimfairError
-from aimfair_ray.serving.cards import audit_page, model_card
-from aimfair_ray.serving.deployments import Classifier, ImageGenerator, TextGenerator
+from aimfair_ray.serving import auth
+from aimfair_ray.serving.bodies import (
+    ApiError,
+    AuditRequest,
+    ClassifyRequest,
+    ImageRequest,
+    ServeArgs,
+    TextRequest,
+    args_error,
+    decode_images,
+    loads,
+    parse,
+    small_samples,
+)
+from aimfair_ray.serving.cards import audit_page, login_page, model_card
+from aimfair_ray.serving.deployments import Classifier, ImageGenerator, TextGenerator, n_params, predict
 
-TOKEN_ENV = "AIMFAIR_SERVE_TOKEN"
-
-
-class ServeArgs(BaseModel):
-    """The application's args (the ``args:`` of serve/config.yaml)."""
-
-    models: dict[str, str] = Field(description="model id -> model folder (model.safetensors + model.json)")
-    image_pipeline: Optional[str] = Field("embedded", description="diffusers pipeline folder or hub id; "
-                                                                  "'embedded': the bundled model; null: no image route")
-    text_model: Optional[str] = Field("smollm2", description="HF folder, GGUF file or hub id; 'smollm2': the "
-                                                             "bundled SmolLM2-135M-Instruct; null: no text route")
-    max_batch_size: int = Field(32, ge=1)
-    classifier_replicas: Optional[int] = Field(None, ge=1, description="fixed replicas of each model's Classifier; "
-                                               "null: the deployment's own num_replicas or autoscaling_config")
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_images_per_request: int = Field(256, ge=1)
-    max_request_bytes: int = Field(8 * 2**20, ge=1024, description="larger request bodies get 413")
-    max_prompts_per_request: int = Field(16, ge=1)
-    max_steps: int = Field(100, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
-    token: Optional[str] = Field(None, description=f"bearer token for every route but /healthz; null: ${TOKEN_ENV} "
-                                                   "or no auth")
-
-
-class ClassifyRequest(BaseModel):
-    model: Optional[str] = Field(None, description="model id; default: the first served model")
-    images: list[str] = Field(min_length=1, description="base64-encoded PNG or JPEG images")
-
-
-class AuditRequest(ClassifyRequest):
-    targets: list[int] = Field(min_length=1, description="true class of each image")
-    groups: list[int] = Field(min_length=1, description="sensitive group of each image")
-
-
-class ImageRequest(BaseModel):
-    prompts: list[str] = Field(min_length=1, description="one image per prompt")
-    seed: int = Field(0, ge=0, description="image i uses seed + i")
-    steps: int = Field(30, ge=1)
-
-
-class TextRequest(BaseModel):
-    prompt: str = Field(min_length=1)
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.7, ge=0, le=2)
-    seed: int = Field(0, ge=0)
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, msg: str):
-        self.status, self.msg = status, msg
-
-
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """PNG/JPEG bytes -> HxWx3 uint8 at the model's size; BadRequest(422) if unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    from aimfair_ray.data.codecs import decode_png
-
-    try:
-        img = decode_png(data)
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadRequest(422, f"an image is not a readable PNG or JPEG: {e}") from None
-    return img if img.shape[:2] == (size, size) else np.asarray(Image.fromarray(img).resize((size, size)))
-
-
-def _b64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise BadRequest(422, f"an image is not valid base64: {e}") from None
+OPEN = ("/healthz", "/login")  # answered without the token
+STATIC = {"swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png"}
 
 
 def _is_json(request: Request) -> bool:
@@ -125,34 +74,34 @@ def _errors(request: Optional[Request], errors: list) -> tuple[int, str]:
 
 
 async def _json(request: Request) -> dict:
-    """The JSON object of a route that reads its body itself (classify and audit take JSON or multipart);
-    a body that is not one is a :class:`BadRequest` with the status the typed routes give."""
-    import json
-
+    """The JSON object of a route that reads its body itself (classify takes JSON or multipart)."""
     if not _is_json(request):
-        raise BadRequest(*_errors(request, []))
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(400, f"the body is not valid JSON: {e}") from None
+        raise ApiError(*_errors(request, []))
+    body = loads(await request.body())
     if not isinstance(body, dict):
-        raise BadRequest(422, "the JSON body must be an object")
+        raise ApiError(422, "the JSON body must be an object")
     return body
 
 
-def _parse(model: type[BaseModel], raw: dict):
+def _b64(text: str) -> bytes:
     try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        raise BadRequest(*_errors(None, [dict(x, loc=("body", *x["loc"])) for x in e.errors()])) from None
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "an image is not valid base64") from None
+
+
+def _root(request: Request) -> str:
+    """The app's URL prefix (Serve's route_prefix), for links and the cookie's path."""
+    return request.scope.get("root_path", "").rstrip("/")
 
 
 # ---- the ingress ------------------------------------------------------------------------------
-api = FastAPI(title="aimfair-ray", description="Fairness-audited classifiers and generators (AIM-Fair, EGT)")
+api = FastAPI(title="aimfair-ray", description="Fairness-audited classifiers and generators (AIM-Fair, EGT)",
+              docs_url=None, redoc_url=None)
 
 
-@api.exception_handler(BadRequest)
-async def _bad_request(_request: Request, exc: BadRequest):
+@api.exception_handler(ApiError)
+async def _api_error(_request: Request, exc: ApiError):
     return JSONResponse(status_code=exc.status, content={"error": exc.msg})
 
 
@@ -163,26 +112,57 @@ async def _invalid(request: Request, exc: RequestValidationError):
     return JSONResponse(status_code=status, content={"error": msg})
 
 
+@api.exception_handler(HTTPException)
+async def _http(_request: Request, exc: HTTPException):
+    """FastAPI's own (a body it could not parse, e.g. nested too deeply: 400), in the same shape."""
+    msg = "the body could not be parsed as JSON" if exc.status_code == 400 else str(exc.detail)
+    return JSONResponse(status_code=exc.status_code, content={"error": msg})
+
+
+@api.exception_handler(RecursionError)
+async def _deep(_request: Request, _exc: RecursionError):
+    return JSONResponse(status_code=400, content={"error": "the body is nested too deeply"})
+
+
+@api.exception_handler(MemoryError)
+async def _memory(_request: Request, _exc: MemoryError):
+    return JSONResponse(status_code=413, content={"error": "the request needs more memory than the server gives one "
+                                                           "request; send fewer or smaller images"})
+
+
 _bearer = HTTPBearer(auto_error=False)
 
 
 @api.middleware("http")
 async def _guard(request: Request, call_next):
-    """Bearer token (every route but /healthz) and the request size limit, before any route runs."""
+    """Token or session cookie (every route but /healthz and /login), the request size limit and the body
+    read timeout, before any route runs."""
     limits = request.app.state.limits
-    if request.url.path != "/healthz" and limits["token"]:
+    token = limits["token"]
+    root, path = _root(request), request.url.path
+    path = (path[len(root):] if root and path.startswith(root) else path) or "/"
+    if path not in OPEN and token:
         cred = await _bearer(request)
-        given = cred.credentials if cred is not None else ""
-        if not hmac.compare_digest(given.encode(), limits["token"].encode()):
+        if not (auth.same_token(cred.credentials if cred else None, token)
+                or auth.valid_session(token, request.cookies.get(auth.COOKIE))):
+            if request.method == "GET" and path in ("/", "/docs", "/redoc"):
+                return RedirectResponse(f"{_root(request)}/login", status_code=303)
             return JSONResponse(status_code=401, content={"error": "missing or wrong bearer token: send "
-                                                          "'Authorization: Bearer <token>'"})
+                                                          "'Authorization: Bearer <token>' (a browser: sign in at /login)"})
     if request.method == "POST":
         length = request.headers.get("content-length")
         if length is None:
             return JSONResponse(status_code=411, content={"error": "send a Content-Length header"})
+        if not length.isdigit():
+            return JSONResponse(status_code=400, content={"error": "Content-Length is not a number"})
         if int(length) > limits["max_request_bytes"]:
             return JSONResponse(status_code=413, content={"error": f"request body of {length} bytes; the limit is "
                                                           f"{limits['max_request_bytes']} (max_request_bytes)"})
+        try:  # a slow client is cut here, not left holding the replica's request slot
+            await asyncio.wait_for(request.body(), limits["body_timeout_s"])
+        except asyncio.TimeoutError:
+            return JSONResponse(status_code=408, content={"error": f"the body did not arrive within "
+                                                          f"{limits['body_timeout_s']} s (body_timeout_s)"})
     return await call_next(request)
 
 
@@ -190,11 +170,19 @@ async def _guard(request: Request, call_next):
 @serve.ingress(api)
 class Api:
     def __init__(self, classifiers: dict, cards: dict, charts: dict, image_gen=None, text_gen=None,
-                 limits: Optional[dict] = None):
+                 limits: Optional[dict] = None, local: Optional[dict] = None):
         self.classifiers, self.cards, self.charts = classifiers, cards, charts
+        self.local = {}  # small models, run here (in a thread) rather than one hop away
+        if local:
+            import torch
+
+            from aimfair_ray.models import load_classifier
+
+            torch.set_num_threads(1)  # a small model's forward pass: threads cost more than they give
+            self.local = {mid: load_classifier(path) for mid, path in local.items()}
         self.image_gen, self.text_gen = image_gen, text_gen
-        self.limits = limits or ServeArgs(models={}).model_dump()
-        self.limits["token"] = self.limits.get("token") or os.environ.get(TOKEN_ENV) or None
+        self.limits = dict(limits or ServeArgs(models={}).model_dump())
+        self.limits["token"] = auth.read_token(self.limits.get("token_file"))
         api.state.limits = self.limits
         self.page = audit_page(cards, charts)
 
@@ -206,6 +194,47 @@ class Api:
     @api.get("/", response_class=HTMLResponse)
     def page(self):
         return HTMLResponse(self.page)
+
+    @api.get("/login", response_class=HTMLResponse)
+    def login_form(self, request: Request):
+        return HTMLResponse(login_page(_root(request), enabled=bool(self.limits["token"])))
+
+    @api.post("/login", response_class=HTMLResponse)
+    async def login(self, request: Request):
+        """The form's token for a session cookie (HttpOnly, SameSite=Strict, signed with the token)."""
+        token, root = self.limits["token"], _root(request)
+        form = await request.form()
+        given = form.get("token") if isinstance(form.get("token"), str) else None
+        if not token or not auth.same_token(given, token):
+            return HTMLResponse(login_page(root, enabled=bool(token), failed=True), status_code=401)
+        r = RedirectResponse(f"{root}/", status_code=303)
+        r.set_cookie(auth.COOKIE, auth.session_cookie(token), max_age=auth.SESSION_S, path=f"{root}/",
+                     httponly=True, samesite="strict", secure=request.url.scheme == "https")
+        return r
+
+    @api.get("/docs", include_in_schema=False)
+    def docs(self, request: Request):
+        root = _root(request)
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="aimfair-ray API",
+                                   swagger_js_url=f"{root}/static/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}/static/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}/static/favicon.png")
+
+    @api.get("/redoc", include_in_schema=False)
+    def redoc(self, request: Request):
+        root = _root(request)
+        return get_redoc_html(openapi_url=f"{root}/openapi.json", title="aimfair-ray API",
+                              redoc_js_url=f"{root}/static/redoc.standalone.js",
+                              redoc_favicon_url=f"{root}/static/favicon.png", with_google_fonts=False)
+
+    @api.get("/static/{name}", include_in_schema=False)
+    def static(self, name: str):
+        """Swagger UI and ReDoc, from the fastapi-offline package: the docs work without a network."""
+        import fastapi_offline
+
+        if name not in STATIC:
+            raise ApiError(404, f"no static file {name!r}")
+        return FileResponse(Path(fastapi_offline.__file__).parent / "static" / name)
 
     @api.get("/v1/models")
     def models(self) -> dict:
@@ -220,42 +249,63 @@ class Api:
     def _model(self, model_id: Optional[str]) -> str:
         mid = model_id or next(iter(self.cards))
         if mid not in self.cards:
-            raise BadRequest(404, f"unknown model id {mid!r}; served: {', '.join(self.cards)}")
+            raise ApiError(404, f"unknown model id {str(mid)[:100]!r}; served: {', '.join(self.cards)}")
         return mid
 
-    async def _images(self, request: Request) -> tuple[str, list[np.ndarray], dict]:
-        """(model id, decoded images, the JSON body or the form fields) from JSON base64 or multipart."""
+    async def _decode(self, raw: list[bytes], mid: str) -> list[np.ndarray]:
+        """Bounded decoding in a thread: the event loop (and /healthz) never waits on a decoder."""
+        self._cap(len(raw), "max_images_per_request", "images in one request", 413)
+        return await run_in_threadpool(decode_images, raw, self.cards[mid]["image_size"], self.limits["max_pixels"],
+                                       self.limits["max_request_pixels"])
+
+    async def _images(self, request: Request) -> tuple[str, list[np.ndarray]]:
+        """(model id, decoded images) from JSON base64 or multipart."""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            form = await request.form()
+            form = await request.form(max_files=self.limits["max_images_per_request"] + 1)
             files = form.getlist("images")
             if not files or not all(hasattr(f, "read") for f in files):
-                raise BadRequest(422, "multipart: send the images as file fields named 'images'")
-            fields = {k: v for k, v in form.items() if k != "images"}
-            mid, raw = self._model(fields.get("model")), [await f.read() for f in files]
+                raise ApiError(422, "multipart: send the images as file fields named 'images'")
+            model = form.get("model")
+            mid, raw = self._model(model if isinstance(model, str) else None), [await f.read() for f in files]
         else:
             fields = await _json(request)
-            req = _parse(ClassifyRequest, {k: fields.get(k) for k in ("model", "images") if k in fields})
+            req = parse(ClassifyRequest, {k: fields.get(k) for k in ("model", "images") if k in fields})
+            self._cap(len(req.images), "max_images_per_request", "images in one request", 413)
             mid, raw = self._model(req.model), [_b64(t) for t in req.images]
-        self._cap(len(raw), "max_images_per_request", "images in one request", 413)
-        size = self.cards[mid]["image_size"]
-        return mid, [decode_image(b, size) for b in raw], fields
+        return mid, await self._decode(raw, mid)
 
     def _cap(self, value: int, key: str, what: str, status: int) -> None:
         """A 413/422 naming the value and its limit when ``value`` is over ``limits[key]``."""
         if value > self.limits[key]:
-            raise BadRequest(status, f"{value} {what}; the limit is {self.limits[key]} ({key})")
+            raise ApiError(status, f"{value} {what}; the limit is {self.limits[key]} ({key})")
 
-    async def _predict(self, mid: str, images: list[np.ndarray]) -> list[dict]:
-        return list(await asyncio.gather(*[self.classifiers[mid].remote(img) for img in images]))
+    async def _within(self, route: str, calls: list):
+        """The deployments' answers, or a 504 (and the calls cancelled) after ``request_timeout_s[route]``."""
+        limit = self.limits["request_timeout_s"][route]
+        try:
+            return await asyncio.wait_for(asyncio.gather(*calls), limit)
+        except asyncio.TimeoutError:
+            for c in calls:
+                if hasattr(c, "cancel"):  # a deployment's response (a thread's work finishes on its own)
+                    c.cancel()
+            raise ApiError(504, f"{route} took over {limit} s (request_timeout_s.{route}); retry with less work, "
+                                "or raise the limit") from None
+
+    async def _predict(self, mid: str, images: list[np.ndarray], route: str) -> list[dict]:
+        if mid in self.local:
+            model, meta = self.local[mid]
+            preds, = await self._within(route, [run_in_threadpool(predict, model, meta, images)])
+            return preds
+        return list(await self._within(route, [self.classifiers[mid].remote(img) for img in images]))
 
     @api.post("/v1/classify", openapi_extra={"requestBody": {"content": {
         "application/json": {"schema": ClassifyRequest.model_json_schema()},
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "model": {"type": "string"}, "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}})
     async def classify(self, request: Request):
-        mid, images, _ = await self._images(request)
-        return {"model": mid, "predictions": await self._predict(mid, images)}
+        mid, images = await self._images(request)
+        return {"model": mid, "predictions": await self._predict(mid, images, "classify")}
 
     @api.post("/v1/audit")
     async def audit(self, req: AuditRequest):
@@ -265,33 +315,48 @@ class Api:
         card = self.cards[mid]
         n_cls, n_grp = len(card["target_names"]), len(card["group_names"])
         if not len(req.images) == len(req.targets) == len(req.groups):
-            raise BadRequest(422, f"images ({len(req.images)}), targets ({len(req.targets)}) and groups "
-                                  f"({len(req.groups)}) must have the same length")
+            raise ApiError(422, f"images ({len(req.images)}), targets ({len(req.targets)}) and groups "
+                                f"({len(req.groups)}) must have the same length")
         if any(not 0 <= t < n_cls for t in req.targets) or any(not 0 <= g < n_grp for g in req.groups):
-            raise BadRequest(422, f"targets must be in 0..{n_cls - 1} ({card['target_names']}) and groups in "
-                                  f"0..{n_grp - 1} ({card['group_names']})")
+            raise ApiError(422, f"targets must be in 0..{n_cls - 1} ({card['target_names']}) and groups in "
+                                f"0..{n_grp - 1} ({card['group_names']})")
         self._cap(len(req.images), "max_images_per_request", "images", 413)
-        preds = await self._predict(mid, [decode_image(_b64(t), card["image_size"]) for t in req.images])
+        images = await self._decode([_b64(t) for t in req.images], mid)
+        preds = await self._predict(mid, images, "audit")
         rep = fairness_report(req.targets, [p["target"] for p in preds], req.groups, n_cls, n_grp)
+        rep["warnings"] = small_samples(rep, n_grp, card["group_names"], self.limits["min_cell"])
         return {"model": mid, "audit": rep, "target_names": card["target_names"], "group_names": card["group_names"]}
 
     @api.post("/v1/generate/image")
     async def generate_image(self, req: ImageRequest):
         if self.image_gen is None:
-            raise BadRequest(404, "no image generator is configured (args.image_pipeline is null)")
+            raise ApiError(404, "no image generator is configured (args.image_pipeline is null)")
         self._cap(len(req.prompts), "max_prompts_per_request", "prompts", 413)
+        self._cap(max(len(p) for p in req.prompts), "max_prompt_chars", "characters in a prompt", 422)
         self._cap(req.steps, "max_steps", "steps", 422)
-        pngs = await self.image_gen.remote(req.prompts, req.seed, req.steps)
+        pngs, = await self._within("generate_image", [self.image_gen.remote(req.prompts, req.seed, req.steps)])
         return {"images": [base64.b64encode(p).decode() for p in pngs], "format": "png", "seed": req.seed,
                 "steps": req.steps, "prompts": req.prompts}
 
     @api.post("/v1/generate/text")
     async def generate_text(self, req: TextRequest):
         if self.text_gen is None:
-            raise BadRequest(404, "no text generator is configured (args.text_model is null)")
+            raise ApiError(404, "no text generator is configured (args.text_model is null)")
         self._cap(req.max_new_tokens, "max_new_tokens", "max_new_tokens", 422)
-        text = await self.text_gen.remote(req.prompt, req.max_new_tokens, req.temperature, req.seed)
-        return {"text": text, "prompt": req.prompt}
+        # a cheap bound before the tokenizer runs: no tokenizer makes fewer tokens than 1 per 20 characters
+        self._cap(len(req.prompt), "max_prompt_chars_text", "characters in the prompt", 422)
+        out, = await self._within("generate_text", [self.text_gen.remote(req.prompt, req.max_new_tokens, req.temperature,
+                                                                         req.seed, self.limits["max_prompt_tokens"])])
+        if "error" in out:
+            raise ApiError(out["status"], out["error"])
+        return {"text": out["text"], "prompt": req.prompt}
+
+
+def in_ingress(a: ServeArgs) -> set[str]:
+    """The models the ingress runs itself: all or none when ``classify_in_ingress`` says so, else the small ones."""
+    if a.classify_in_ingress is not None:
+        return set(a.models) if a.classify_in_ingress else set()
+    return {i for i, p in a.models.items() if n_params(p) <= a.ingress_max_params}
 
 
 def build_app(args: dict) -> serve.Application:
@@ -299,19 +364,26 @@ def build_app(args: dict) -> serve.Application:
     try:
         a = ServeArgs.model_validate(args)
     except ValidationError as e:
-        raise AimfairError(f"serve args: {e}") from None
+        raise AimfairError(f"serve args: {args_error(e)}") from None
     if not a.models:
         raise AimfairError("serve args: models is empty; give at least one id: model folder")
+    auth.check_token_file(a.token_file)
     cards, charts = {}, {}
+    root = os.getcwd()
     for i, p in a.models.items():
-        cards[i], charts[i] = model_card(i, p)
+        cards[i], charts[i] = model_card(i, p, root)
     replicas = {} if a.classifier_replicas is None else {"num_replicas": a.classifier_replicas}
+    local = in_ingress(a)
     classifiers = {i: Classifier.options(name=f"Classifier-{i}", **replicas).bind(str(Path(p).resolve()), a.max_batch_size,
                                                                        a.batch_wait_timeout_s)
-                   for i, p in a.models.items()}
+                   for i, p in a.models.items() if i not in local}
     image_gen = None if a.image_pipeline is None else ImageGenerator.bind(
         None if a.image_pipeline == "embedded" else a.image_pipeline)
     text_gen = None if a.text_model is None else TextGenerator.bind(None if a.text_model == "smollm2" else a.text_model)
-    limits = a.model_dump(include={"max_images_per_request", "max_request_bytes", "max_prompts_per_request",
-                                   "max_steps", "max_new_tokens", "token"})
-    return Api.bind(classifiers, cards, charts, image_gen, text_gen, limits)
+    limits = a.model_dump(exclude={"models", "image_pipeline", "text_model", "max_batch_size", "classifier_replicas",
+                                   "batch_wait_timeout_s", "classify_in_ingress", "ingress_max_params"})
+    limits["max_prompt_chars_text"] = 20 * a.max_prompt_tokens
+    if a.token_file:
+        limits["token_file"] = str(Path(a.token_file).resolve())
+    return Api.bind(classifiers, cards, charts, image_gen, text_gen, limits,
+                    {i: str(Path(a.models[i]).resolve()) for i in local})

@@ -24,8 +24,34 @@ def provenance(meta: dict) -> dict:
             "method": method}
 
 
-def model_card(model_id: str, model_dir: str) -> tuple[dict, Optional[bytes]]:
-    """The card (checkpoint metadata, training config, provenance, audit) and the audit chart PNG."""
+# What a reader of a card needs from the training config: the data, the model and how it was trained
+# (no local paths, storage URIs or cluster settings).
+CARD_CONFIG = {"data": ("dataset", "target", "sensitive", "image_size", "bias", "seed"),
+               "model": ("backbone", "pretrained", "width"),
+               "train": ("epochs", "batch_size", "lr", "optimizer", "seed"),
+               "finetune": ("method", "k", "score_mode", "epochs", "lr", "optimizer", "mix_real"),
+               "generate": ("pipeline", "backend", "steps", "guidance_scale", "n_balanced_per_cell", "filter"),
+               "group_dro": ("eta", "epochs"), "jtt": ("epochs", "upweight")}
+
+
+def card_config(config: Optional[dict]) -> Optional[dict]:
+    if not config:
+        return None
+    return {sec: {k: config[sec][k] for k in keys if k in (config.get(sec) or {})}
+            for sec, keys in CARD_CONFIG.items() if isinstance(config.get(sec), dict)}
+
+
+def shown_path(path: Path, root: str) -> str:
+    """A model folder as a card shows it: relative to the serving root, else its last three parts."""
+    try:
+        return str(path.relative_to(Path(root).resolve()))
+    except ValueError:
+        return "/".join(path.parts[-3:])
+
+
+def model_card(model_id: str, model_dir: str, root: str = ".") -> tuple[dict, Optional[bytes]]:
+    """The card (checkpoint metadata, the training config reduced to ``CARD_CONFIG``, provenance, audit)
+    and the audit chart PNG; the model's path relative to the serving root ``root``."""
     import yaml
 
     from aimfair_ray.evaluate import group_acc_chart
@@ -34,15 +60,21 @@ def model_card(model_id: str, model_dir: str) -> tuple[dict, Optional[bytes]]:
     d = check_checkpoint_dir(model_dir).resolve()
     meta = json.loads((d / "model.json").read_text())
     config = yaml.safe_load((d.parent / "config.yaml").read_text()) if (d.parent / "config.yaml").is_file() else None
-    card = {"id": model_id, "path": str(d), "backbone": meta["backbone"], "dataset": meta.get("dataset"),
+    prov = dict(provenance(meta))
+    if prov.get("synthetic_set"):
+        prov["synthetic_set"] = shown_path(Path(prov["synthetic_set"]), root)
+    card = {"id": model_id, "path": shown_path(d, root), "backbone": meta["backbone"], "dataset": meta.get("dataset"),
             "target_names": meta["target_names"], "group_names": meta["group_names"], "image_size": meta["image_size"],
-            "val_metrics": meta.get("metrics"), "provenance": provenance(meta), "config": config, "audit": None}
+            "val_metrics": meta.get("metrics"), "provenance": prov, "config": card_config(config), "audit": None}
+    samples = (meta.get("provenance") or {}).get("synthetic_set")
     chart = None
     if (d.parent / "audit" / "audit.json").is_file():
         a = json.loads((d.parent / "audit" / "audit.json").read_text())
         card["audit"] = {k: a[k] for k in AUDIT_KEYS if k in a}
         chart = group_acc_chart(dict(a, target_names=meta["target_names"], group_names=meta["group_names"]),
                                 f"{model_id}: per-group accuracy", a.get("min_cell", 30))
+    if samples and (Path(samples) / "samples.png").is_file():  # read here: the card shows only a relative path
+        card["_samples_png"] = base64.b64encode((Path(samples) / "samples.png").read_bytes()).decode()
     return card, chart
 
 
@@ -53,9 +85,13 @@ def audit_page(cards: dict, charts: dict) -> str:
 
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape())
     b64 = {mid: base64.b64encode(png).decode() for mid, png in charts.items() if png}
-    samples = {}
-    for mid, c in cards.items():
-        syn = (c.get("provenance") or {}).get("synthetic_set")
-        if syn and (Path(syn) / "samples.png").is_file():
-            samples[mid] = base64.b64encode((Path(syn) / "samples.png").read_bytes()).decode()
+    samples = {mid: c.pop("_samples_png") for mid, c in cards.items() if c.get("_samples_png")}
     return env.get_template("audit.html").render(cards=cards, charts=b64, samples=samples)
+
+
+def login_page(root: str, enabled: bool = True, failed: bool = False) -> str:
+    """The sign-in form (``templates/login.html``): the token for a session cookie."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape())
+    return env.get_template("login.html").render(root=root, enabled=enabled, failed=failed)

@@ -13,11 +13,12 @@ from aimfair_ray import AimfairError
 
 
 def resolve(config: str, models: Optional[list[str]] = None, image_pipeline: Optional[str] = None,
-            host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None) -> dict:
+            host: str = "127.0.0.1", port: int = 8000, token_file: Optional[str] = None) -> dict:
     """The Serve config of ``config`` with the overrides applied; the app's args and every model
     folder are checked (by building the app) before Ray starts."""
     from aimfair_ray.config import read_yaml
-    from aimfair_ray.serving.app import build_app
+    from aimfair_ray.serving.app import build_app, in_ingress
+    from aimfair_ray.serving.bodies import ServeArgs
 
     if not Path(config).is_file():
         raise AimfairError(f"Serve config {config} does not exist; pass --config (the shipped one is serve/config.yaml)")
@@ -36,15 +37,17 @@ def resolve(config: str, models: Optional[list[str]] = None, image_pipeline: Opt
             raise AimfairError(f"--image-pipeline {image_pipeline}: no diffusers pipeline there (model_index.json "
                                "is missing); pass a pipeline folder, e.g. the model/ of an `aimfair minmax image` run")
         args["image_pipeline"] = str(Path(image_pipeline).resolve())
-    # Serve refuses options for deployments the app does not build: keep those it does
-    keep = ({f"Classifier-{i}" for i in args.get("models") or {}} | {"Api"}
+    args["models"] = {i: str(Path(p).resolve()) for i, p in (args.get("models") or {}).items()}
+    if token_file:
+        args["token_file"] = str(Path(token_file).resolve())
+    build_app(args)  # checks the args and every model folder
+    # Serve refuses options for deployments the app does not build: keep those it does (a model the
+    # ingress runs itself has no Classifier deployment)
+    local = in_ingress(ServeArgs.model_validate(args))
+    keep = ({f"Classifier-{i}" for i in args["models"] if i not in local} | {"Api"}
             | ({"ImageGenerator"} if args.get("image_pipeline", "embedded") is not None else set())
             | ({"TextGenerator"} if args.get("text_model", "smollm2") is not None else set()))
     apps[0]["deployments"] = [d for d in apps[0].get("deployments", []) if d.get("name") in keep]
-    args["models"] = {i: str(Path(p).resolve()) for i, p in (args.get("models") or {}).items()}
-    if token:
-        args["token"] = token
-    build_app(args)
     apps[0]["args"] = args
     cfg["http_options"] = dict(cfg.get("http_options") or {}, host=host, port=port)
     return cfg
@@ -53,7 +56,12 @@ def resolve(config: str, models: Optional[list[str]] = None, image_pipeline: Opt
 def run(path: str) -> int:
     """``serve run path`` until it ends, Ctrl-C or SIGTERM (then it is stopped, which deletes the app);
     returns its exit status (0 when stopped)."""
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", path])
+    import os
+
+    env = dict(os.environ)  # $AIMFAIR_SERVE_TOKEN reaches the replicas through the local cluster it starts
+    if not env.get("RAY_ADDRESS", "").strip():
+        env.pop("RAY_ADDRESS", None)  # empty means unset, as for every other command
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", path], env=env)
 
     def interrupt(*_):
         raise KeyboardInterrupt

@@ -8,6 +8,29 @@ import numpy as np
 from ray import serve
 
 
+def n_params(model_dir: str) -> int:
+    """A checkpoint's parameter count, from the safetensors header (nothing loaded)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    with safe_open(str(Path(model_dir, "model.safetensors")), framework="pt") as f:
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+
+
+def predict(model, meta: dict, images: list[np.ndarray], device: str = "cpu") -> list[dict]:
+    """One forward pass over ``images`` (HxWx3 uint8 at the model's size): label, class and probability each."""
+    import torch
+
+    from aimfair_ray.train.loop import to_input
+
+    x = to_input(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), meta["mean"], meta["std"], device)
+    with torch.no_grad():
+        probs = model(x).float().softmax(1).cpu().numpy()
+    names = meta["target_names"]
+    return [{"label": names[int(p.argmax())], "target": int(p.argmax()), "probability": float(p.max())} for p in probs]
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)  # >= max_batch_size, so batches can fill
 class Classifier:
     """One model (safetensors only); requests are batched across callers with ``@serve.batch``."""
@@ -25,17 +48,7 @@ class Classifier:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def predict_batch(self, images: list[np.ndarray]) -> list[dict]:
-        import torch
-
-        from aimfair_ray.train.loop import to_input
-
-        x = to_input(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), self.meta["mean"], self.meta["std"],
-                     self.device)
-        with torch.no_grad():
-            probs = self.model(x).float().softmax(1).cpu().numpy()
-        names = self.meta["target_names"]
-        return [{"label": names[int(p.argmax())], "target": int(p.argmax()), "probability": float(p.max())}
-                for p in probs]
+        return predict(self.model, self.meta, images, self.device)
 
     async def __call__(self, image: np.ndarray) -> dict:
         return await self.predict_batch(image)
@@ -78,9 +91,16 @@ class TextGenerator:
         self.tok, self.model = load_causal_lm(model, self.device)
         self.model.eval()
 
-    def __call__(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+    def __call__(self, prompt: str, max_new_tokens: int, temperature: float, seed: int,
+                 max_prompt_tokens: int = 512) -> dict:
+        """``{"text": ...}``, or ``{"error": ..., "status": 422}`` for a prompt over ``max_prompt_tokens``
+        (counted before anything runs, so a long prompt costs a tokenizer call, not a generation)."""
         import torch
 
+        n = len(self.tok(prompt)["input_ids"])
+        if n > max_prompt_tokens:
+            return {"status": 422, "error": f"the prompt has {n} tokens; the limit is {max_prompt_tokens} "
+                                            "(max_prompt_tokens)"}
         messages = [{"role": "user", "content": prompt}]
         text = (self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                 if self.tok.chat_template else prompt)
@@ -90,4 +110,4 @@ class TextGenerator:
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                       temperature=max(temperature, 1e-5), top_p=0.95,
                                       pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)
-        return self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return {"text": self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()}
