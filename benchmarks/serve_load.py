@@ -3,9 +3,10 @@ single-process FastAPI + uvicorn server around the same model, in the same run.
 
     python benchmarks/serve_load.py [--model runs/cmnist/baseline/model] [--requests 400] [--seconds 30]
     python benchmarks/serve_load.py --backbone resnet18 --image-size 128   # a heavier (random-init) model
+    python benchmarks/serve_load.py --in-ingress no    # the model one hop away, in its batched Classifier deployment
 
 For 1, 8 and 32 concurrent clients it prints requests/s and p50/p99 latency for each server,
-and the Serve/plain throughput ratio at 32 clients. Each level stops after --requests
+and the Serve/plain ratios of throughput at 32 clients and of p50 latency at 1 client. Each level stops after --requests
 requests or --seconds seconds, whichever comes first. Writes benchmarks/results/serve_load.json.
 """
 
@@ -121,6 +122,9 @@ def main() -> None:
                                        "batching buys")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--replicas", type=int, default=None, help="Classifier replicas on the Serve side (default 1)")
+    ap.add_argument("--in-ingress", choices=["auto", "yes", "no"], default="auto",
+                    help="args.classify_in_ingress: the model in the ingress replica (yes), in its batched Classifier "
+                         "deployment (no), or by size (auto: small models in the ingress)")
     a = ap.parse_args()
     if a.backbone:
         a.model = random_model(a.backbone, a.image_size)
@@ -143,7 +147,8 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"models": {"m": a.model}, "image_pipeline": None, "text_model": None,
-                         "classifier_replicas": a.replicas}), name="bench",
+                         "classifier_replicas": a.replicas,
+                         "classify_in_ingress": {"auto": None, "yes": True, "no": False}[a.in_ingress]}), name="bench",
               route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/classify"
     wait_up(url, body)
@@ -168,12 +173,16 @@ def main() -> None:
     top = levels[-1]
     ratio = results["serve"][-1]["rps"] / results["plain"][-1]["rps"]
     print(f"throughput ratio at {top} clients, Serve / plain FastAPI+uvicorn: {ratio:.2f} (target >= 2)")
+    lat = results["serve"][0]["p50_ms"] / results["plain"][0]["p50_ms"]
+    print(f"p50 latency ratio at {levels[0]} client(s), Serve / plain: {lat:.2f}")
     out = Path(f"benchmarks/results/serve_load{f'-{a.backbone}-{size}' if a.backbone else ''}"
-               f"{f'-r{a.replicas}' if a.replicas else ''}.json")
+               f"{f'-r{a.replicas}' if a.replicas else ''}{'' if a.in_ingress == 'auto' else f'-ingress-{a.in_ingress}'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": a.model, "backbone": a.backbone, "image_size": size, "replicas": a.replicas,
+                               "in_ingress": a.in_ingress,
                                "results": results,
-                               "ratio_at_max_clients": ratio, "cpus": os.cpu_count()}, indent=2))
+                               "ratio_at_max_clients": ratio, "p50_ratio_at_min_clients": lat,
+                               "cpus": os.cpu_count()}, indent=2))
 
 
 if __name__ == "__main__":

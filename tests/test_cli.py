@@ -125,3 +125,12 @@ def test_unexpected_errors_are_one_line_unless_verbose(monkeypatch, tmp_path):
     assert isinstance(res.exception, RuntimeError)  # raised with its traceback
     res = CliRunner().invoke(app, ["--verbose", "data", "prepare", "--set", "train.epochs=0"])
     assert res.exit_code == 2 and "train.epochs" in res.output  # a user error: still exit 2, with the traceback
+
+
+def test_serve_treats_an_empty_ray_address_as_unset():
+    from aimfair_ray.serving.config import serve_env
+
+    assert "RAY_ADDRESS" not in serve_env({"RAY_ADDRESS": "", "AIMFAIR_SERVE_TOKEN": "t"})
+    assert "RAY_ADDRESS" not in serve_env({"RAY_ADDRESS": "  "})
+    env = serve_env({"RAY_ADDRESS": "10.0.0.1:6379", "AIMFAIR_SERVE_TOKEN": "t"})
+    assert env["RAY_ADDRESS"] == "10.0.0.1:6379" and env["AIMFAIR_SERVE_TOKEN"] == "t"  # the token by env, not argv

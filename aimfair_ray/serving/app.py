@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 
 from aimfair_ray import AimfairError
 from aimfair_ray.serving import auth
+from aimfair_ray.serving.batcher import Batcher
 from aimfair_ray.serving.bodies import (
     ApiError,
     AuditRequest,
@@ -172,18 +173,23 @@ class Api:
     def __init__(self, classifiers: dict, cards: dict, charts: dict, image_gen=None, text_gen=None,
                  limits: Optional[dict] = None, local: Optional[dict] = None):
         self.classifiers, self.cards, self.charts = classifiers, cards, charts
-        self.local = {}  # small models, run here (in a thread) rather than one hop away
+        self.image_gen, self.text_gen = image_gen, text_gen
+        self.limits = dict(limits or ServeArgs(models={}).model_dump())
+        self.limits["token"] = auth.read_token(self.limits.get("token_file"))
+        api.state.limits = self.limits
+        self.local = {}  # small models, run here (batched, in a thread) rather than one hop away
         if local:
+            import functools
+
             import torch
 
             from aimfair_ray.models import load_classifier
 
             torch.set_num_threads(1)  # a small model's forward pass: threads cost more than they give
-            self.local = {mid: load_classifier(path) for mid, path in local.items()}
-        self.image_gen, self.text_gen = image_gen, text_gen
-        self.limits = dict(limits or ServeArgs(models={}).model_dump())
-        self.limits["token"] = auth.read_token(self.limits.get("token_file"))
-        api.state.limits = self.limits
+            for mid, path in local.items():
+                model, meta = load_classifier(path)
+                self.local[mid] = Batcher(functools.partial(predict, model, meta),
+                                          self.limits.get("max_batch_size", 32))
         self.page = audit_page(cards, charts)
 
     @api.get("/healthz")
@@ -287,16 +293,14 @@ class Api:
             return await asyncio.wait_for(asyncio.gather(*calls), limit)
         except asyncio.TimeoutError:
             for c in calls:
-                if hasattr(c, "cancel"):  # a deployment's response (a thread's work finishes on its own)
+                if hasattr(c, "cancel"):  # a deployment's response (wait_for cancelled the local ones)
                     c.cancel()
             raise ApiError(504, f"{route} took over {limit} s (request_timeout_s.{route}); retry with less work, "
                                 "or raise the limit") from None
 
     async def _predict(self, mid: str, images: list[np.ndarray], route: str) -> list[dict]:
         if mid in self.local:
-            model, meta = self.local[mid]
-            preds, = await self._within(route, [run_in_threadpool(predict, model, meta, images)])
-            return preds
+            return list(await self._within(route, [self.local[mid](img) for img in images]))
         return list(await self._within(route, [self.classifiers[mid].remote(img) for img in images]))
 
     @api.post("/v1/classify", openapi_extra={"requestBody": {"content": {
@@ -380,7 +384,7 @@ def build_app(args: dict) -> serve.Application:
     image_gen = None if a.image_pipeline is None else ImageGenerator.bind(
         None if a.image_pipeline == "embedded" else a.image_pipeline)
     text_gen = None if a.text_model is None else TextGenerator.bind(None if a.text_model == "smollm2" else a.text_model)
-    limits = a.model_dump(exclude={"models", "image_pipeline", "text_model", "max_batch_size", "classifier_replicas",
+    limits = a.model_dump(exclude={"models", "image_pipeline", "text_model", "classifier_replicas",
                                    "batch_wait_timeout_s", "classify_in_ingress", "ingress_max_params"})
     limits["max_prompt_chars_text"] = 20 * a.max_prompt_tokens
     if a.token_file:

@@ -53,15 +53,21 @@ def resolve(config: str, models: Optional[list[str]] = None, image_pipeline: Opt
     return cfg
 
 
+def serve_env(environ: Optional[dict] = None) -> dict:
+    """The environment of ``serve run``: this one ($AIMFAIR_SERVE_TOKEN reaches the replicas through the local
+    cluster it starts), with an empty RAY_ADDRESS removed: empty means unset, as for every other command."""
+    import os
+
+    env = dict(os.environ if environ is None else environ)
+    if not env.get("RAY_ADDRESS", "").strip():
+        env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def run(path: str) -> int:
     """``serve run path`` until it ends, Ctrl-C or SIGTERM (then it is stopped, which deletes the app);
     returns its exit status (0 when stopped)."""
-    import os
-
-    env = dict(os.environ)  # $AIMFAIR_SERVE_TOKEN reaches the replicas through the local cluster it starts
-    if not env.get("RAY_ADDRESS", "").strip():
-        env.pop("RAY_ADDRESS", None)  # empty means unset, as for every other command
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", path], env=env)
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("serve")), "run", path], env=serve_env())
 
     def interrupt(*_):
         raise KeyboardInterrupt
