@@ -67,10 +67,10 @@ def predict_split(model_dir: str, split_dir: str, batch_size: int = 256, actors:
     return {k: cols[k].to_numpy() for k in ("target", "group", "pred", "prob")}
 
 
-def small_cells(report: dict, min_cell: int) -> list[str]:
+def small_cells(report: dict, min_cell: int, what: str = "test images", knob: str = "audit.min_cell") -> list[str]:
     """Warnings for the cells with fewer than ``min_cell`` test images (their accuracy is noise)."""
     counts = report.get("cell_counts", {})
-    return [f"cell {k} has {counts[k]} test images (< audit.min_cell {min_cell}): its accuracy"
+    return [f"cell {k} has {counts[k]} {what} (< {knob} {min_cell}): its accuracy"
             + (", which decides WST," if report["group_acc"][k] == report["wst"] else "") + " is noise"
             for k in report["group_acc"] if counts.get(k, min_cell) < min_cell]
 

@@ -26,7 +26,7 @@ ALARM = re.compile(r"out of memory|OutOfMemory|low on memory|was killed|SIGKILL"
 EPOCH = re.compile(r"^(.*?)\s+(epoch|step) (\d+)/(\d+)")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-_state: dict = {"dir": None, "echo": None, "file": None, "workers": None, "stderr": None}
+_state: dict = {"dir": None, "echo": None, "file": None, "workers": None}
 
 
 def log_dir() -> Optional[str]:
@@ -98,6 +98,8 @@ def _worker_lines(data: dict) -> None:
 class _Echo(logging.Handler):
     """Ray's errors on the driver, shown on the console (they also go to driver.log)."""
 
+    _aimfair = True
+
     def emit(self, record: logging.LogRecord) -> None:
         echo = _state["echo"]
         if echo is not None:
@@ -117,20 +119,18 @@ def _quiet_loggers(handler: logging.Handler) -> None:
     import ray  # noqa: F401 - Ray sets up its loggers on import
     import ray.data  # noqa: F401 - and Ray Data its own
 
+    handler._aimfair = True  # ours: replaced when a second run routes elsewhere
     for lg in _ray_loggers() + [logging.getLogger("py.warnings")]:
         for h in list(lg.handlers):
-            if isinstance(h, (_Echo, logging.FileHandler)) and getattr(h, "_aimfair", False):
+            if getattr(h, "_aimfair", False):
                 lg.removeHandler(h)
             elif isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 h.setLevel(logging.CRITICAL + 1)
-        handler._aimfair = True
         lg.addHandler(handler)
         if lg.level == logging.NOTSET or lg.level > logging.INFO:
             lg.setLevel(logging.INFO)
         if lg.name != "py.warnings":
-            echo = _Echo(logging.ERROR)
-            echo._aimfair = True
-            lg.addHandler(echo)
+            lg.addHandler(_Echo(logging.ERROR))
     logging.getLogger("py.warnings").propagate = False
     logging.captureWarnings(True)
 
@@ -145,8 +145,6 @@ def _redirect_stderr(path: str) -> None:
     except (AttributeError, ValueError, OSError):
         return
     sys.stderr.flush()
-    if _state["stderr"] is None:
-        _state["stderr"] = os.dup(2)  # kept, so the last words of a crash can still be found on the terminal
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 2)
     os.close(fd)

@@ -6,8 +6,7 @@ the same model, the same batch size and the same CPU threads, printed as a ratio
 The Ray figure is taken at steady state, from the first committed shard to the last (the
 actor's model load is reported apart). With ``--repeats N`` the two run alternately N
 times and the median ratio is reported: on a 2-core machine single runs vary by about 5%.
-With a GPU at hand it also times one generation batch of an SD-1.5-sized pipeline at
-512x512 (random weights: compute, not quality).
+The GPU figures of an SD-1.5-architecture pipeline are benchmarks/gpu_suite.py's.
 """
 
 from __future__ import annotations
@@ -51,38 +50,6 @@ def ray_pipeline(cfg, plan, out: str) -> dict:
             "steady_seconds": round(last - first, 2), "images_per_s": round(steady_images / (last - first), 3)}
 
 
-def gpu_sd15(batch: int = 4, steps: int = 50) -> dict:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-    dev, dt = "cuda", torch.float16
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                block_out_channels=(320, 640, 1280, 1280)).to(dev, dt).eval()
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2).to(dev, dt).eval()
-    sched = DDIMScheduler()
-    text = torch.randn(2 * batch, 77, 768, device=dev, dtype=dt)
-
-    @torch.no_grad()
-    def one_batch():
-        x = torch.randn(batch, 4, 64, 64, device=dev, dtype=dt)
-        sched.set_timesteps(steps)
-        for t in sched.timesteps:
-            e = unet(torch.cat([x, x]), t, encoder_hidden_states=text).sample
-            u, c = e.chunk(2)
-            x = sched.step(u + 7.5 * (c - u), t, x).prev_sample
-        return vae.decode(x / 0.18215).sample
-
-    one_batch()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    one_batch()
-    torch.cuda.synchronize()
-    secs = time.perf_counter() - t0
-    return {"device": torch.cuda.get_device_name(), "batch": batch, "steps": steps, "seconds": round(secs, 3),
-            "images_per_s": round(batch / secs, 3)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=192)
@@ -94,21 +61,14 @@ def main() -> None:
     ap.add_argument("--pipeline", default=None, help="default: the embedded model")
     a = ap.parse_args()
 
-    import pandas as pd
     import ray
+    from generate_scale import make_plan  # this folder's: the same plan at any size
 
     from aimfair_ray.config import load_config
-    from aimfair_ray.generate.images import sample_seed
     from aimfair_ray.generate.t2i import embedded_weights
 
     pipeline = a.pipeline or str(embedded_weights())
-    digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    plan = pd.DataFrame({"id": [f"b-{i:05d}" for i in range(a.images)],
-                         "prompt": [f"a handwritten digit {digits[i % 10]} in {'red' if i % 2 else 'green'}"
-                                    for i in range(a.images)],
-                         "target": [int(i % 10 >= 5) for i in range(a.images)], "group": [1 - i % 2 for i in range(a.images)],
-                         "split": "benchmark"})
-    plan["seed"] = [sample_seed(0, i) for i in plan["id"]]
+    plan = make_plan(a.images)
     res = {"config": vars(a), "cpu_threads": a.threads, "cores": os.cpu_count()}
     cfg = load_config("cmnist", overrides=[f"generate.pipeline={pipeline}", f"generate.batch_size={a.batch_size}",
                                            f"generate.steps={a.steps}", "generate.actors=1",
@@ -128,10 +88,6 @@ def main() -> None:
     res.update(runs=runs, plain_loop=mid["plain_loop"], ray_data=mid["ray_data"])
     res["ratio_ray_over_plain"] = mid["ratio"]
     res["overhead_pct"] = round(100 * (1 - res["ratio_ray_over_plain"]), 1)
-    if torch.cuda.is_available():
-        res["gpu_sd15_512"] = gpu_sd15()
-    else:
-        res["gpu_sd15_512"] = "no GPU here: run this script on a GPU machine for the SD-1.5-sized figure"
     print(json.dumps(res, indent=2))
     print(f"median of {a.repeats}: plain loop {res['plain_loop']['images_per_s']} images/s; "
           f"Ray Data {res['ray_data']['images_per_s']} images/s "

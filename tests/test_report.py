@@ -53,7 +53,8 @@ def test_audit_page_shows_the_synthetic_samples_a_model_was_tuned_on(tmp_path):
     for name, prov in (("tuned", {"generator": "embedded:cmnist-t2i", "synthetic_set": str(tmp_path / "balanced")}),
                        ("baseline", {"generator": None})):
         save_classifier(build_model("small_cnn", 2, 32, width=8), dict(meta, provenance=prov), str(tmp_path / name / "model"))
-    cards = {n: model_card(n, str(tmp_path / n / "model"), str(tmp_path))[0] for n in ("tuned", "baseline")}
+    made = {n: model_card(n, str(tmp_path / n / "model"), str(tmp_path)) for n in ("tuned", "baseline")}
+    cards = {n: card for n, (card, _) in made.items()}
     assert cards["tuned"]["provenance"]["synthetic_set"] == "balanced"  # relative to the serving root
-    page = audit_page(cards, {})
+    page = audit_page(cards, {n: images for n, (_, images) in made.items()})
     assert page.count('alt="synthetic samples of') == 1 and 'alt="synthetic samples of tuned"' in page

@@ -105,11 +105,9 @@ def run(body: Callable[[], object]) -> object:
     try:
         return body()
     except KeyboardInterrupt:
-        BARS.stop()
         console.print("[bold red]interrupted[/]: the same command resumes where this one stopped", highlight=False)
         raise typer.Exit(130) from None
     except AimfairError as e:
-        BARS.stop()
         if VERBOSE:
             console.print_exception()
         console.print(f"[bold red]error:[/] {e}", highlight=False)
@@ -117,7 +115,6 @@ def run(body: Callable[[], object]) -> object:
     except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
         raise  # a command's own exit status
     except Exception as e:  # noqa: BLE001 - an unexpected failure: one line unless --verbose
-        BARS.stop()
         if VERBOSE:
             raise
         from aimfair_ray import ray_logs
@@ -138,12 +135,14 @@ def run_with_config(body: Callable[[Config], object], preset: str, config: Optio
         cfg = _load(preset, config, overrides, wandb)
         loaded.append(cfg)
         quiet_console(cfg)
-        return body(cfg)
+        try:
+            return body(cfg)
+        finally:
+            BARS.stop()  # before any error line is printed
 
     try:
         return run(go)
     finally:
-        BARS.stop()
         for cfg in loaded:
             if cfg.storage_uri:
                 from aimfair_ray.storage import push_run

@@ -42,8 +42,8 @@ from aimfair_ray.serving.bodies import (
     ImageRequest,
     ServeArgs,
     TextRequest,
-    args_error,
     decode_images,
+    error_text,
     loads,
     parse,
     small_samples,
@@ -70,8 +70,7 @@ def _errors(request: Optional[Request], errors: list) -> tuple[int, str]:
     if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") in ("model_attributes_type", "dict_type")
            for e in errors):
         return 422, "the JSON body must be an object"
-    parts = [f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}" for e in errors]
-    return 422, "; ".join(parts)
+    return 422, error_text(errors)
 
 
 async def _json(request: Request) -> dict:
@@ -147,7 +146,7 @@ async def _guard(request: Request, call_next):
         if not (auth.same_token(cred.credentials if cred else None, token)
                 or auth.valid_session(token, request.cookies.get(auth.COOKIE))):
             if request.method == "GET" and path in ("/", "/docs", "/redoc"):
-                return RedirectResponse(f"{_root(request)}/login", status_code=303)
+                return RedirectResponse(f"{root}/login", status_code=303)
             return JSONResponse(status_code=401, content={"error": "missing or wrong bearer token: send "
                                                           "'Authorization: Bearer <token>' (a browser: sign in at /login)"})
     if request.method == "POST":
@@ -170,9 +169,9 @@ async def _guard(request: Request, call_next):
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Api:
-    def __init__(self, classifiers: dict, cards: dict, charts: dict, image_gen=None, text_gen=None,
+    def __init__(self, classifiers: dict, cards: dict, images: dict, image_gen=None, text_gen=None,
                  limits: Optional[dict] = None, local: Optional[dict] = None):
-        self.classifiers, self.cards, self.charts = classifiers, cards, charts
+        self.classifiers, self.cards = classifiers, cards
         self.image_gen, self.text_gen = image_gen, text_gen
         self.limits = dict(limits or ServeArgs(models={}).model_dump())
         self.limits["token"] = auth.read_token(self.limits.get("token_file"))
@@ -188,9 +187,8 @@ class Api:
             torch.set_num_threads(1)  # a small model's forward pass: threads cost more than they give
             for mid, path in local.items():
                 model, meta = load_classifier(path)
-                self.local[mid] = Batcher(functools.partial(predict, model, meta),
-                                          self.limits.get("max_batch_size", 32))
-        self.page = audit_page(cards, charts)
+                self.local[mid] = Batcher(functools.partial(predict, model, meta), self.limits["max_batch_size"])
+        self.page = audit_page(cards, images)
 
     @api.get("/healthz")
     def healthz(self) -> dict:
@@ -277,7 +275,6 @@ class Api:
         else:
             fields = await _json(request)
             req = parse(ClassifyRequest, {k: fields.get(k) for k in ("model", "images") if k in fields})
-            self._cap(len(req.images), "max_images_per_request", "images in one request", 413)
             mid, raw = self._model(req.model), [_b64(t) for t in req.images]
         return mid, await self._decode(raw, mid)
 
@@ -324,7 +321,6 @@ class Api:
         if any(not 0 <= t < n_cls for t in req.targets) or any(not 0 <= g < n_grp for g in req.groups):
             raise ApiError(422, f"targets must be in 0..{n_cls - 1} ({card['target_names']}) and groups in "
                                 f"0..{n_grp - 1} ({card['group_names']})")
-        self._cap(len(req.images), "max_images_per_request", "images", 413)
         images = await self._decode([_b64(t) for t in req.images], mid)
         preds = await self._predict(mid, images, "audit")
         rep = fairness_report(req.targets, [p["target"] for p in preds], req.groups, n_cls, n_grp)
@@ -347,8 +343,10 @@ class Api:
         if self.text_gen is None:
             raise ApiError(404, "no text generator is configured (args.text_model is null)")
         self._cap(req.max_new_tokens, "max_new_tokens", "max_new_tokens", 422)
-        # a cheap bound before the tokenizer runs: no tokenizer makes fewer tokens than 1 per 20 characters
-        self._cap(len(req.prompt), "max_prompt_chars_text", "characters in the prompt", 422)
+        chars = 20 * self.limits["max_prompt_tokens"]  # a bound before the tokenizer runs: no tokenizer makes
+        if len(req.prompt) > chars:                      # fewer than 1 token per 20 characters
+            raise ApiError(422, f"{len(req.prompt)} characters in the prompt; the limit is {chars} "
+                                f"(20 x max_prompt_tokens)")
         out, = await self._within("generate_text", [self.text_gen.remote(req.prompt, req.max_new_tokens, req.temperature,
                                                                          req.seed, self.limits["max_prompt_tokens"])])
         if "error" in out:
@@ -368,14 +366,14 @@ def build_app(args: dict) -> serve.Application:
     try:
         a = ServeArgs.model_validate(args)
     except ValidationError as e:
-        raise AimfairError(f"serve args: {args_error(e)}") from None
+        raise AimfairError(f"serve args: {error_text(e.errors(), 'args')}") from None
     if not a.models:
         raise AimfairError("serve args: models is empty; give at least one id: model folder")
     auth.check_token_file(a.token_file)
-    cards, charts = {}, {}
+    cards, images = {}, {}
     root = os.getcwd()
     for i, p in a.models.items():
-        cards[i], charts[i] = model_card(i, p, root)
+        cards[i], images[i] = model_card(i, p, root)
     replicas = {} if a.classifier_replicas is None else {"num_replicas": a.classifier_replicas}
     local = in_ingress(a)
     classifiers = {i: Classifier.options(name=f"Classifier-{i}", **replicas).bind(str(Path(p).resolve()), a.max_batch_size,
@@ -386,8 +384,7 @@ def build_app(args: dict) -> serve.Application:
     text_gen = None if a.text_model is None else TextGenerator.bind(None if a.text_model == "smollm2" else a.text_model)
     limits = a.model_dump(exclude={"models", "image_pipeline", "text_model", "classifier_replicas",
                                    "batch_wait_timeout_s", "classify_in_ingress", "ingress_max_params"})
-    limits["max_prompt_chars_text"] = 20 * a.max_prompt_tokens
     if a.token_file:
         limits["token_file"] = str(Path(a.token_file).resolve())
-    return Api.bind(classifiers, cards, charts, image_gen, text_gen, limits,
+    return Api.bind(classifiers, cards, images, image_gen, text_gen, limits,
                     {i: str(Path(a.models[i]).resolve()) for i in local})

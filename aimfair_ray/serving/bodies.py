@@ -82,9 +82,9 @@ class ServeArgs(BaseModel):
         return self
 
 
-def args_error(e: ValidationError) -> str:
-    """A validation error of the args without the values (no secret is ever echoed)."""
-    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'args'}: {err['msg']}" for err in e.errors())
+def error_text(errors: list, whole: str = "body") -> str:
+    """Pydantic errors as 'field: message; ...', without the values (no secret is ever echoed)."""
+    return "; ".join(f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or whole}: {e['msg']}" for e in errors)
 
 
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
@@ -119,8 +119,7 @@ def parse(model: type[BaseModel], raw: dict):
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise ApiError(422, "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}"
-                                      for err in e.errors())) from None
+        raise ApiError(422, error_text(e.errors())) from None
 
 
 def loads(body: bytes):
@@ -155,14 +154,12 @@ def image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
     return w, h
 
 
-def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
-    """PNG/JPEG bytes -> size x size x 3 uint8, after the header check."""
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """PNG/JPEG bytes whose header passed ``image_header`` -> size x size x 3 uint8."""
     from PIL import Image
 
-    image_header(data, max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.MAX_IMAGE_PIXELS = max_pixels
             rgb = im.convert("RGB")
     except MemoryError:
         raise ApiError(413, "an image is too large to decode") from None
@@ -180,15 +177,17 @@ def decode_images(raw: list[bytes], size: int, max_pixels: int, max_request_pixe
     if total > max_request_pixels:
         raise ApiError(413, f"the images hold {total} pixels in all; the limit is {max_request_pixels} "
                             "(max_request_pixels)")
-    return [decode_image(b, size, max_pixels) for b in raw]
+    return [decode_image(b, size) for b in raw]
 
 
 def small_samples(report: dict, n_groups: int, group_names: list, min_cell: int) -> list[str]:
     """Warnings for a live audit: cells under ``min_cell`` images, and groups with none (their figures say
     nothing: one image gives STD 0 and EO 0)."""
+    from aimfair_ray.evaluate import small_cells
+
     counts = report.get("cell_counts", {})
-    out = [f"cell {k} has {n} images (< min_cell {min_cell}): its accuracy " + ("is noise" if n else "is unknown")
-           for k, n in counts.items() if n < min_cell]
+    out = small_cells(report, min_cell, "images", "min_cell")
+    out += [f"cell {k} has no images: its accuracy is unknown" for k, n in counts.items() if not n]
     seen = {int(k.split("_s")[1]) for k, n in counts.items() if n}
     out += [f"group {g} ({group_names[g]}) has no images: STD, EO and WST do not compare groups"
             for g in range(n_groups) if g not in seen]

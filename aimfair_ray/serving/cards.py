@@ -49,9 +49,10 @@ def shown_path(path: Path, root: str) -> str:
         return "/".join(path.parts[-3:])
 
 
-def model_card(model_id: str, model_dir: str, root: str = ".") -> tuple[dict, Optional[bytes]]:
-    """The card (checkpoint metadata, the training config reduced to ``CARD_CONFIG``, provenance, audit)
-    and the audit chart PNG; the model's path relative to the serving root ``root``."""
+def model_card(model_id: str, model_dir: str, root: str = ".") -> tuple[dict, dict]:
+    """The card (checkpoint metadata, the training config reduced to ``CARD_CONFIG``, provenance, audit; the
+    model's path relative to the serving root ``root``) and its page images: ``chart`` (the audit's per-group
+    accuracy) and ``samples`` (the synthetic set it was tuned on), PNG bytes or None."""
     import yaml
 
     from aimfair_ray.evaluate import group_acc_chart
@@ -73,25 +74,26 @@ def model_card(model_id: str, model_dir: str, root: str = ".") -> tuple[dict, Op
         card["audit"] = {k: a[k] for k in AUDIT_KEYS if k in a}
         chart = group_acc_chart(dict(a, target_names=meta["target_names"], group_names=meta["group_names"]),
                                 f"{model_id}: per-group accuracy", a.get("min_cell", 30))
-    if samples and (Path(samples) / "samples.png").is_file():  # read here: the card shows only a relative path
-        card["_samples_png"] = base64.b64encode((Path(samples) / "samples.png").read_bytes()).decode()
-    return card, chart
+    grid = Path(samples, "samples.png") if samples else None  # read here: the card shows only a relative path
+    return card, {"chart": chart, "samples": grid.read_bytes() if grid and grid.is_file() else None}
 
 
-def audit_page(cards: dict, charts: dict) -> str:
-    """The HTML audit page: each model's headline metrics, provenance and per-group accuracy chart, and
-    for a model fine-tuned on a synthetic set, that set's sample grid (``samples.png``) when it has one."""
+def _render(template: str, **values) -> str:
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape())
-    b64 = {mid: base64.b64encode(png).decode() for mid, png in charts.items() if png}
-    samples = {mid: c.pop("_samples_png") for mid, c in cards.items() if c.get("_samples_png")}
-    return env.get_template("audit.html").render(cards=cards, charts=b64, samples=samples)
+    return env.get_template(template).render(**values)
+
+
+def audit_page(cards: dict, images: dict) -> str:
+    """The HTML audit page: each model's headline metrics, provenance and per-group accuracy chart, and
+    for a model fine-tuned on a synthetic set, that set's sample grid (``samples.png``) when it has one;
+    ``images``: each model's ``model_card`` images."""
+    b64 = {kind: {mid: base64.b64encode(im[kind]).decode() for mid, im in images.items() if im.get(kind)}
+           for kind in ("chart", "samples")}
+    return _render("audit.html", cards=cards, charts=b64["chart"], samples=b64["samples"])
 
 
 def login_page(root: str, enabled: bool = True, failed: bool = False) -> str:
     """The sign-in form (``templates/login.html``): the token for a session cookie."""
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
-
-    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape())
-    return env.get_template("login.html").render(root=root, enabled=enabled, failed=failed)
+    return _render("login.html", root=root, enabled=enabled, failed=failed)
