@@ -61,12 +61,6 @@ def project_config(cfg: Config) -> Config:
     return p
 
 
-def _finetuned(cfg, res, title) -> dict:
-    return dict(_audit(cfg, res["model_dir"], title),
-                epoch_time_s=float(np.mean([h["epoch_time_s"] for h in res["history"]])),
-                trainable_fraction=res["selection"]["trainable_fraction"])
-
-
 def finished_rows(cfg: Config, seed: int, methods) -> list[str]:
     """The rows of ``methods`` whose runs for ``seed`` have finished (their ``result.json`` exists)."""
     root = cfg.stage_dir(f"benchmark/aimfair/seed{seed}")
@@ -78,10 +72,6 @@ def finished_rows(cfg: Config, seed: int, methods) -> list[str]:
 def run_seed(cfg: Config, seed: int, methods=None, log=print, finished_only: bool = False) -> dict[str, dict]:
     """Train (or reuse) and audit the rows of one seed; ``finished_only``: train nothing, audit the rows
     whose runs have finished."""
-    from aimfair_ray.train.baseline import train_baseline, train_group_dro
-    from aimfair_ray.train.finetune import finetune
-    from aimfair_ray.train.jtt import train_jtt
-    from aimfair_ray.train.methods import METHODS
 
     methods = methods or rows()
     scfg = cfg.model_copy(deep=True)
@@ -92,24 +82,45 @@ def run_seed(cfg: Config, seed: int, methods=None, log=print, finished_only: boo
         methods = finished_rows(scfg, seed, methods)
         if not methods:
             return {}
+    from aimfair_ray.workgroup import shared_workers
+
+    # every run of the seed (baseline, scores, fine-tuning, JTT, Group DRO, oracles) on one worker group;
+    # the audits after it closes (an audit's actor pool may need the devices the group holds)
+    with shared_workers(scfg.train, scfg.ray_storage, f"{scfg.name}-{root.replace('/', '-')}"):
+        runs = _train_seed(scfg, methods, root, log)
+    out = {}
+    for row, res in runs.items():
+        title = {"baseline": "baseline", "selective_project": "selective (project defaults)"}.get(row, row)
+        out[row] = _audit(scfg, res["model_dir"], f"{title}, seed {seed}")
+        if "selection" in res:  # fine-tuned rows
+            out[row].update(epoch_time_s=float(np.mean([h["epoch_time_s"] for h in res["history"]])),
+                            trainable_fraction=res["selection"]["trainable_fraction"])
+        if row == "jtt":
+            out[row]["n_errors"] = res["n_errors"]
+    return out
+
+
+def _train_seed(scfg: Config, methods, root: str, log) -> dict[str, dict]:
+    """Train (or reuse) the runs of the rows of ``methods``; returns each row's run result."""
+    from aimfair_ray.train.baseline import train_baseline, train_group_dro
+    from aimfair_ray.train.finetune import finetune
+    from aimfair_ray.train.jtt import train_jtt
+    from aimfair_ray.train.methods import METHODS
+
     out = {}
     base = train_baseline(scfg, log=log, stage=f"{root}/baseline")
     if "baseline" in methods:
-        out["baseline"] = _audit(scfg, base["model_dir"], f"baseline, seed {seed}")
+        out["baseline"] = base
     for m in METHODS:
         if m in methods:
-            res = finetune(scfg, m, log=log, stage=f"{root}/{m}", baseline_dir=base["model_dir"])
-            out[m] = _finetuned(scfg, res, f"{m}, seed {seed}")
+            out[m] = finetune(scfg, m, log=log, stage=f"{root}/{m}", baseline_dir=base["model_dir"])
     if "selective_project" in methods:
-        res = finetune(project_config(scfg), "selective", log=log, stage=f"{root}/selective_project",
-                       baseline_dir=base["model_dir"], scores_stage=f"{root}/scores_project")
-        out["selective_project"] = _finetuned(scfg, res, f"selective (project defaults), seed {seed}")
+        out["selective_project"] = finetune(project_config(scfg), "selective", log=log, stage=f"{root}/selective_project",
+                                            baseline_dir=base["model_dir"], scores_stage=f"{root}/scores_project")
     if "jtt" in methods:
-        res = train_jtt(scfg, log=log, stage=f"{root}/jtt")
-        out["jtt"] = dict(_audit(scfg, res["model_dir"], f"jtt, seed {seed}"), n_errors=res["n_errors"])
+        out["jtt"] = train_jtt(scfg, log=log, stage=f"{root}/jtt")
     if "group_dro" in methods:
-        res = train_group_dro(scfg, log=log, stage=f"{root}/group_dro")
-        out["group_dro"] = _audit(scfg, res["model_dir"], f"group_dro, seed {seed}")
+        out["group_dro"] = train_group_dro(scfg, log=log, stage=f"{root}/group_dro")
     real = scfg.paths.split("generator")
     for m in ("full", "selective"):
         if f"oracle_{m}" not in methods:
@@ -117,9 +128,8 @@ def run_seed(cfg: Config, seed: int, methods=None, log=print, finished_only: boo
         if not exists(real):
             log(f"benchmark: no real balanced set ({real}: Colored MNIST's generator split); skipping oracle_{m}")
             continue
-        res = finetune(scfg, m, log=log, stage=f"{root}/oracle_{m}", baseline_dir=base["model_dir"], real_set=real,
-                       scores_stage=f"{root}/scores")
-        out[f"oracle_{m}"] = _finetuned(scfg, res, f"oracle_{m}, seed {seed}")
+        out[f"oracle_{m}"] = finetune(scfg, m, log=log, stage=f"{root}/oracle_{m}", baseline_dir=base["model_dir"],
+                                      real_set=real, scores_stage=f"{root}/scores")
     return out
 
 

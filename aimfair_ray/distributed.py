@@ -9,6 +9,7 @@ The per-worker loops (classifier runs in ``train.raytrain``, gradient scores in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -75,13 +76,61 @@ def deepspeed_engine(model, optimizer, batch_size: int, stage: int):
 
 
 # ---- checkpoints on the workers -----------------------------------------------------------------
+class _Job:
+    """A shared worker group's job (:mod:`workgroup`): its checkpoints in ``<run_path>/job/``, written by
+    rank 0 (temp folder, then rename), the best ``keep`` by ``metric`` and the latest kept."""
+
+    def __init__(self, run_path: str, keep: int, metric: Optional[str], mode: str):
+        self.dir, self.keep, self.metric, self.sign = Path(run_path, "job"), keep, metric, 1 if mode == "max" else -1
+
+    def latest(self) -> Optional[Path]:
+        dirs = sorted(self.dir.glob("checkpoint_*"))
+        return dirs[-1] if dirs else None
+
+    def report(self, metrics: dict, write: Callable[[str], None]) -> None:
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() != 0:
+            return
+        last = self.latest()
+        n = int(last.name.rsplit("_", 1)[1]) + 1 if last else 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir))
+        write(str(tmp))
+        (tmp / "metrics.json").write_text(json.dumps(metrics))
+        tmp.rename(self.dir / f"checkpoint_{n:06d}")
+        dirs = sorted(self.dir.glob("checkpoint_*"))
+        scored = {d: json.loads((d / "metrics.json").read_text()) for d in dirs}
+        kept = sorted(dirs, key=lambda d: -self.sign * scored[d][self.metric])[:self.keep] if self.metric else dirs[-self.keep:]
+        for d in set(dirs) - set(kept) - {dirs[-1]}:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+_JOB: Optional[_Job] = None
+
+
+@contextlib.contextmanager
+def job_reports(run_path: str, keep: int, metric: Optional[str], mode: str):
+    """On a worker: the reports and checkpoints of the loop run inside go to a job's folder (:class:`_Job`)."""
+    global _JOB
+    _JOB = _Job(run_path, keep, metric, mode)
+    try:
+        yield _JOB
+    finally:
+        _JOB = None
+
+
 def restore_checkpoint(load_weights, weights_file: str, optimizer=None) -> Optional[dict]:
     """The run's latest checkpoint, if any, loaded (weights through ``load_weights``, the optimizer
     state when saved); returns its ``state.json``, else None."""
     import ray.train
     from safetensors.torch import load_file
 
-    ckpt = ray.train.get_checkpoint()
+    if _JOB is not None:
+        latest = _JOB.latest()
+        ckpt = ray.train.Checkpoint.from_directory(str(latest)) if latest else None
+    else:
+        ckpt = ray.train.get_checkpoint()
     if not ckpt:
         return None
     with ckpt.as_directory() as d:
@@ -91,33 +140,39 @@ def restore_checkpoint(load_weights, weights_file: str, optimizer=None) -> Optio
         return json.loads((Path(d) / "state.json").read_text())
 
 
+def _report(metrics: dict, write: Callable[[str], None]) -> None:
+    """Report ``metrics``; rank 0 attaches a checkpoint, the folder that ``write(dir)`` fills."""
+    import ray.train
+
+    if _JOB is not None:
+        _JOB.report(metrics, write)
+    elif ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics, checkpoint=None)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            write(d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
 def report_checkpoint(metrics: dict, state: dict, write_weights, optimizer=None) -> None:
     """Report ``metrics``; rank 0 attaches a checkpoint (the weights that ``write_weights(dir)``
     writes, the optimizer state, ``state`` as ``state.json``)."""
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as d:
+    def write(d: str) -> None:
         write_weights(d)
         if optimizer is not None:
             save_optimizer(optimizer, d)
         Path(d, "state.json").write_text(json.dumps(state))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    _report(metrics, write)
 
 
 def report_files(metrics: dict, files: dict[str, bytes]) -> None:
     """Report ``metrics``; rank 0 attaches ``files`` (name -> bytes) as the checkpoint."""
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory() as d:
+    def write(d: str) -> None:
         for name, data in files.items():
             Path(d, name).write_bytes(data)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    _report(metrics, write)
 
 
 # ---- the driver side ----------------------------------------------------------------------------

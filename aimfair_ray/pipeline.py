@@ -170,13 +170,18 @@ def log_wandb(cfg: Config, result: dict, report: Optional[dict], log=print) -> N
 
 def run_demo(cfg: Config, log=print) -> dict:
     """The whole chain; returns the audits of the baseline and the fine-tuned model, and the method."""
+    from aimfair_ray.workgroup import shared_workers
+
     t0 = time.time()
     run_prepare(cfg, log=log)
     run_generate(cfg, "all", log=log)
-    res = run_baseline(cfg, log=log)
+    # the baseline, the scores and the fine-tuning on one worker group; the audits after it closes (an
+    # audit's actor pool may need the devices the group holds)
+    with shared_workers(cfg.train, cfg.ray_storage, f"{cfg.name}-demo"):
+        res = run_baseline(cfg, log=log)
+        ft = run_finetune(cfg, log=log)
     base = run_audit(cfg, title="biased baseline (ERM)", log=log)
     log_wandb(cfg, res, base, log)
-    ft = run_finetune(cfg, log=log)
     tuned = run_audit(cfg, ft["model_dir"], title=f"AIM-Fair fine-tuned ({ft['method']})", log=log)
     out = {"baseline": base, "finetuned": tuned, "method": ft["method"], "wall_s": time.time() - t0}
     write_json(f"{cfg.run_dir}/demo.json", {"wall_s": round(out["wall_s"], 1), "method": ft["method"]})

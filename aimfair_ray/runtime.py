@@ -33,6 +33,9 @@ def ensure_ray(rcfg) -> dict:
 
     from aimfair_ray import ray_logs
 
+    # Ray Train's controller polls its workers this often (2 s by default); a finished run waits for two
+    # polls before fit() returns. Ray Train passes the variable on to the controller, on any cluster.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if ray.is_initialized():
         ray_logs.attach_workers()  # a run routed after Ray started (a second command in one process)
         return ray.cluster_resources()

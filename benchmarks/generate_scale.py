@@ -59,21 +59,21 @@ class Peak:
 
 
 def make_plan(n: int):
+    """A plan of ``n`` images over the four (target, group) cells, five digit prompts per cell."""
     import pandas as pd
 
-    from aimfair_ray.generate.images import sample_seed
+    from aimfair_ray.generate.images import Plan
 
     digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    plan = pd.DataFrame({"id": [f"s-{i:07d}" for i in range(n)],
-                         "prompt": [f"a handwritten digit {digits[i % 10]} in {'red' if i % 2 else 'green'}" for i in range(n)],
-                         "target": [int(i % 10 >= 5) for i in range(n)], "group": [1 - i % 2 for i in range(n)],
-                         "split": "benchmark"})
-    plan["seed"] = [sample_seed(0, i) for i in plan["id"]]
-    return plan
+    prompts = pd.DataFrame([{"id": f"p{t}{g}{d}", "cell": f"y{t}_s{g}", "target": t, "group": g,
+                             "prompt": f"a handwritten digit {digits[5 * t + d]} in {'red' if g else 'green'}"}
+                            for t in (0, 1) for g in (0, 1) for d in range(5)])
+    return Plan(prompts, "benchmark", {f"y{t}_s{g}": n // 4 + (2 * t + g < n % 4) for t in (0, 1) for g in (0, 1)}, 0)
 
 
 def plain(pipeline: str, plan, out: str, a) -> dict:
     """The same actor class, called in this process batch by batch."""
+    import pandas as pd
     import torch
 
     from aimfair_ray.generate.images import DiffusionActor
@@ -83,11 +83,10 @@ def plain(pipeline: str, plan, out: str, a) -> dict:
     t0 = time.perf_counter()
     with Peak(ray_on=False) as peak:
         actor = DiffusionActor(pipeline, "float32", None, a.steps, a.guidance, None, None, None, {"benchmark": True},
-                               threads=a.threads)
+                               {out: plan}, threads=a.threads)
         t_loaded = time.perf_counter()
-        plan = plan.assign(out_dir=out)
         for i in range(0, len(plan), a.batch_size):
-            actor(plan.iloc[i:i + a.batch_size])
+            actor(pd.DataFrame({"out_dir": [out], "start": [i], "stop": [i + a.batch_size]}))
     secs = time.perf_counter() - t0
     n = len(plan)
     return {"images": n, "seconds": round(secs, 2), "images_per_s": round(n / secs, 3),
@@ -121,6 +120,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plain-from", default=None, help="a results JSON whose plain-loop rows are reused (Ray side only)")
     a = ap.parse_args(argv)
     a.steps = a.steps or (2 if a.pipeline == "tiny" else 30)
 
@@ -147,14 +147,15 @@ def main(argv=None) -> dict:
           flush=True)
     for n in [int(s) for s in a.sizes.split(",")]:
         plan = make_plan(n)
-        p = plain(pipeline, plan, str(work / f"plain-{n}"), a)
+        earlier = {r["size"]: r["plain"] for r in json.loads(Path(a.plain_from).read_text())["rows"]} if a.plain_from else {}
+        p = earlier.get(n) or plain(pipeline, plan, str(work / f"plain-{n}"), a)
         r = ray_run(cfg, plan, str(work / f"ray-{n}"))
         ratio = r["images_per_s"] / p["images_per_s"]
         rows.append({"size": n, "plain": p, "ray": r, "ratio": round(ratio, 3), "overhead_pct": round(100 * (1 - ratio), 1)})
         print(f"{n:>7} {p['images_per_s']:>11} {r['images_per_s']:>9} {ratio:>6.3f} {r['steady_images_per_s']!s:>10} "
               f"{r['rss_growth_mb']:>10} {r['peak_object_store_mb']:>8}", flush=True)
         for d in (work / f"plain-{n}", work / f"ray-{n}"):
-            for f in d.glob("*"):
+            for f in d.glob("*") if d.is_dir() else []:
                 f.unlink()
     ray.shutdown()
     res = {"pipeline": a.pipeline, "steps": a.steps, "batch_size": a.batch_size, "threads": a.threads,

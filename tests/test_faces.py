@@ -231,7 +231,7 @@ def faces_run(ray_cluster, tiny, tmp_path_factory):
 def test_generate_all_under_celeba_with_a_tiny_sd_pipeline(faces_run):
     from aimfair_ray.data.io import SCHEMA, read_split
     from aimfair_ray.generate.face_checker import GenderChecker
-    from aimfair_ray.generate.images import generate_batch, plan, sample_seed, written_ids
+    from aimfair_ray.generate.images import Plan, generate_batch, sample_seed, written_ids
     from aimfair_ray.generate.stage import set_counts
     from aimfair_ray.generate.t2i import load_pipeline
 
@@ -245,8 +245,8 @@ def test_generate_all_under_celeba_with_a_tiny_sd_pipeline(faces_run):
     counts = set_counts(cfg)
     assert counts["imbalanced"] == {"y0_s0": 9, "y0_s1": 1, "y1_s0": 1, "y1_s1": 9}  # the data's majority pairing
     for kind in ("balanced", "imbalanced"):
-        ids = written_ids(cfg.paths.synthetic_set(kind))
-        planned = plan(prompts, kind, counts[kind], cfg.generate.seed)["id"].tolist()
+        ids = written_ids(cfg.paths.synthetic_set(kind)).to_pylist()
+        planned = Plan(prompts, kind, counts[kind], cfg.generate.seed).ids().to_pylist()
         assert len(ids) == len(set(ids)) and sorted(ids) == sorted(planned)  # none missing, none twice
     for kind in ("balanced", "imbalanced"):
         df = read_split(cfg.paths.synthetic_set(kind)).to_pandas()
@@ -281,6 +281,18 @@ def test_generate_all_under_celeba_with_a_tiny_sd_pipeline(faces_run):
     if len(kept):
         imgs = np.stack([decode_png(b) for b in kept["image"]])
         assert np.array_equal(GenderChecker.for_config(cfg).predict(imgs)["group"], kept["group"].to_numpy())
+    # a range that straddles written and lost shards (a rerun with another batch size) draws only what is missing
+    from aimfair_ray.generate.images import DiffusionActor
+
+    bal = cfg.paths.synthetic_set("balanced")
+    victim = sorted(Path(bal).glob("shard-*.parquet"))[0]
+    lost = pq.read_table(victim, columns=["id"])["id"].to_pylist()
+    victim.unlink()
+    plan = Plan(prompts, "balanced", counts["balanced"], g.seed)
+    actor = DiffusionActor(g.pipeline, "float32", g.scheduler, g.steps, g.guidance_scale, g.image_size, None, 24, meta,
+                           {bal: plan})
+    assert actor(pd.DataFrame({"out_dir": [bal], "start": [0], "stop": [len(plan)]}))["images"].tolist() == [len(lost)]
+    assert sorted(written_ids(bal).to_pylist()) == sorted(plan.ids().to_pylist())
 
 
 def test_plan_against_the_session_cluster(ray_cluster):

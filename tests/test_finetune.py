@@ -170,3 +170,34 @@ def test_jtt_retrains_with_its_errors_upweighted(synth):
 
     got = ray.get(feed.ref)["weight"]
     assert np.allclose(got, w) and np.allclose(got[wrong], 6.0 * got[~wrong][0])
+
+
+def test_jobs_on_one_worker_group_train_what_runs_of_their_own_train(synth):
+    """workgroup: a training run and a scoring run as jobs on one shared worker group give the weights,
+    history and scores that their own Ray Train runs give, with their checkpoints in the run's job folder."""
+    from aimfair_ray.train.baseline import train_baseline
+    from aimfair_ray.workgroup import shared_workers
+
+    cfg, base = synth
+    quiet = dict(log=lambda *_: None, force=True)
+    own = [train_baseline(cfg, stage="wg/own", **quiet), compute_scores(cfg, base["model_dir"], stage="wg/own-scores", **quiet)]
+    with shared_workers(cfg.train, cfg.ray_storage, "wg") as group:
+        jobs = [train_baseline(cfg, stage="wg/job", **quiet),
+                compute_scores(cfg, base["model_dir"], stage="wg/job-scores", **quiet)]
+    assert group.board is not None and not group.thread.is_alive()  # it ran, and closed
+    assert list(Path(jobs[0]["run_path"], "job").glob("checkpoint_*")) and not Path(own[0]["run_path"], "job").exists()
+    keys = ("epoch", "train_loss", "val_acc", "val_wst")
+    assert [{k: h[k] for k in keys} for h in jobs[0]["history"]] == [{k: h[k] for k in keys} for h in own[0]["history"]]
+    assert jobs[0]["best_epoch"] == own[0]["best_epoch"]
+    a, b = (load_file(f"{r['model_dir']}/model.safetensors") for r in (jobs[0], own[0]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert jobs[1]["counts"] == own[1]["counts"] and jobs[1]["domain"] == own[1]["domain"] and jobs[1]["bias"] == own[1]["bias"]
+    # a job interrupted after its last checkpoint resumes from it: no epoch again, no new checkpoint
+    ckpts = sorted(p.name for p in Path(jobs[0]["run_path"], "job").glob("checkpoint_*"))
+    Path(cfg.stage_dir("wg/job"), "result.json").unlink()
+    msgs = []
+    with shared_workers(cfg.train, cfg.ray_storage, "wg2"):
+        again = train_baseline(cfg, stage="wg/job", log=msgs.append)
+    assert any("resuming the interrupted run" in m for m in msgs), msgs
+    assert again["history"] == jobs[0]["history"]
+    assert sorted(p.name for p in Path(again["run_path"], "job").glob("checkpoint_*")) == ckpts

@@ -115,13 +115,15 @@ def image_dataset(directories: list[str], image_size: int, cache_mb: float, keep
     from directory i; with ``sets``, a ``set`` column holds each row's directory index; with ``weights``
     ({id: weight}), a ``weight`` column holds each row's loss weight (``default_weight`` for the rest).
 
-    A small set (rows x size² x 3 bytes ≤ ``cache_mb``) is read and decoded here, once per run, into
-    Ray's object store (:class:`feed.InMemory`: exact seeded shuffles, no Ray Data tasks per epoch).
-    A larger one streams from Parquet (:class:`feed.Streamed`: one read of all the files, decoded by
-    Ray Data tasks every epoch; with ``shuffle_seed`` its block order is redrawn every epoch)."""
+    A small set (rows x size² x 3 bytes ≤ ``cache_mb``) is read and decoded here, once per run (once per
+    shared worker group: :func:`workgroup.kept`), into Ray's object store (:class:`feed.InMemory`: exact
+    seeded shuffles, no Ray Data tasks per epoch). A larger one streams from Parquet (:class:`feed.Streamed`:
+    one read of all the files, decoded by Ray Data tasks every epoch; with ``shuffle_seed`` its block order
+    is redrawn every epoch)."""
     import ray
 
     from aimfair_ray.data.feed import InMemory, Streamed, shuffled_blocks
+    from aimfair_ray.workgroup import kept
 
     keep = keep or [None] * len(directories)
     for d in directories:
@@ -136,6 +138,14 @@ def image_dataset(directories: list[str], image_size: int, cache_mb: float, keep
                                                      "weights": weights, "default_weight": default_weight},
                             batch_format="numpy")
         return Streamed(ds, rows)
+    key = ("image_dataset", tuple((d, files_sha(d)) for d in directories), image_size,
+           tuple(None if k is None else frozenset(k) for k in keep), sets,
+           None if weights is None else frozenset(weights.items()), default_weight)
+    return kept(key, lambda: InMemory(_decode_all(directories, keep, sets, weights, default_weight)))
+
+
+def _decode_all(directories: list[str], keep: list, sets: bool, weights: dict | None, default_weight: float) -> dict:
+    """Every kept row of ``directories`` decoded, by directory and then id (see :func:`image_dataset`)."""
     parts = []
     for i, (d, k) in enumerate(zip(directories, keep)):
         t = read_table(d, ["id", "image", "target", "group"])
@@ -151,7 +161,7 @@ def image_dataset(directories: list[str], image_size: int, cache_mb: float, keep
             parts.append(part)
     if not parts:
         raise AimfairError(f"no rows to read in {', '.join(directories)}")
-    return InMemory({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def row_weights(ids, weights: dict, default: float) -> np.ndarray:

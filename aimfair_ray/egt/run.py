@@ -120,7 +120,8 @@ def train_generator(cfg: Config, kind: str, force: bool = False, log=print) -> d
     """EGT fine-tuning of one generator (or resume, or reuse), then its per-group quality."""
     from safetensors.torch import load_file
 
-    from aimfair_ray.distributed import fit_or_raise, make_trainer, reuse_or_resume
+    from aimfair_ray import workgroup
+    from aimfair_ray.distributed import reuse_or_resume
     from aimfair_ray.runtime import ensure_ray
 
     check_kind(kind)
@@ -134,9 +135,8 @@ def train_generator(cfg: Config, kind: str, force: bool = False, log=print) -> d
     ensure_ray(cfg.ray)
     cfg.save(stage)
     t0 = time.time()
-    trainer = make_trainer(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "kind": kind}, cfg.train,
-                           cfg.ray_storage, run_name)
-    result = fit_or_raise(trainer, "EGT fine-tuning", run_path)
+    result = workgroup.run(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "kind": kind}, cfg.train,
+                           cfg.ray_storage, run_name, what="EGT fine-tuning")
     with result.checkpoint.as_directory() as d:
         trained = load_file(str(Path(d) / CHECKPOINT))
         state = json.loads((Path(d) / "state.json").read_text())

@@ -1,14 +1,18 @@
-"""CSDG image stage: planned (id, prompt, seed) rows -> a diffusers pipeline in a Ray Data
-actor pool -> PNG rows in the shared schema, committed shard by shard.
+"""CSDG image stage: a planned set of (id, prompt, seed) rows -> a diffusers pipeline in a Ray
+Data actor pool -> PNG rows in the shared schema, committed shard by shard.
 
 - The plan is deterministic: ids are ``{set}-{cell}-{k}``, prompts are dealt round-robin
   from the cell's prompts, and each id has its own seed, so the same id gives the same
-  image.
-- The generating actor commits each batch itself: ``shard-<ids hash>.parquet.tmp``, then
-  a rename. A killed run leaves only whole shards; a retried batch rewrites its own shard
-  (the name depends on its ids only); a rerun skips the ids already written. Nothing is
-  lost and nothing is written twice. ``_COMPLETE`` marks a finished set.
-- It streams: only the small plan and the written ids pass through the driver.
+  image. A :class:`Plan` computes its rows from their index: a million planned images
+  are never held anywhere.
+- The pipeline's input is one small row per generation batch (a folder and a range of the
+  plan); the actor computes the batch's rows, generates them and commits them itself:
+  ``shard-<ids hash>.parquet.tmp``, then a rename. A killed run leaves only whole shards;
+  a retried batch rewrites its own shard (the name depends on its ids only); a rerun skips
+  the ids already written. Nothing is lost and nothing is written twice. ``_COMPLETE``
+  marks a finished set.
+- It streams: the driver holds the batch ranges and a count per shard, never the rows;
+  checking a finished set reads its ids as one Arrow column.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aimfair_ray import AimfairError, progress
@@ -29,23 +34,51 @@ from aimfair_ray.data.codecs import encode_png
 from aimfair_ray.data.io import SCHEMA
 from aimfair_ray.storage import COMPLETE, write_json
 
+PLAN_COLUMNS = ["id", "target", "group", "prompt", "seed", "split"]
+
 
 def sample_seed(base: int, sample_id: str) -> int:
     return zlib.crc32(f"{base}:{sample_id}".encode()) & 0x7FFFFFFF
 
 
-def plan(prompts: pd.DataFrame, kind: str, counts: dict[str, int], seed: int) -> pd.DataFrame:
-    rows = []
-    for cell, n in counts.items():
-        ps = prompts[prompts["cell"] == cell].sort_values("id")
-        if n and ps.empty:
-            raise AimfairError(f"no prompts for cell {cell}: run `aimfair generate prompts` again or raise prompts_per_cell")
-        for k in range(n):
-            p = ps.iloc[k % len(ps)]
-            sid = f"{kind}-{cell}-{k:06d}"
-            rows.append({"id": sid, "target": int(p.target), "group": int(p.group), "prompt": p.prompt,
-                         "seed": sample_seed(seed, sid), "split": kind})
-    return pd.DataFrame(rows, columns=["id", "target", "group", "prompt", "seed", "split"])
+class Plan:
+    """The planned rows of one synthetic set (``kind``), ``counts[cell]`` per cell, computed from
+    their index: row k of a cell is id ``{kind}-{cell}-{k:06d}`` with the cell's k-th prompt
+    (round-robin over its prompts sorted by id) and its own seed. Small: it keeps the prompts only."""
+
+    def __init__(self, prompts: pd.DataFrame, kind: str, counts: dict[str, int], seed: int):
+        self.kind, self.seed, self.cells = kind, seed, []
+        for cell, n in counts.items():
+            ps = prompts[prompts["cell"] == cell].sort_values("id")
+            if n and ps.empty:
+                raise AimfairError(f"no prompts for cell {cell}: run `aimfair generate prompts` again or raise "
+                                   "prompts_per_cell")
+            if n:
+                self.cells.append((cell, int(n), ps["prompt"].tolist(), ps["target"].astype(int).tolist(),
+                                   ps["group"].astype(int).tolist()))
+        self.ends = np.cumsum([c[1] for c in self.cells], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def _index(self, start: int, stop: int | None):
+        stop = len(self) if stop is None else min(stop, len(self))
+        for (cell, n, prompts, targets, groups), end in zip(self.cells, self.ends):
+            first = int(end) - n
+            for k in range(max(start, first) - first, min(stop, int(end)) - first):
+                yield cell, k, k % len(prompts), prompts, targets, groups
+
+    def ids(self, start: int = 0, stop: int | None = None) -> pa.Array:
+        """The ids of rows ``start`` to ``stop``."""
+        return pa.array([f"{self.kind}-{cell}-{k:06d}" for cell, k, *_ in self._index(start, stop)], pa.string())
+
+    def rows(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        """Rows ``start`` to ``stop`` (the whole plan by default), in plan order."""
+        out = []
+        for cell, k, j, prompts, targets, groups in self._index(start, stop):
+            sid = f"{self.kind}-{cell}-{k:06d}"
+            out.append((sid, targets[j], groups[j], prompts[j], sample_seed(self.seed, sid), self.kind))
+        return pd.DataFrame(out, columns=PLAN_COLUMNS)
 
 
 def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
@@ -71,15 +104,18 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int, guida
 
 
 class DiffusionActor:
-    """Ray Data UDF: plan rows -> images, committed as Parquet shards, one per output folder
-    (a row's ``out_dir``) in the batch; returns the ids.
+    """Ray Data UDF: batch ranges (``out_dir``, ``start``, ``stop`` of that folder's plan) -> that plan's
+    rows not yet written -> images, committed as one Parquet shard per range; returns a row per shard
+    (``out_dir``, ``images``).
 
-    Writing in the actor (PNG encoding and a small Parquet file per batch) keeps the
-    pipeline to one stage: no second worker process per batch, no image bytes through
-    the object store."""
+    Writing in the actor (PNG encoding and a small Parquet file per batch) keeps the pipeline to one
+    stage: no second worker process per batch, no image bytes through the object store. The ids
+    already written are read once, when the actor starts: a rerun, a batch range that a smaller
+    batch size left half done, or a batch retried after an actor died regenerates none of them."""
 
     def __init__(self, pipeline: str, dtype: str, scheduler: str | None, steps: int, guidance: float,
-                 size: int | None, negative_prompt: str | None, save_size: int | None, meta: dict, threads: int = 1):
+                 size: int | None, negative_prompt: str | None, save_size: int | None, meta: dict,
+                 plans: dict[str, Plan], threads: int = 1):
         import torch
 
         from aimfair_ray.generate.t2i import load_pipeline
@@ -91,80 +127,121 @@ class DiffusionActor:
         self.kw = {"steps": steps, "guidance": guidance, "size": size, "negative_prompt": negative_prompt,
                    "save_size": save_size}
         self.meta = json.dumps(meta)
+        self.plans = plans
+        self.written = {d: written_ids(d).to_numpy(zero_copy_only=False) for d in plans}
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, ranges: pd.DataFrame) -> pd.DataFrame:
+        out = []
+        for d, start, stop in zip(ranges["out_dir"], ranges["start"], ranges["stop"]):
+            batch = self.plans[d].rows(int(start), int(stop))
+            batch = batch[~np.isin(batch["id"].to_numpy(), self.written[d])]
+            if len(batch):
+                write_shard(self.generate(batch), d)
+            out.append((d, len(batch)))
+        return pd.DataFrame(out, columns=["out_dir", "images"])
+
+    def generate(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """Plan rows -> image rows in the shared schema (PNG bytes)."""
         imgs = generate_batch(self.pipe, batch["prompt"].tolist(), batch["seed"].tolist(), **self.kw)
-        rows = pd.DataFrame({
+        return pd.DataFrame({
             "id": batch["id"].to_numpy(), "image": [encode_png(im) for im in imgs],
             "target": batch["target"].astype("int64").to_numpy(), "group": batch["group"].astype("int64").to_numpy(),
             "split": batch["split"].to_numpy(), "source": "synthetic", "prompt": batch["prompt"].to_numpy(),
             "generator": self.meta,
         })
-        out_dirs = batch["out_dir"].to_numpy()
-        return pd.concat([write_shard(rows[out_dirs == d].reset_index(drop=True), d) for d in dict.fromkeys(out_dirs)],
-                         ignore_index=True)
 
 
-def write_shard(batch: pd.DataFrame, out_dir: str) -> pd.DataFrame:
+def write_shard(batch: pd.DataFrame, out_dir: str) -> str:
     """Commit one batch as one Parquet shard (temp file, then rename); the name hashes the
-    batch's ids, so writing the same batch again replaces its shard. Returns the ids."""
+    batch's ids, so writing the same batch again replaces its shard. Returns its path."""
     digest = hashlib.sha1("\n".join(batch["id"]).encode()).hexdigest()[:16]
-    name = f"shard-{digest}.parquet"
-    tmp = Path(out_dir) / f"{name}.tmp"
+    path = Path(out_dir) / f"shard-{digest}.parquet"
+    tmp = path.with_name(f"{path.name}.tmp")
     pq.write_table(pa.Table.from_pandas(batch, schema=SCHEMA, preserve_index=False), tmp)
-    tmp.replace(Path(out_dir) / name)
-    return pd.DataFrame({"id": batch["id"].to_numpy()})
+    tmp.replace(path)
+    return str(path)
 
 
-def written_ids(out_dir: str) -> list[str]:
+def written_ids(out_dir: str) -> pa.Array:
+    """The ids of a folder's committed shards, as one Arrow string column (compact: no Python objects)."""
     files = sorted(Path(out_dir).glob("shard-*.parquet"))
-    return [i for f in files for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+    chunks = [pq.ParquetFile(f).read(columns=["id"], use_threads=False)["id"] for f in files]
+    return pa.chunked_array([c for ch in chunks for c in ch.chunks], pa.string()).combine_chunks()
 
 
-def generate_images(gcfg, plans: dict[str, pd.DataFrame], meta: dict, save_size: int | None = None,
+def _missing(plan: Plan, written: pa.Array, start: int, stop: int) -> int:
+    """How many ids of rows ``start`` to ``stop`` are not in ``written``."""
+    ids = plan.ids(start, stop)
+    return len(ids) - (pc.sum(pc.is_in(ids, written)).as_py() or 0) if len(written) else len(ids)
+
+
+def _check(out_dir: str, plan: Plan) -> None:
+    """Every planned id written once, nothing else. Per cell, the written ids' row numbers (Arrow
+    string kernels, then integers) against 0..n-1: no Python string per image."""
+    ids = written_ids(out_dir)
+    missing = dup = matched = 0
+    for cell, n, *_ in plan.cells:
+        prefix = f"{plan.kind}-{cell}-"
+        suffix = pc.utf8_slice_codeunits(ids.filter(pc.starts_with(ids, prefix)), len(prefix))
+        ks = pc.cast(suffix.filter(pc.match_substring_regex(suffix, r"^[0-9]{6,}$")), pa.int64()).to_numpy()
+        ks = ks[ks < n]
+        unique = len(np.unique(ks))
+        matched, dup, missing = matched + len(ks), dup + len(ks) - unique, missing + n - unique
+    extra = len(ids) - matched
+    if dup or missing or extra:
+        raise AimfairError(f"{out_dir}: {missing} planned images missing, {dup} written twice, {extra} from another "
+                           "plan: rerun the command to fill what is missing; remove the folder to generate the set again")
+
+
+def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | None = None,
                     log=print) -> dict[str, dict]:
     """Generate every planned id not yet written, for each output folder of ``plans`` (folder ->
-    plan), in one Ray Data pipeline (one actor pool for all the sets); returns each folder's
+    :class:`Plan`), in one Ray Data pipeline (one actor pool for all the sets); returns each folder's
     throughput figures."""
     import ray
 
-    todos, done = {}, {}
-    for out_dir, plan_df in plans.items():
+    bs = gcfg.batch_size
+    ranges, done = [], {}
+    for out_dir, plan in plans.items():
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob("*.tmp"):  # a killed run's unfinished shard
             stale.unlink()
-        done[out_dir] = set(written_ids(out_dir))
-        todos[out_dir] = plan_df[~plan_df["id"].isin(done[out_dir])].assign(out_dir=str(out))
-        if len(todos[out_dir]):
+        written = written_ids(out_dir)
+        missing = [(i, _missing(plan, written, i, i + bs)) for i in range(0, len(plan), bs)]
+        todo = [(str(out), i, min(i + bs, len(plan))) for i, m in missing if m]
+        done[out_dir] = len(plan) - sum(m for _, m in missing)
+        ranges += todo
+        if todo:
             (out / COMPLETE).unlink(missing_ok=True)
-        log(f"images: {out.name}: {len(plan_df)} planned, {len(done[out_dir])} already written, "
-            f"{len(todos[out_dir])} to generate")
+        log(f"images: {out.name}: {len(plan)} planned, {done[out_dir]} already written, "
+            f"{len(plan) - done[out_dir]} to generate")
     t0, n = time.time(), {d: 0 for d in plans}
-    where = {i: d for d, todo in todos.items() for i in todo["id"]}
-    if where:
+    if ranges:
         from aimfair_ray.generate.t2i import embedded_weights
 
-        pipeline = gcfg.pipeline or str(embedded_weights())
-        # one block per generation batch (never across two sets), so each batch is committed as soon as it is done
-        chunks = [todo.iloc[i:i + gcfg.batch_size] for todo in todos.values() for i in range(0, len(todo), gcfg.batch_size)]
-        ds = ray.data.from_pandas(chunks).map_batches(
+        # one block per generation batch, so the actors share the work and each batch is committed when done
+        ds = ray.data.from_items([{"out_dir": d, "start": i, "stop": j} for d, i, j in ranges],
+                                 override_num_blocks=len(ranges)).map_batches(
             DiffusionActor,
-            fn_constructor_kwargs={"pipeline": pipeline, "dtype": gcfg.dtype, "scheduler": gcfg.scheduler,
-                                   "steps": gcfg.steps, "guidance": gcfg.guidance_scale, "size": gcfg.image_size,
-                                   "negative_prompt": gcfg.negative_prompt, "save_size": save_size, "meta": meta,
+            fn_constructor_kwargs={"pipeline": gcfg.pipeline or str(embedded_weights()), "dtype": gcfg.dtype,
+                                   "scheduler": gcfg.scheduler, "steps": gcfg.steps, "guidance": gcfg.guidance_scale,
+                                   "size": gcfg.image_size, "negative_prompt": gcfg.negative_prompt,
+                                   "save_size": save_size, "meta": meta, "plans": {str(Path(d)): p for d, p in plans.items()},
                                    "threads": max(1, int(gcfg.cpus_per_actor))},
-            batch_size=gcfg.batch_size, batch_format="pandas",
+            batch_size=1, batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=gcfg.actors),
             num_cpus=gcfg.cpus_per_actor, num_gpus=gcfg.gpus_per_actor or None,
         )
+        names = {str(Path(d)): d for d in plans}
         shown = {d: 0 for d in plans}  # quarters of a set already logged: a line per quarter, a bar per batch
-        for d in todos:
-            progress.update(f"images {Path(d).name}", len(done[d]), len(plans[d]))
+        for d in plans:
+            progress.update(f"images {Path(d).name}", done[d], len(plans[d]))
         for b in ds.iter_batches(batch_size=None, batch_format="pandas"):
-            for d in dict.fromkeys(where[i] for i in b["id"]):
-                n[d] += sum(where[i] == d for i in b["id"])
-                written, planned = len(done[d]) + n[d], len(plans[d])
+            for key, k in zip(b["out_dir"], b["images"]):
+                d = names[key]
+                n[d] += int(k)
+                written, planned = done[d] + n[d], len(plans[d])
                 progress.update(f"images {Path(d).name}", written, planned)
                 if 4 * written // planned > shown[d]:
                     shown[d] = 4 * written // planned
@@ -172,13 +249,10 @@ def generate_images(gcfg, plans: dict[str, pd.DataFrame], meta: dict, save_size:
                         f"{sum(n.values()) / (time.time() - t0):.2f} images/s")
     secs = time.time() - t0
     stats = {}
-    for out_dir, plan_df in plans.items():
-        ids = written_ids(out_dir)
-        if sorted(ids) != sorted(plan_df["id"]):
-            missing = len(set(plan_df["id"]) - set(ids))
-            raise AimfairError(f"{out_dir}: {missing} planned images missing, {len(ids) - len(set(ids))} duplicated; rerun")
+    for out_dir, plan in plans.items():
+        _check(out_dir, plan)
         k = n[out_dir]
-        stats[out_dir] = {"planned": len(plan_df), "generated_now": k, "seconds": round(secs, 2),
+        stats[out_dir] = {"planned": len(plan), "generated_now": k, "seconds": round(secs, 2),
                           "images_per_s": round(k / secs, 3) if k else None}
         write_json(str(Path(out_dir) / "stats.json"), stats[out_dir])
         (Path(out_dir) / COMPLETE).touch()

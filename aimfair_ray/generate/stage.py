@@ -20,7 +20,7 @@ from aimfair_ray.data.codecs import decode_png
 from aimfair_ray.data.io import SCHEMA, write_split
 from aimfair_ray.data.samples import write_samples
 from aimfair_ray.data.synthetic import IMPORT
-from aimfair_ray.generate.images import generate_images, plan
+from aimfair_ray.generate.images import Plan, generate_images
 from aimfair_ray.generate.prompts import cells, generate_prompts
 from aimfair_ray.storage import atomic_dir, exists, read_json, write_json
 
@@ -149,7 +149,7 @@ def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print) -> di
     for kind in imported:
         log(f"images: {kind} is your imported set ({cfg.paths.synthetic_set(kind)}); not generating it")
     sets = [k for k in sets if k not in imported]
-    plans = {cfg.paths.synthetic_set(kind): plan(prompts, kind, counts[kind], g.seed) for kind in sets}
+    plans = {cfg.paths.synthetic_set(kind): Plan(prompts, kind, counts[kind], g.seed) for kind in sets}
     by_dir = generate_images(g, plans, meta, save_size(cfg), log=log)  # one pipeline (one actor pool) for every set
     stats = {kind: by_dir[cfg.paths.synthetic_set(kind)] for kind in sets}
     for kind in sets:

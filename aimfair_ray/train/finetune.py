@@ -15,6 +15,7 @@ method ``<method>/`` (model, result.json, selection.json, selection.png).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -22,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aimfair_ray import AimfairError
+from aimfair_ray import AimfairError, workgroup
 from aimfair_ray.config import Config
 from aimfair_ray.data.feed import check_rows, worker_batches
 from aimfair_ray.data.io import files_sha, first_row, image_dataset, read_table
 from aimfair_ray.data.synthetic import IMPORT, synthetic_source
-from aimfair_ray.distributed import allreduce, fit_or_raise, make_trainer, report_files, reuse_or_resume, worker_log
+from aimfair_ray.distributed import allreduce, report_files, reuse_or_resume, worker_log
 from aimfair_ray.models import build_model, load_classifier, weights_sha
 from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, read_json, write_json
 from aimfair_ray.train import methods as registry
@@ -151,12 +152,11 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
     dirs = [sources[s] for s in sel.SCORE_SETS]
     score = image_dataset(dirs, cfg.data.image_size, tc.cache_mb, [sample_ids(d, ft.score_samples, ft.seed) for d in dirs],
                           sets=True)
-    trainer = make_trainer(score_loop_per_worker, {"init": init, "model_meta": meta, "threads": tc.torch_threads,
+    result = workgroup.run(score_loop_per_worker, {"init": init, "model_meta": meta, "threads": tc.torch_threads,
                                                    "mode": ft.score_mode, "batch_size": ft.score_batch_size,
                                                    "seed": ft.seed, "augment": augment,
                                                    "crop_scale": list(tc.crop_scale)},
-                           tc, cfg.ray_storage, run_name, {"score": score})
-    result = fit_or_raise(trainer, "scoring", f"{cfg.ray_storage}/{run_name}")
+                           tc, cfg.ray_storage, run_name, {"score": score}, what="scoring")
     with result.checkpoint.as_directory() as d:
         flat = load_file(f"{d}/grads.safetensors")
         counts = json.loads(Path(d, "counts.json").read_text())
@@ -240,12 +240,21 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
     method = method or cfg.finetune.method
     if method not in registry.METHODS:
         raise AimfairError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(registry.METHODS)}")
-    ft = cfg.finetune
     baseline_dir = baseline_dir or cfg.paths.baseline_model
     if not exists(f"{baseline_dir}/model.json"):
         raise AimfairError(f"no baseline at {baseline_dir}: run `aimfair train baseline` first")
     stage = stage or f"finetune/{method}"
     ensure_ray(cfg.ray)  # before any Ray Data call, which would otherwise start a default local cluster
+    # scoring and fine-tuning on one worker group (a sweep trial's run reports to Tune: a run of its own)
+    shared = (workgroup.shared_workers(cfg.train, cfg.ray_storage, f"{cfg.name}-{stage.replace('/', '-')}")
+              if callbacks is None else contextlib.nullcontext())
+    with shared:
+        return _finetune(cfg, method, force, log, stage, baseline_dir, scores_stage, callbacks, score, real_set)
+
+
+def _finetune(cfg: Config, method: str, force: bool, log, stage: str, baseline_dir: str, scores_stage: str | None,
+              callbacks, score: dict | None, real_set: str | None) -> dict:
+    ft = cfg.finetune
     choice = choose(cfg, method, baseline_dir, force=force, log=log,
                     scores_stage=scores_stage or f"{stage.rsplit('/', 1)[0]}/scores")
     syn_dir = real_set or synthetic_dir(cfg, "balanced", log)

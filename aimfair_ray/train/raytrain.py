@@ -20,14 +20,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from aimfair_ray import workgroup
 from aimfair_ray.config import Config, TrainConfig
 from aimfair_ray.data.feed import check_rows, worker_batches
 from aimfair_ray.distributed import (
     allreduce,
     deepspeed_engine,
-    fit_or_raise,
     gather,
-    make_trainer,
     report_checkpoint,
     restore_checkpoint,
     reuse_or_resume,
@@ -189,9 +188,8 @@ def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = Fa
     if callable(datasets):
         datasets = datasets()
     metric = "epoch" if spec.train.select_metric == "last" else spec.train.select_metric
-    trainer = make_trainer(train_loop_per_worker, loop_config, spec.train, cfg.ray_storage, run_name, datasets,
-                           callbacks, select_metric=metric)
-    result = fit_or_raise(trainer, "training", run_path)
+    result = workgroup.run(train_loop_per_worker, loop_config, spec.train, cfg.ray_storage, run_name, datasets, callbacks,
+                           select_metric=metric, what="training", shareable=spec.deepspeed_stage is None)
     best = result.get_best_checkpoint(metric=metric, mode="min" if metric == "val_loss" else "max") or result.checkpoint
     from safetensors.torch import load_file
 
