@@ -72,6 +72,26 @@ def attach_workers() -> None:
     dispatcher.remove_handler("ray_print_logs")  # Ray's own printer (log_to_driver)
     dispatcher.remove_handler("aimfair_logs")
     dispatcher.add_handler("aimfair_logs", _worker_lines)
+    _route_error_channel()
+
+
+def _route_error_channel() -> None:
+    """Ray's error channel (raylet warnings sent to every driver, such as "N worker processes have been
+    started") prints with ``ray._private.worker.print_to_stdstream`` itself, not through the dispatcher:
+    route it the same way while a run is routed."""
+    try:
+        import ray._private.worker as rw
+    except ImportError:
+        return
+    original = getattr(rw.print_to_stdstream, "_aimfair_original", rw.print_to_stdstream)
+
+    def routed(data, ignore_prefix=False):
+        if _state["dir"] is None:
+            return original(data, ignore_prefix)
+        _worker_lines(data)
+
+    routed._aimfair_original = original
+    rw.print_to_stdstream = routed
 
 
 def _worker_lines(data: dict) -> None:

@@ -45,6 +45,14 @@ def test_ray_output_goes_to_the_run_logs_and_only_project_lines_and_alarms_reach
         assert any("warning from Ray" in s and "low on memory" in s for s in shown)
         assert not any("TrainingReport" in s or "trials/t1" in s for s in shown), shown  # noise and trial epochs
         assert ("baseline: epochs", 1, 2) in moved and ("sweep/s/trials/t1: epochs", 1, 3) in moved
+        # Ray's error channel (raylet warnings to every driver) is printed by Ray's own function: routed too
+        import ray._private.worker as rw
+
+        capsys.readouterr()
+        rw.print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes have been started on node: n"],
+                               "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        assert "(raylet pid=raylet) WARNING: 8 PYTHON worker processes" in (logs / "workers.log").read_text()
+        assert "worker processes" not in "".join(capsys.readouterr()) and not any("worker processes" in s for s in shown)
 
         # the driver's Ray loggers: to driver.log, not the console; Ray's errors: echoed too
         logging.getLogger("ray.data").info("Execution plan of Dataset d: InputDataBuffer[Input] -> Write")

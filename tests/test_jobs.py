@@ -53,9 +53,11 @@ def test_pipeline_job_end_to_end_publishes_to_storage_and_resumes_on_a_fresh_nod
                   "Deprecat", "worker processes have been started", "Started training worker group"):
         assert noise not in out, noise
     assert len(out.splitlines()) < 100, len(out.splitlines())
-    assert "TrainingReport" in (run / "logs" / "workers.log").read_text()
+    # Ray Train's own lines are in the run's logs (the demo's runs are jobs on one worker group: one start)
+    assert (run / "logs" / "workers.log").read_text().count("Started training worker group") == 1
     stages = [json.loads(x)["stage"] for x in (run / "logs" / "stages.jsonl").read_text().splitlines()]
-    assert stages == ["data", "generate", "train baseline", "audit", "finetune", "audit"], stages
+    # training on one worker group, the audits after it (an audit's actor pool may need the group's devices)
+    assert stages == ["data", "generate", "train baseline", "finetune", "audit", "audit"], stages
     for d in ("data", "synthetic", "baseline", "baseline/audit", "finetune/selective", "finetune/selective/audit"):
         assert (run / d / "config.yaml").is_file(), d
     for d in ("data/train", "data/test", "synthetic/balanced", "synthetic/imbalanced", "baseline/model"):
