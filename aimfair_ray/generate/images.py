@@ -128,13 +128,13 @@ class DiffusionActor:
                    "save_size": save_size}
         self.meta = json.dumps(meta)
         self.plans = plans
-        self.written = {d: written_ids(d).to_numpy(zero_copy_only=False) for d in plans}
+        self.written = {d: frozenset(written_ids(d).to_pylist()) for d in plans}  # a lookup per id, not a sort per batch
 
     def __call__(self, ranges: pd.DataFrame) -> pd.DataFrame:
         out = []
         for d, start, stop in zip(ranges["out_dir"], ranges["start"], ranges["stop"]):
             batch = self.plans[d].rows(int(start), int(stop))
-            batch = batch[~np.isin(batch["id"].to_numpy(), self.written[d])]
+            batch = batch[~batch["id"].isin(self.written[d])]
             if len(batch):
                 write_shard(self.generate(batch), d)
             out.append((d, len(batch)))
