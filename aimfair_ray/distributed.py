@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from aimfair_ray import AimfairError
-from aimfair_ray.models import load_optimizer, save_optimizer
+from aimfair_ray.models import META, WEIGHTS, load_optimizer, save_optimizer
+from aimfair_ray.models import load_weights as checked_weights
 from aimfair_ray.storage import exists, filesystem, is_uri, read_json, write_json
 
 # A child of Ray Train's logger: shown once on the driver (plain print() is echoed twice by Train V2).
@@ -134,7 +135,11 @@ def restore_checkpoint(load_weights, weights_file: str, optimizer=None) -> Optio
     if not ckpt:
         return None
     with ckpt.as_directory() as d:
-        load_weights(load_file(str(Path(d) / weights_file)))
+        meta = Path(d) / META
+        if weights_file == WEIGHTS and meta.is_file():  # a classifier's: checked against its recorded sha256
+            load_weights(checked_weights(d, json.loads(meta.read_text())))
+        else:
+            load_weights(load_file(str(Path(d) / weights_file)))
         if optimizer is not None and (Path(d) / "optimizer.safetensors").is_file():
             load_optimizer(optimizer, d)
         return json.loads((Path(d) / "state.json").read_text())
@@ -217,24 +222,31 @@ def fit_or_raise(trainer, what: str, run_path: str):
 
 def reuse_or_resume(stage: str, key: dict, run_path: Optional[str] = None, force: bool = False,
                     result: str = "result.json", outputs: tuple[str, ...] = (), log=print,
-                    what: str = "train") -> Optional[dict]:
+                    what: str = "train", before: Optional[Callable[[], object]] = None) -> Optional[dict]:
     """Whether a stage's run is reused, resumed or started over, decided by its ``key`` (what decides
     the outcome), kept in ``<stage>/run.json``.
 
     A finished run (``result`` and ``outputs`` written) with the same key and no ``force``: its
     ``result`` is returned with ``reused: True``. Otherwise None, after the key is recorded; with
     ``force`` or a changed key the Ray Train run at ``run_path`` is removed, so Ray Train starts
-    fresh instead of restoring it; with the same key an interrupted run there resumes.
+    fresh instead of restoring it; with the same key an interrupted run there resumes. ``before`` (e.g.
+    reading the inputs, which checks them) runs once the run is to train, before anything is removed.
     """
     key = json.loads(json.dumps(key))  # as it reads back from JSON
     same = exists(f"{stage}/run.json") and read_json(f"{stage}/run.json") == key
     if same and not force and all(exists(f"{stage}/{f}") for f in (result, *outputs)):
         log(f"{what}: reusing {stage} (same config; --force redoes it)")
         return dict(read_json(f"{stage}/{result}"), reused=True)
+    if before is not None:
+        before()
     if run_path and exists(run_path):
-        if (force or not same) and not is_uri(run_path):
+        if force or not same:  # on any storage: a run made with another config is never resumed
             log(f"{what}: starting fresh (removing {run_path})")
-            shutil.rmtree(run_path, ignore_errors=True)
+            if is_uri(run_path):
+                fs, p = filesystem(run_path)
+                fs.delete_dir(p)
+            else:
+                shutil.rmtree(run_path, ignore_errors=True)
         else:
             log(f"{what}: resuming the interrupted run at {run_path}")
     # An earlier run's result must not pass for this one's if this one is interrupted: the key is

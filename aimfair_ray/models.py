@@ -147,10 +147,31 @@ def state_tensors(model: nn.Module) -> dict:
 
 
 def write_classifier(model: nn.Module, meta: dict, directory: str | Path) -> None:
-    """Write weights and metadata into an existing directory (no atomicity: see save_classifier)."""
+    """Write weights and metadata (with the weights' sha256) into an existing directory (no atomicity:
+    see save_classifier)."""
+    from aimfair_ray.manifest import sha256_file
+
     d = Path(directory)
     save_file(state_tensors(model), str(d / WEIGHTS))
-    (d / META).write_text(json.dumps(meta, indent=2, default=str))
+    meta = {k: v for k, v in meta.items() if k != "weights_sha256"}
+    (d / META).write_text(json.dumps(dict(meta, weights_sha256=sha256_file(str(d / WEIGHTS))), indent=2, default=str))
+
+
+def load_weights(directory: str | Path, meta: dict) -> dict:
+    """The tensors of a checkpoint folder, after checking them against the sha256 its ``model.json``
+    records (a checkpoint from before the sha was recorded is read as it is)."""
+    from aimfair_ray.manifest import sha256_file
+
+    path = Path(directory) / WEIGHTS
+    want = meta.get("weights_sha256")
+    if want and sha256_file(str(path)) != want:
+        raise AimfairError(f"{path} is damaged (its sha256 is not the one in {META}, {path.stat().st_size} bytes): "
+                           "rerun the stage that wrote it with --force, or restore the file")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise AimfairError(f"{path} is not readable safetensors ({str(e).splitlines()[0]}): rerun the stage that "
+                           "wrote it with --force") from None
 
 
 def save_classifier(model: nn.Module, meta: dict, directory: str) -> str:
@@ -178,8 +199,9 @@ def load_classifier(directory: str | Path) -> tuple[nn.Module, dict]:
     d = check_checkpoint_dir(directory)
     meta = json.loads((d / META).read_text())
     model = build_model(meta["backbone"], meta["num_classes"], meta["image_size"], pretrained=False, width=meta.get("width", 32))
+    tensors = load_weights(d, meta)
     try:
-        model.load_state_dict(load_file(str(d / WEIGHTS)))
+        model.load_state_dict(tensors)
     except (RuntimeError, Exception) as e:  # noqa: BLE001
         raise AimfairError(f"checkpoint {d}: weights do not fit backbone {meta['backbone']!r}: {e}") from None
     return model.eval(), meta

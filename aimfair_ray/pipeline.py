@@ -72,8 +72,10 @@ def run_import(cfg: Config, manifest: str, kind: str, generator: Optional[str], 
 
 
 @timed("generate")
-def run_generate(cfg: Config, what: str, force: bool = False, log=print) -> dict:
-    """``prompts``, ``images`` (prompts first), ``all`` (then the filter if ``generate.filter``) or ``filter``."""
+def run_generate(cfg: Config, what: str, force: bool = False, log=print, keep: bool = False) -> dict:
+    """``prompts``, ``images`` (prompts first), ``all`` (then the filter if ``generate.filter``) or ``filter``.
+    ``force`` redoes the stage named (for images: the images, from the same prompts; for all: both);
+    ``keep`` refuses to draw again a set whose settings changed."""
     from aimfair_ray.generate import stage
     from aimfair_ray.runtime import ensure_ray
 
@@ -81,10 +83,10 @@ def run_generate(cfg: Config, what: str, force: bool = False, log=print) -> dict
     out: dict = {}
     if what in ("prompts", "images", "all"):
         log(f"generate: prompts with the {cfg.generate.backend} backend")
-        prompts = stage.run_prompts(cfg, force=force, log=log)
+        prompts = stage.run_prompts(cfg, force=force and what != "images", log=log)
         out["prompts"] = len(prompts)
     if what in ("images", "all"):
-        out["images"] = stage.run_images(cfg, prompts, log=log)
+        out["images"] = stage.run_images(cfg, prompts, log=log, force=force, keep=keep)
     if what == "filter" or (what == "all" and cfg.generate.filter):
         out["filter"] = stage.run_filter(cfg, log=log)
     return out

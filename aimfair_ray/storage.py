@@ -7,15 +7,19 @@ place. Object stores have no rename: there the data is written in place and a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow.fs as pafs
+
+from aimfair_ray import AimfairError
 
 COMPLETE = "_COMPLETE"
 
@@ -50,6 +54,15 @@ def read_text(path: str) -> str:
         return f.read().decode()
 
 
+def _no_space(e: BaseException) -> bool:
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
+
+
+def _full(path: str) -> AimfairError:
+    return AimfairError(f"no space left on the device writing {path}: free some space or set output_dir elsewhere, then "
+                        "rerun (what was there before is intact)")
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write a whole file or object: a temporary file renamed into place (local), one upload (URI)."""
     if is_uri(path):
@@ -60,7 +73,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     p = Path(local_path(path))
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if _no_space(e):
+            raise _full(str(p)) from None
+        raise
     os.replace(tmp, p)
 
 
@@ -95,8 +114,13 @@ def atomic_dir(directory: str) -> Iterator[str]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        yield str(tmp)
-        (tmp / COMPLETE).touch()
+        try:
+            yield str(tmp)
+            (tmp / COMPLETE).touch()
+        except Exception as e:  # noqa: BLE001 - a full disk is said in one line; the rest as it is
+            if _no_space(e):
+                raise _full(str(final)) from None
+            raise
         if final.exists():
             old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(final, old)
@@ -110,7 +134,15 @@ def atomic_dir(directory: str) -> Iterator[str]:
 
 
 # ---- publishing a run to storage_uri ----------------------------------------------------------
-def _files(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
+# A run is published entry by entry (each top-level folder or file of the run dir: data, synthetic,
+# baseline, ray, logs, ...). An entry's files go under a fresh version, <uri>/<name>/_versions/<entry>/<v>/,
+# and its pointer, <uri>/<name>/_pointers/<entry>.json (one object, written last), then names that
+# version: a reader follows the pointer and sees the old version or the new one, never a mix, and
+# files that only an old version had are gone with it.
+VERSIONS, POINTERS = "_versions", "_pointers"
+
+
+def published_files(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
     """Files under ``root`` by relative path, leaving out unpublished temporaries (``.x.tmp-*``, ``.x.old-*``)."""
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return {}
@@ -118,28 +150,82 @@ def _files(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         rel = info.path[len(root):].lstrip("/")
         if info.type == pafs.FileType.File and not any(
-                p.startswith(".") and (".tmp-" in p or ".old-" in p) for p in rel.split("/")):
+                p.startswith(".") and (".tmp-" in p or ".old-" in p) for p in rel.split("/")) and not rel.endswith(".tmp"):
             out[rel] = info
     return out
 
 
-def sync_dir(src: str, dst: str, update: bool = True) -> int:
-    """Copy the files of ``src`` that ``dst`` lacks (with ``update``: or holds older or at another
-    size); returns how many.
-
-    Each file is written whole (a temporary renamed into place, or one object upload), and the
-    ``_COMPLETE`` markers go last, so a reader of ``dst`` never sees a directory as complete
-    before its files are there. Files that only ``dst`` has are kept.
-    """
+def _copy(src: str, dst: str) -> None:
     sfs, sp = filesystem(src)
-    dfs, dp = filesystem(dst)
-    have = _files(dfs, dp)
-    todo = [rel for rel, info in _files(sfs, sp).items()
-            if rel not in have or (update and (have[rel].size != info.size or info.mtime > have[rel].mtime))]
-    for rel in sorted(todo, key=lambda r: r.rsplit("/", 1)[-1] == COMPLETE):
-        with sfs.open_input_stream(f"{sp}/{rel}") as f:
-            atomic_write_bytes(f"{dst.rstrip('/')}/{rel}", f.read())
-    return len(todo)
+    with sfs.open_input_stream(sp) as f:
+        atomic_write_bytes(dst, f.read())
+
+
+def _pointer(store: str, entry: str) -> dict | None:
+    path = f"{store}/{POINTERS}/{entry}.json"
+    return read_json(path) if exists(path) else None
+
+
+def publish(src: str, store: str) -> int:
+    """Publish each entry of the folder ``src`` whose files changed (by size and time) to ``store``, as a
+    new version; returns how many files were uploaded (files an entry's last version already holds are
+    copied inside the store)."""
+    sfs, sp = filesystem(src)
+    dfs, dp = filesystem(store)
+    entries: dict[str, dict] = {}
+    for rel, info in published_files(sfs, sp).items():
+        entries.setdefault(rel.split("/", 1)[0], {})[rel] = [info.size, info.mtime_ns]
+    uploaded = 0
+    for entry, listing in sorted(entries.items()):
+        old = _pointer(store, entry)
+        if old and old["listing"] == listing:
+            continue
+        version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        base, before = f"{store}/{VERSIONS}/{entry}", old and f"{store}/{VERSIONS}/{entry}/{old['version']}"
+        for rel in sorted(listing):
+            if before and old["listing"].get(rel) == listing[rel]:
+                to = f"{dp}/{VERSIONS}/{entry}/{version}/{rel}"
+                dfs.create_dir(to.rsplit("/", 1)[0], recursive=True)
+                dfs.copy_file(f"{dp}/{VERSIONS}/{entry}/{old['version']}/{rel}", to)
+            else:
+                _copy(f"{sp}/{rel}", f"{base}/{version}/{rel}")
+                uploaded += 1
+        write_json(f"{store}/{POINTERS}/{entry}.json", {"version": version, "listing": listing})
+        for info in dfs.get_file_info(pafs.FileSelector(f"{dp}/{VERSIONS}/{entry}")):  # the old ones, and any a
+            if info.base_name != version:                                              # killed publish left
+                dfs.delete_dir(info.path)
+    return uploaded
+
+
+def fetch(store: str, dst: str, entries: list[str] | None = None) -> int:
+    """Fetch each published entry of ``store`` that the folder ``dst`` lacks (local entries are never
+    overwritten), whole: into a temporary folder, then renamed into place. Returns how many files."""
+    dfs, dp = filesystem(store)
+    if dfs.get_file_info(f"{dp}/{POINTERS}").type != pafs.FileType.Directory:
+        return 0
+    n = 0
+    for info in dfs.get_file_info(pafs.FileSelector(f"{dp}/{POINTERS}")):
+        entry = info.base_name[:-len(".json")]
+        if entries is not None and entry not in entries:
+            continue
+        final = Path(local_path(dst)) / entry
+        if final.exists():
+            continue
+        ptr = read_json(f"{store}/{POINTERS}/{info.base_name}")
+        tmp = final.with_name(f".{entry}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            for rel, (_, mtime_ns) in ptr["listing"].items():
+                out = tmp / rel.split("/", 1)[1] if "/" in rel else tmp  # a folder's file, or the entry is a file
+                out.parent.mkdir(parents=True, exist_ok=True)
+                _copy(f"{store}/{VERSIONS}/{entry}/{ptr['version']}/{rel}", str(out))
+                os.utime(out, ns=(mtime_ns, mtime_ns))  # the published time: an unchanged entry is not published again
+                n += 1
+            os.replace(tmp, final)
+        finally:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            tmp.unlink(missing_ok=True)
+    return n
 
 
 def run_uri(cfg) -> str:
@@ -148,10 +234,10 @@ def run_uri(cfg) -> str:
 
 def push_run(cfg) -> int:
     """Publish the run dir (``<output_dir>/<name>``) to ``<storage_uri>/<name>``."""
-    return sync_dir(cfg.run_dir, run_uri(cfg))
+    return publish(cfg.run_dir, run_uri(cfg))
 
 
 def pull_run(cfg) -> int:
-    """Fetch the files the local run dir lacks from ``<storage_uri>/<name>`` (a fresh node resumes
-    a run); local files are never overwritten."""
-    return sync_dir(run_uri(cfg), cfg.run_dir, update=False) if exists(run_uri(cfg)) else 0
+    """Fetch the entries the local run dir lacks from ``<storage_uri>/<name>`` (a fresh node resumes
+    a run); local entries are never overwritten."""
+    return fetch(run_uri(cfg), cfg.run_dir)

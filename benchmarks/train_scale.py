@@ -38,7 +38,7 @@ def repeat_split(src: str, dst: str, n: int) -> None:
         parts.append(t.set_column(t.schema.get_field_index("id"), "id", pc.binary_join_element_wise(
             t["id"], pa.scalar(f"r{k}"), "-")))
         k += 1
-    write_split(pa.concat_tables(parts), dst)
+    write_split(pa.concat_tables(parts), dst, "benchmarks/train_scale.py")
 
 
 def plain_epochs(cfg, epochs: int, threads: int) -> list[float]:

@@ -110,31 +110,3 @@ def test_storage_uri_must_be_absolute():
 
     with pytest.raises(AimfairError, match="absolute path"):
         load_config("cmnist", overrides=["storage_uri=rel/store"])
-
-
-def test_sync_dir_publishes_files_and_markers_last_and_only_what_changed(tmp_path):
-    import os
-
-    from aimfair_ray.storage import COMPLETE, sync_dir
-
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    (src / "data" / "train").mkdir(parents=True)
-    (src / "data" / "train" / "part-0.parquet").write_bytes(b"x" * 10)
-    (src / "data" / "train" / COMPLETE).write_text("")
-    (src / "data" / ".train.tmp-1234").mkdir()
-    (src / "data" / ".train.tmp-1234" / "half").write_text("not published")
-    assert sync_dir(str(src), str(dst)) == 2
-    assert (dst / "data" / "train" / "part-0.parquet").read_bytes() == b"x" * 10
-    assert not (dst / "data" / ".train.tmp-1234").exists()
-    assert sync_dir(str(src), str(dst)) == 0  # nothing changed
-    (src / "data" / "config.yaml").write_text("a: 1\n")
-    later = os.stat(dst / "data" / "train" / "part-0.parquet").st_mtime + 5
-    (src / "data" / "train" / "part-0.parquet").write_bytes(b"y" * 10)
-    os.utime(src / "data" / "train" / "part-0.parquet", (later, later))
-    assert sync_dir(str(src), str(dst)) == 2
-    assert (dst / "data" / "train" / "part-0.parquet").read_bytes() == b"y" * 10
-    # pulling never overwrites local files, only fills what is missing
-    (dst / "extra.json").write_text("{}")
-    (dst / "data" / "config.yaml").write_text("a: 2\n")
-    assert sync_dir(str(dst), str(src), update=False) == 1
-    assert (src / "extra.json").is_file() and (src / "data" / "config.yaml").read_text() == "a: 1\n"

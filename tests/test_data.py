@@ -133,7 +133,7 @@ def test_parquet_roundtrip_atomic(ray_cluster, tmp_path):
     t = make_table({"id": ["a", "b"], "image": [b"x", b"y"], "target": [0, 1], "group": [1, 0],
                     "split": ["train"] * 2, "source": ["synthetic"] * 2, "prompt": ["p", None]})
     d = str(tmp_path / "split")
-    write_split(t, d)
+    write_split(t, d, "a test")
     back = read_split(d).to_pandas().sort_values("id")
     assert back["prompt"].iloc[0] == "p" and pd.isna(back["prompt"].iloc[1]) and back["source"].tolist() == ["synthetic"] * 2
     assert [p.name for p in tmp_path.iterdir()] == ["split"]  # no temporary leftovers

@@ -120,16 +120,24 @@ def generate_prompts_cmd(preset: str = PresetOpt, config: Optional[List[str]] = 
     run_with_config(body, preset, config, set_)
 
 
+KeepOpt = typer.Option(False, "--keep", help="never draw a set again because its settings or prompts changed: "
+                       "refuse instead")
+
+
 @gen_app.command("images")
-def generate_images_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
-    """Generate the balanced and imbalanced synthetic sets (resumes where a run stopped)."""
-    run_with_config(lambda cfg: pipeline.run_generate(cfg, "images", log=log), preset, config, set_)
+def generate_images_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                        force: bool = typer.Option(False, "--force", help="draw the sets again (from the same prompts)"),
+                        keep: bool = KeepOpt):
+    """Generate the balanced and imbalanced synthetic sets (resumes where a run stopped; a set made with
+    other settings or prompts is drawn again; a lower count keeps the first images of each cell)."""
+    run_with_config(lambda cfg: pipeline.run_generate(cfg, "images", force, log, keep=keep), preset, config, set_)
 
 
 @gen_app.command("all")
-def generate_all_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+def generate_all_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                     force: bool = ForceOpt, keep: bool = KeepOpt):
     """Prompts, then images (then the faithfulness filter if generate.filter is on)."""
-    run_with_config(lambda cfg: pipeline.run_generate(cfg, "all", log=log), preset, config, set_)
+    run_with_config(lambda cfg: pipeline.run_generate(cfg, "all", force, log, keep=keep), preset, config, set_)
 
 
 @gen_app.command("filter")

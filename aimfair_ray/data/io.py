@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aimfair_ray import AimfairError
+from aimfair_ray import AimfairError, manifest
 from aimfair_ray.data.codecs import decode_png
 from aimfair_ray.storage import atomic_dir, exists, is_complete, is_uri
 
@@ -41,23 +41,51 @@ def make_table(columns: dict) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
-def write_split(ds, directory: str, rows_per_file: int = 2048) -> str:
-    """Write a Ray Dataset (or a pyarrow Table) as Parquet shards, atomically."""
+def write_split(ds, directory: str, made_by: str, rows_per_file: int = 2048, fingerprint: str | None = None) -> str:
+    """Write a Ray Dataset (or a pyarrow Table) as Parquet shards, atomically, with its manifest
+    (``made_by``: the command that writes it, named in the fix for a damaged file)."""
     import ray
 
     if isinstance(ds, pa.Table):
         ds = ray.data.from_arrow(ds.cast(SCHEMA))
     with atomic_dir(directory) as tmp:
         ds.write_parquet(tmp, min_rows_per_file=rows_per_file)
+        write_manifest(tmp, made_by, fingerprint)
     return directory
 
 
-def check_split(directory: str) -> None:
-    """A complete split or set directory in the image schema, or a one-line error saying what to run."""
+def write_manifest(directory: str, made_by: str, fingerprint: str | None = None) -> dict:
+    """The manifest of a finished split or set folder: its files, and its rows per cell (``y<c>_s<g>``)."""
+    t = read_table(directory, ["target", "group"]) if any(Path(directory).glob("*.parquet")) else None
+    rows = {} if t is None else cell_rows(t)
+    return manifest.write(directory, fingerprint, rows, made_by=made_by)
+
+
+def cell_rows(t: pa.Table) -> dict[str, int]:
+    """Rows per cell ``y<target>_s<group>`` of a table with target and group columns."""
+    counts = t.group_by(["target", "group"]).aggregate([([], "count_all")]).to_pylist()
+    return {f"y{r['target']}_s{r['group']}": r["count_all"] for r in sorted(counts, key=lambda r: (r["target"], r["group"]))}
+
+
+def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet shard; an unreadable one is a one-line error naming it and the fix."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise AimfairError(f"{path} is not a readable Parquet shard ({str(e).splitlines()[0]}): rerun the stage that "
+                           "wrote it with --force (or remove the file)") from None
+
+
+def check_split(directory: str, fix: str | None = None) -> None:
+    """A complete split or set directory in the image schema whose files match its manifest, or a
+    one-line error saying what to run."""
     if not exists(directory):
         raise AimfairError(f"no data at {directory}: run `aimfair data prepare` first (or check the path)")
     if not is_complete(directory):
         raise AimfairError(f"{directory} is incomplete (no _COMPLETE marker): a write was interrupted; rerun the stage")
+    manifest.verify(directory, fix)
     # Check the columns from a file footer: ds.schema() would start a Ray Data execution.
     if not is_uri(directory):
         import pyarrow.parquet as pq
@@ -65,7 +93,12 @@ def check_split(directory: str) -> None:
         files = sorted(Path(directory).glob("*.parquet"))
         if not files:
             raise AimfairError(f"{directory} holds no Parquet files")
-        missing = set(SCHEMA.names) - set(pq.read_schema(files[0]).names)
+        try:
+            names = pq.read_schema(files[0]).names
+        except (pa.ArrowInvalid, OSError) as e:
+            raise AimfairError(f"{files[0]} is not a readable Parquet shard ({str(e).splitlines()[0]}): rerun the stage "
+                               "that wrote it with --force") from None
+        missing = set(SCHEMA.names) - set(names)
         if missing:
             raise AimfairError(f"{directory}: not in the aimfair image schema, missing columns {sorted(missing)}")
 
@@ -80,12 +113,10 @@ def read_split(directory: str):
 
 def read_table(directory: str, columns: list[str] | None = None) -> pa.Table:
     """The Parquet files of a split or set directory as one table, without Ray (small reads: ids, labels)."""
-    import pyarrow.parquet as pq
-
     files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
     if not files:
         raise AimfairError(f"no Parquet files in {directory}")
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+    return pa.concat_tables([read_parquet(f, columns=columns) for f in files])
 
 
 def files_sha(directory: str) -> str:
@@ -93,18 +124,19 @@ def files_sha(directory: str) -> str:
     a regenerated set) gets another, so what was computed from the old one is not reused."""
     import hashlib
 
+    m = manifest.read(directory)
+    if m is not None:  # the files' contents
+        return manifest.digest(m["files"])[:16]
     files = sorted((p.name, p.stat().st_size) for p in Path(directory).glob("*.parquet")) if not is_uri(directory) else []
     return hashlib.sha1(repr(files).encode()).hexdigest()[:16]
 
 
 def first_row(directory: str, columns: list[str]) -> dict:
     """The first row of a split or set directory (its first shard's), without reading the rest."""
-    import pyarrow.parquet as pq
-
     files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
     if not files:
         raise AimfairError(f"no Parquet files in {directory}")
-    return pq.ParquetFile(files[0]).read_row_group(0, columns=columns).slice(0, 1).to_pylist()[0]
+    return read_parquet(files[0], columns=columns).slice(0, 1).to_pylist()[0]
 
 
 def image_dataset(directories: list[str], image_size: int, cache_mb: float, keep: list | None = None,

@@ -15,7 +15,7 @@ from aimfair_ray import AimfairError
 from aimfair_ray.data import cmnist
 from aimfair_ray.data.bias import count_cells, counts_dict, draw_biased_subset, resolve_majority
 from aimfair_ray.data.codecs import decode_png, encode_png
-from aimfair_ray.data.io import read_table, write_split
+from aimfair_ray.data.io import check_split, read_table, write_split
 from aimfair_ray.data.readers import check_files, read_dataset
 from aimfair_ray.storage import exists, read_json, write_json
 
@@ -121,6 +121,8 @@ def prepare_data(cfg, force: bool = False, log=print) -> dict:
     if not force and exists(f"{data_dir}/dataset.json"):
         meta = read_json(f"{data_dir}/dataset.json")
         if meta.get("config") == wanted:
+            for split in meta["splits"]:  # the files are the ones written: a damaged shard is named, not read
+                check_split(f"{data_dir}/{split}")
             log(f"data: reusing {data_dir} (same data config; --force rebuilds it)")
             return meta
         log("data: config changed, rebuilding")
@@ -130,7 +132,7 @@ def prepare_data(cfg, force: bool = False, log=print) -> dict:
         built = _real_tables(cfg)
     for split, table in built["tables"].items():
         try:
-            write_split(table, f"{data_dir}/{split}")
+            write_split(table, f"{data_dir}/{split}", "aimfair data prepare")
         except Exception as e:  # noqa: BLE001
             found = re.findall(r"(corrupt or unreadable image [^{].*)", str(e))
             if found:

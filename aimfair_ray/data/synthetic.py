@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 
 from aimfair_ray import AimfairError
-from aimfair_ray.data.io import SCHEMA, check_split, read_table
+from aimfair_ray.data.io import SCHEMA, check_split, read_table, write_manifest
 from aimfair_ray.data.prepare import EncodeImages, load_meta
 from aimfair_ray.data.readers import check_files
 from aimfair_ray.data.samples import write_samples
+from aimfair_ray.manifest import digest
 from aimfair_ray.storage import atomic_dir, exists, read_json, write_json
 
 IMPORT = "import.json"
@@ -126,6 +127,7 @@ def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_d
         write_json(f"{tmp}/{IMPORT}", info)
         write_samples(tmp, f"{kind} set imported from {Path(manifest).name} ({name})", meta["target_names"],
                       meta["group_names"])
+        write_manifest(tmp, "aimfair data import-synthetic", digest(key))
     log(f"import: {len(df)} images from {manifest} -> {out_dir} as the {kind} set (generator {name}); cells {counts}")
     return info
 

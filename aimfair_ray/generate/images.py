@@ -29,9 +29,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from aimfair_ray import AimfairError, progress
+from aimfair_ray import AimfairError, manifest, progress
 from aimfair_ray.data.codecs import encode_png
 from aimfair_ray.data.io import SCHEMA
+from aimfair_ray.manifest import MANIFEST, digest
 from aimfair_ray.storage import COMPLETE, write_json
 
 PLAN_COLUMNS = ["id", "target", "group", "prompt", "seed", "split"]
@@ -67,6 +68,12 @@ class Plan:
             first = int(end) - n
             for k in range(max(start, first) - first, min(stop, int(end)) - first):
                 yield cell, k, k % len(prompts), prompts, targets, groups
+
+    def fingerprint(self, meta: dict) -> str:
+        """What decides the set's images, less the counts (a lower count keeps the first ids, a higher one
+        adds ids): the generator settings and each cell's prompts and labels."""
+        return digest({"meta": meta, "kind": self.kind, "seed": self.seed,
+                       "cells": [(cell, prompts, targets, groups) for cell, _, prompts, targets, groups in self.cells]})
 
     def ids(self, start: int = 0, stop: int | None = None) -> pa.Array:
         """The ids of rows ``start`` to ``stop``."""
@@ -162,11 +169,63 @@ def write_shard(batch: pd.DataFrame, out_dir: str) -> str:
     return str(path)
 
 
+def _ids(shard: Path) -> pa.ChunkedArray:
+    try:
+        return pq.ParquetFile(shard).read(columns=["id"], use_threads=False)["id"]
+    except (pa.ArrowInvalid, OSError) as e:
+        raise AimfairError(f"{shard} is not a readable Parquet shard ({str(e).splitlines()[0]}): remove it and rerun to "
+                           "draw its images again, or rerun with --force") from None
+
+
 def written_ids(out_dir: str) -> pa.Array:
     """The ids of a folder's committed shards, as one Arrow string column (compact: no Python objects)."""
-    files = sorted(Path(out_dir).glob("shard-*.parquet"))
-    chunks = [pq.ParquetFile(f).read(columns=["id"], use_threads=False)["id"] for f in files]
+    chunks = [_ids(f) for f in sorted(Path(out_dir).glob("shard-*.parquet"))]
     return pa.chunked_array([c for ch in chunks for c in ch.chunks], pa.string()).combine_chunks()
+
+
+FINGERPRINT = "fingerprint.json"  # what the folder's images were made with, written before the first shard
+
+
+def _changed(old: dict, meta: dict) -> str:
+    was = old.get("meta", {})
+    diff = [f"{k} {was.get(k)!r} -> {meta.get(k)!r}" for k in sorted(set(was) | set(meta)) if was.get(k) != meta.get(k)]
+    return ", ".join(diff) if diff else "the prompts"
+
+
+def _settle(out: Path, plan: Plan, meta: dict, force: bool, keep: bool, log=print) -> None:
+    """Make ``out`` hold only images of this plan's settings: a set made with other settings or prompts is
+    drawn again (``keep``: refused), with ``force`` always; a lower count keeps the first ids of each cell."""
+    fp = plan.fingerprint(meta)
+    path = out / FINGERPRINT
+    old = json.loads(path.read_text()) if path.is_file() else None
+    shards = sorted(out.glob("shard-*.parquet"))
+    if shards and (force or old is None or old["fingerprint"] != fp):
+        why = "--force" if force else "it has no fingerprint" if old is None else _changed(old, meta)
+        if keep:
+            raise AimfairError(f"{out}: its images were made with other settings ({why}) and --keep keeps them: drop "
+                               "--keep to draw the set again, or set the settings back")
+        log(f"images: {out.name}: drawing the set again ({why})")
+        for f in out.iterdir():
+            if f.is_file():
+                f.unlink()
+        shards = []
+    if old is None or old["fingerprint"] != fp:
+        write_json(str(path), {"fingerprint": fp, "meta": meta})
+    written = written_ids(str(out))
+    planned = plan.ids()
+    if len(written) and pc.sum(pc.is_in(written, value_set=planned)).as_py() != len(written):
+        for f in shards:  # a lower count: the ids past it go, shard by shard (each rewritten whole)
+            t = pq.read_table(f)
+            hit = pc.is_in(t["id"], value_set=planned)
+            if not pc.all(hit).as_py():
+                rest = t.filter(hit)
+                if rest.num_rows:
+                    pq.write_table(rest, f.with_name(f"{f.name}.tmp"))
+                    f.with_name(f"{f.name}.tmp").replace(f)
+                else:
+                    f.unlink()
+        (out / MANIFEST).unlink(missing_ok=True)
+        log(f"images: {out.name}: the plan is smaller now; kept its first {len(plan)} images")
 
 
 def _missing(plan: Plan, written: pa.Array, batch_size: int) -> np.ndarray:
@@ -200,10 +259,11 @@ def _check(out_dir: str, plan: Plan) -> None:
 
 
 def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | None = None,
-                    log=print) -> dict[str, dict]:
+                    log=print, force: bool = False, keep: bool = False) -> dict[str, dict]:
     """Generate every planned id not yet written, for each output folder of ``plans`` (folder ->
     :class:`Plan`), in one Ray Data pipeline (one actor pool for all the sets); returns each folder's
-    throughput figures."""
+    throughput figures. A folder made with other settings or prompts is drawn again (``keep``: refused;
+    ``force``: always); a finished folder gets its manifest (files, rows per cell, fingerprint)."""
     import ray
 
     bs = gcfg.batch_size
@@ -213,6 +273,7 @@ def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | N
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob("*.tmp"):  # a killed run's unfinished shard
             stale.unlink()
+        _settle(out, plan, meta, force, keep, log)
         written = written_ids(out_dir)
         missing = _missing(plan, written, bs)
         todo = [(str(out), i * bs, min((i + 1) * bs, len(plan))) for i in np.flatnonzero(missing)]
@@ -220,6 +281,9 @@ def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | N
         ranges += todo
         if todo:
             (out / COMPLETE).unlink(missing_ok=True)
+            (out / MANIFEST).unlink(missing_ok=True)
+        elif (out / MANIFEST).is_file():  # a finished set: its files are the ones written
+            manifest.verify(str(out))
         log(f"images: {out.name}: {len(plan)} planned, {done[out_dir]} already written, "
             f"{len(plan) - done[out_dir]} to generate")
     t0, n = time.time(), {d: 0 for d in plans}
@@ -260,6 +324,10 @@ def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | N
         k = n[out_dir]
         stats[out_dir] = {"planned": len(plan), "generated_now": k, "seconds": round(secs, 2),
                           "images_per_s": round(k / secs, 3) if k else None}
-        write_json(str(Path(out_dir) / "stats.json"), stats[out_dir])
+        if not (Path(out_dir) / MANIFEST).is_file():
+            write_json(str(Path(out_dir) / "stats.json"), stats[out_dir])
+            ids = written_ids(out_dir)
+            rows = {cell: int(pc.sum(pc.starts_with(ids, f"{plan.kind}-{cell}-")).as_py()) for cell, *_ in plan.cells}
+            manifest.write(out_dir, plan.fingerprint(meta), rows, made_by="aimfair generate images")
         (Path(out_dir) / COMPLETE).touch()
     return stats

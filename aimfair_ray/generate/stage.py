@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from aimfair_ray import AimfairError
 from aimfair_ray.data.bias import cell_counts
 from aimfair_ray.data.codecs import decode_png
-from aimfair_ray.data.io import SCHEMA, write_split
+from aimfair_ray.data.io import SCHEMA, check_split, read_parquet, read_table, write_split
 from aimfair_ray.data.samples import write_samples
 from aimfair_ray.data.synthetic import IMPORT
 from aimfair_ray.generate.images import Plan, generate_images
@@ -139,7 +139,7 @@ def save_size(cfg) -> int | None:
     return cfg.data.image_size if s == "data" else s
 
 
-def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print) -> dict:
+def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print, force: bool = False, keep: bool = False) -> dict:
     g = cfg.generate
     meta = {"pipeline": g.pipeline or "embedded:cmnist-t2i", "scheduler": g.scheduler, "steps": g.steps,
             "guidance_scale": g.guidance_scale, "negative_prompt": g.negative_prompt, "image_size": g.image_size,
@@ -150,7 +150,8 @@ def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print) -> di
         log(f"images: {kind} is your imported set ({cfg.paths.synthetic_set(kind)}); not generating it")
     sets = [k for k in sets if k not in imported]
     plans = {cfg.paths.synthetic_set(kind): Plan(prompts, kind, counts[kind], g.seed) for kind in sets}
-    by_dir = generate_images(g, plans, meta, save_size(cfg), log=log)  # one pipeline (one actor pool) for every set
+    # one pipeline (one actor pool) for every set
+    by_dir = generate_images(g, plans, meta, save_size(cfg), log=log, force=force, keep=keep)
     stats = {kind: by_dir[cfg.paths.synthetic_set(kind)] for kind in sets}
     for kind in sets:
         write_samples(cfg.paths.synthetic_set(kind), f"{kind} synthetic set ({meta['pipeline']})", *cell_names(cfg))
@@ -184,7 +185,7 @@ def checker_for(cfg, log=print):
     path = cfg.paths.checker
     if exists(f"{path}/checker.json"):
         return Checker.load(path)
-    gen_ids = pq.read_table(f"{cfg.data_dir}/generator", columns=["id"])["id"].to_pylist()
+    gen_ids = read_table(f"{cfg.data_dir}/generator", ["id"])["id"].to_pylist()
     ck, _ = train_checker(cfg.data.colors, exclude={int(i.rsplit("-", 1)[1]) for i in gen_ids}, log=log)
     ck.save(path)
     return ck
@@ -207,8 +208,9 @@ def run_filter(cfg, sets=SYNTHETIC_SETS, log=print) -> dict:
             log(f"filter: {kind} is your imported set; used as it is, not filtered")
             continue
         kept, checked = [], set()
+        check_split(cfg.paths.synthetic_set(kind))
         for f in set_shards(cfg.paths.synthetic_set(kind)):
-            df = pq.read_table(f).to_pandas()
+            df = read_parquet(str(f)).to_pandas()
             pred = ck.predict(np.stack([decode_png(b) for b in df["image"]]))
             pred = {role: pred[role] for role in ("target", "group") if role in pred}  # what the labels say
             checked |= set(pred)
@@ -222,7 +224,7 @@ def run_filter(cfg, sets=SYNTHETIC_SETS, log=print) -> dict:
         per_cell = {c: {"kept": int(keep[cells_ == c].sum()), "total": int((cells_ == c).sum()),
                         "kept_fraction": round(float(keep[cells_ == c].mean()), 4)} for c in sorted(set(cells_))}
         write_split(pa.Table.from_pandas(df[keep][list(SCHEMA.names)], schema=SCHEMA, preserve_index=False),
-                    cfg.paths.synthetic_set(kind, filtered=True))
+                    cfg.paths.synthetic_set(kind, filtered=True), "aimfair generate filter")
         write_samples(cfg.paths.synthetic_set(kind, filtered=True), f"{kind}, filtered ({type(ck).__name__})",
                       *cell_names(cfg))
         report[kind] = {"checker": type(ck).__name__, "checked": sorted(checked), "kept": int(keep.sum()),

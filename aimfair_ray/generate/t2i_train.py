@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -33,7 +32,9 @@ from aimfair_ray.models import load_optimizer, save_optimizer
 
 def load_generator_split(split_dir: str, group_names: list[str], k: int, seed: int, bank: str = "all"):
     """Images [N, 3, 32, 32] in [-1, 1] and k captions per image."""
-    table = pq.read_table(split_dir, columns=["id", "image", "group"])
+    from aimfair_ray.data.io import read_table
+
+    table = read_table(split_dir, ["id", "image", "group"])
     _, labels = load_mnist_5k()
     imgs = np.stack([decode_png(b) for b in table["image"].to_pylist()])
     digits = [int(labels[int(i.rsplit("-", 1)[1])]) for i in table["id"].to_pylist()]

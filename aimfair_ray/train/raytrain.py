@@ -33,7 +33,7 @@ from aimfair_ray.distributed import (
     worker_log,
 )
 from aimfair_ray.metrics import fairness_report
-from aimfair_ray.models import META, WEIGHTS, build_model, save_classifier, unwrap, write_classifier
+from aimfair_ray.models import META, WEIGHTS, build_model, load_weights, save_classifier, unwrap, write_classifier
 from aimfair_ray.storage import write_json
 from aimfair_ray.train import loop
 
@@ -176,7 +176,13 @@ def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = Fa
     model_dir = f"{stage}/model"
     run_name = f"{cfg.name}-{spec.stage.replace('/', '-')}"
     run_path = f"{cfg.ray_storage}/{run_name}"
-    done = reuse_or_resume(stage, _fingerprint(cfg, spec), run_path, force, outputs=(f"model/{META}",), log=log)
+    built = {}
+
+    def read_inputs():  # before a forced or changed run removes the old one: damaged inputs stop it first
+        built["datasets"] = datasets() if callable(datasets) else datasets
+
+    done = reuse_or_resume(stage, _fingerprint(cfg, spec), run_path, force, outputs=(f"model/{META}",), log=log,
+                           before=read_inputs)
     if done is not None:
         return done
     ensure_ray(cfg.ray)
@@ -185,20 +191,17 @@ def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = Fa
     spec_d["train"] = spec.train.model_dump(mode="json")
     loop_config = {"spec": spec_d, "model": dict(cfg.model.model_dump(mode="json"), use_pretrained=cfg.model.use_pretrained),
                    "model_meta": model_meta}
-    if callable(datasets):
-        datasets = datasets()
+    datasets = built["datasets"]
     metric = "epoch" if spec.train.select_metric == "last" else spec.train.select_metric
     result = workgroup.run(train_loop_per_worker, loop_config, spec.train, cfg.ray_storage, run_name, datasets, callbacks,
                            select_metric=metric, what="training", shareable=spec.deepspeed_stage is None)
     best = result.get_best_checkpoint(metric=metric, mode="min" if metric == "val_loss" else "max") or result.checkpoint
-    from safetensors.torch import load_file
-
     with best.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
         model = build_model(model_meta["backbone"], model_meta["num_classes"], model_meta["image_size"], False,
                             model_meta["width"])
-        model.load_state_dict(load_file(str(Path(d) / WEIGHTS)))
         best_meta = json.loads((Path(d) / META).read_text())
+        model.load_state_dict(load_weights(d, best_meta))
     save_classifier(model, dict(best_meta, stage=spec.stage, provenance=spec.provenance, **spec.info), model_dir)
     with result.checkpoint.as_directory() as d:
         last = json.loads((Path(d) / "state.json").read_text())
