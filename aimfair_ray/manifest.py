@@ -18,6 +18,7 @@ from aimfair_ray import AimfairError
 from aimfair_ray.storage import COMPLETE, exists, filesystem, is_uri, published_files, read_json, write_json
 
 MANIFEST = "manifest.json"
+DERIVED = ("samples.png",)  # drawn from the data after it is written (and again on a rerun): not listed
 READ = (".parquet", ".safetensors")  # files a reader picks up by their suffix: none may be there unlisted
 _VERIFIED: dict = {}  # (folder, its files' sizes and times) -> manifest: each folder is hashed once per process
 
@@ -38,7 +39,8 @@ def sha256_file(path: str) -> str:
 
 def _listing(directory: str) -> dict[str, pafs.FileInfo]:
     fs, root = filesystem(directory)
-    return {rel: info for rel, info in published_files(fs, root).items() if rel.rsplit("/", 1)[-1] not in (MANIFEST, COMPLETE)}
+    skip = (MANIFEST, COMPLETE, *DERIVED)
+    return {rel: info for rel, info in published_files(fs, root).items() if rel.rsplit("/", 1)[-1] not in skip}
 
 
 def write(directory: str, fingerprint: str | None = None, rows: dict | None = None, made_by: str | None = None,

@@ -27,6 +27,23 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # started could not join it).
 os.environ["RAY_AUTH_MODE"] = "token"
 
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+# The tests' S3 endpoint (a moto server on loopback, started by the `s3` fixture): set before the session's
+# head starts, so that its Ray Train workers and job drivers reach it too. Fake credentials; no AWS anywhere.
+S3_PORT = _free_ports(1)[0]
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                  AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+
 TINY = [
     "data.n_train=400",
     "data.n_val=100",
@@ -50,11 +67,13 @@ TINY = [
 
 # Fixtures that start or need the session's Ray cluster; a test using one is marked `ray`, so
 # `make test-fast` (pytest -m "not ray") runs the plain-PyTorch and config tests alone.
-RAY_FIXTURES = {"ray_head", "ray_cluster", "trained", "synth", "served", "cmnist_run"}
+RAY_FIXTURES = {"ray_head", "ray_cluster", "trained", "synth", "served", "cmnist_run", "nodes"}
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "ray: needs the session's Ray cluster (left out by make test-fast)")
+    config.addinivalue_line("markers", "faults: injects a fault (a killed node, worker or driver, a full disk, damaged "
+                            "files, a stale store) and checks nothing is lost or mixed; `pytest -m faults`")
 
 
 def pytest_collection_modifyitems(items):
@@ -83,14 +102,29 @@ def tiny_pipeline(tmp_path_factory):
     return str(path)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible endpoint: moto's server on loopback (``AWS_ENDPOINT_URL``, set above), with a
+    bucket ``aimfair``; yields ``s3://aimfair``. Stopped at the end of the session."""
+    import pyarrow.fs as pafs
+
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{S3_PORT}/", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the moto S3 server did not start") from None
+            time.sleep(0.3)
+    fs, _ = pafs.FileSystem.from_uri("s3://aimfair?allow_bucket_creation=true")
+    fs.create_dir("aimfair")
+    yield "s3://aimfair"
+    os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

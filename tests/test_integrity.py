@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import TINY, tiny_gen
 
 from aimfair_ray import AimfairError
 
@@ -189,3 +193,159 @@ def test_a_disk_full_while_writing_is_one_line_and_the_previous_output_stays(tmp
         assert (mnt / "a.json").read_bytes() == b"{}"
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+# ---- on the session's Ray cluster ------------------------------------------------------------
+def _rows(directory) -> int:
+    from aimfair_ray.data.io import read_table
+
+    return read_table(str(directory), ["id"]).num_rows
+
+
+@pytest.mark.faults
+def test_s3_store_never_mixes_a_rebuilt_stage_and_force_starts_fresh_on_s3(ray_cluster, s3, tmp_path):
+    """Probes 1 and 6 on a real S3 endpoint: a stage rebuilt at another size, published, then fetched by a
+    fresh node, has exactly its own rows; `--force` with Train storage on s3:// trains from scratch."""
+    import pyarrow.fs as pafs
+
+    from aimfair_ray.config import load_config
+    from aimfair_ray.data.prepare import prepare_data
+    from aimfair_ray.storage import VERSIONS, filesystem, pull_run, push_run
+    from aimfair_ray.train.baseline import train_baseline
+
+    store, runs = f"{s3}/{tmp_path.name}", tmp_path / "runs"
+    sets = TINY + [f"output_dir={runs}", f"storage_uri={store}", f"train.storage_path={store}/ray", "train.num_workers=1",
+                   "train.epochs=1"]
+    quiet = dict(log=lambda *_: None)
+    for n in (400, 600):
+        cfg = load_config("cmnist", overrides=sets + [f"data.n_train={n}"])
+        prepare_data(cfg, **quiet)
+        push_run(cfg)
+    shutil.rmtree(runs)  # a fresh node
+    assert pull_run(cfg) > 0
+    said = []
+    meta = prepare_data(cfg, log=said.append)
+    assert "data: reusing" in said[0]
+    assert _rows(f"{cfg.data_dir}/train") == 600 == meta["splits"]["train"]["n"]
+    assert _rows(f"{cfg.data_dir}/val") == meta["splits"]["val"]["n"]
+    fs, p = filesystem(f"{store}/cmnist/{VERSIONS}/data")
+    assert len(fs.get_file_info(pafs.FileSelector(p))) == 1  # the old version went after the switch
+    first = train_baseline(cfg, **quiet)
+    assert first["run_path"].startswith("s3://")
+    said = []
+    again = train_baseline(cfg, force=True, log=said.append)
+    assert any(f"starting fresh (removing {first['run_path']})" in m for m in said), said
+    assert not any("resuming" in m for m in said) and [h["epoch"] for h in again["history"]] == [1]
+
+
+@pytest.mark.faults
+def test_damaged_shards_and_weights_are_named_in_one_line_before_anything_is_removed(trained, tmp_path):
+    """Probes 4 and 5: a truncated train shard stops `data prepare` (reuse) and `train baseline --force`
+    (before the old Ray Train run is removed); truncated or bit-flipped weights stop an audit."""
+    from aimfair_ray.config import load_config
+    from aimfair_ray.data.prepare import prepare_data
+    from aimfair_ray.evaluate import audit
+    from aimfair_ray.train.baseline import train_baseline
+
+    cfg0, _, result = trained
+    shutil.copytree(cfg0.run_dir, tmp_path / "cmnist")
+    cfg = load_config("cmnist", overrides=TINY + [f"output_dir={tmp_path}", "train.num_workers=2"])
+    shard = sorted((tmp_path / "cmnist" / "data" / "train").glob("*.parquet"))[0]
+    _truncate(shard)
+    with pytest.raises(AimfairError, match=rf"{shard} is damaged .*rerun `aimfair data prepare --force`") as e:
+        prepare_data(cfg, log=lambda *_: None)
+    assert "\n" not in str(e.value)
+    run_path = tmp_path / "cmnist" / "ray" / "cmnist-baseline"
+    kept = sorted(p.name for p in run_path.iterdir())
+    with pytest.raises(AimfairError, match=rf"{shard} is damaged"):
+        train_baseline(cfg, force=True, log=lambda *_: None)
+    assert sorted(p.name for p in run_path.iterdir()) == kept  # the old run is still there
+    model = tmp_path / "cmnist" / "baseline" / "model"
+    for damage in (_flip, _truncate):
+        shutil.copy(f"{result['model_dir']}/model.safetensors", model / "model.safetensors")
+        damage(model / "model.safetensors")
+        with pytest.raises(AimfairError, match=rf"{model}/model.safetensors is damaged"):
+            audit(str(model), f"{cfg0.data_dir}/test", str(tmp_path / "audit"))
+    assert not (tmp_path / "audit" / "audit.json").exists()
+
+
+@pytest.mark.faults
+def test_a_lower_count_and_other_settings_on_generated_sets(synth, tmp_path):
+    """Probes 2 and 3 through the generation stage: other steps draw the set again (refused with keep);
+    a lower count keeps the first images of each cell, and the set's manifest lists only them."""
+    from aimfair_ray import manifest
+    from aimfair_ray.config import load_config
+    from aimfair_ray.generate.stage import run_images, run_prompts
+
+    cfg0, _ = synth
+    shutil.copytree(cfg0.run_dir, tmp_path / "cmnist", ignore=shutil.ignore_patterns("ray"))
+    sets = TINY + tiny_gen(cfg0.generate.pipeline) + [f"output_dir={tmp_path}"]
+    said = []
+    cfg = load_config("cmnist", overrides=sets + ["generate.n_balanced_per_cell=2"])
+    prompts = run_prompts(cfg, log=said.append)
+    run_images(cfg, prompts, sets=("balanced",), log=said.append)
+    bal = tmp_path / "cmnist" / "synthetic" / "balanced"
+    assert "kept its first 8 images" in " ".join(said) and _rows(bal) == 8
+    m = manifest.verify(str(bal))
+    assert m["rows"] == {f"y{c}_s{s}": 2 for c in (0, 1) for s in (0, 1)} and sum(m["rows"].values()) == 8
+    cfg = load_config("cmnist", overrides=sets + ["generate.n_balanced_per_cell=2", "generate.steps=3"])
+    with pytest.raises(AimfairError, match="steps 2 -> 3"):
+        run_images(cfg, prompts, sets=("balanced",), log=said.append, keep=True)
+    run_images(cfg, prompts, sets=("balanced",), log=said.append)
+    assert any("drawing the set again (steps 2 -> 3)" in m for m in said) and _rows(bal) == 8
+    from aimfair_ray.data.io import first_row
+
+    assert json.loads(first_row(str(bal), ["generator"])["generator"])["steps"] == 3  # the rows say what made them
+
+
+def _cli(args, env):
+    return subprocess.Popen([sys.executable, "-m", "aimfair_ray.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(what, cond, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.1)
+
+
+def _checkpoints(run_path):
+    return [c for c in run_path.glob("checkpoint_*") if c.is_dir()]
+
+
+@pytest.mark.faults
+def test_a_train_worker_killed_mid_epoch_is_replaced_and_the_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    """A Ray Train worker process killed (SIGKILL) after the first epoch's checkpoint: Ray Train starts a new
+    worker group (train.max_failures=1), which resumes from that checkpoint; each epoch after it runs once."""
+    from ray.util.state import list_actors
+
+    from aimfair_ray.config import load_config
+    from aimfair_ray.data.prepare import prepare_data
+
+    sets = TINY + [f"output_dir={tmp_path}", "train.epochs=3", "train.num_workers=1", "train.max_failures=1",
+                   "train.keep_checkpoints=3"]
+    prepare_data(load_config("cmnist", overrides=sets), log=lambda *_: None)
+    workers = dict(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    before = {a.actor_id for a in list_actors(**workers)}
+    proc = _cli(["train", "baseline", *[x for s in sets for x in ("--set", s)]], dict(os.environ, RAY_ADDRESS=ray_cluster))
+    run_path = tmp_path / "cmnist" / "ray" / "cmnist-baseline"
+    # a checkpoint Ray Train has registered (one written but not yet registered when its worker dies is
+    # not restored: that epoch runs again)
+    snapshot = run_path / "checkpoint_manager_snapshot.json"
+    _wait_for("registered checkpoint", lambda: snapshot.is_file() and json.loads(snapshot.read_text())["checkpoint_results"],
+              proc)
+    victims = [a for a in list_actors(**workers) if a.actor_id not in before]
+    assert len(victims) == 1
+    os.kill(victims[0].pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    log = (tmp_path / "cmnist" / "logs" / "workers.log").read_text()
+    assert "resuming from checkpoint after epoch" in log, log[-3000:]
+    resumed_at = int(log.split("resuming from checkpoint after epoch ")[1].split()[0])
+    assert 1 <= resumed_at < 3
+    after = log.split("resuming from checkpoint after epoch")[1]
+    assert [after.count(f"epoch {e}/3 ") for e in (1, 2, 3)] == [0] * resumed_at + [1] * (3 - resumed_at)
+    result = json.loads((tmp_path / "cmnist" / "baseline" / "result.json").read_text())
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
