@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pandas as pd
@@ -347,5 +348,142 @@ def test_a_train_worker_killed_mid_epoch_is_replaced_and_the_run_resumes_from_it
     assert 1 <= resumed_at < 3
     after = log.split("resuming from checkpoint after epoch")[1]
     assert [after.count(f"epoch {e}/3 ") for e in (1, 2, 3)] == [0] * resumed_at + [1] * (3 - resumed_at)
+    result = json.loads((tmp_path / "cmnist" / "baseline" / "result.json").read_text())
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+
+
+# ---- a cluster of three nodes on this machine ----------------------------------------------------
+def _node_cmd(tmp, extra):
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    return [ray, "start", "--block", "--node-ip-address=127.0.0.1", "--object-store-memory=150000000",
+            "--disable-usage-stats", *extra]
+
+
+@pytest.fixture
+def nodes(ray_cluster, tmp_path):
+    """A head (1 CPU) and two worker nodes (2 CPUs each) started with `ray start` on loopback, each its own
+    process group (killing one's group is losing that node). Nodes are declared dead after ~3 s of silence."""
+    from conftest import _free_ports
+
+    tmp = tempfile.mkdtemp(prefix="afn-", dir="/tmp")
+    gcs, dash_agent, agent_grpc, env_agent, metrics = _free_ports(5)
+    env = dict(os.environ, RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="6",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    procs = {}
+
+    def start(name, extra):
+        log = open(f"{tmp}/{name}.log", "w")
+        procs[name] = subprocess.Popen(_node_cmd(tmp, extra), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+
+    start("head", ["--head", f"--port={gcs}", "--num-cpus=1", f"--temp-dir={tmp}", "--include-dashboard=false",
+                   f"--dashboard-agent-listen-port={dash_agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                   f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}"])
+    address = f"127.0.0.1:{gcs}"
+    time.sleep(4)
+
+    def add(name):  # every port its own: two nodes on one machine must not share one
+        ports = _free_ports(6)
+        start(name, [f"--address={address}", "--num-cpus=2", f"--dashboard-agent-listen-port={ports[0]}",
+                     f"--dashboard-agent-grpc-port={ports[1]}", f"--runtime-env-agent-port={ports[2]}",
+                     f"--metrics-export-port={ports[3]}", f"--node-manager-port={ports[4]}",
+                     f"--object-manager-port={ports[5]}"])
+
+    def alive(n):
+        probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        deadline = time.time() + 120
+        while True:
+            out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
+            if out.stdout.strip() == str(n):
+                return
+            assert time.time() < deadline, f"the cluster has not {n} live nodes: {out.stdout} {out.stderr[-2000:]}"
+            time.sleep(1)
+
+    add("node_a")
+    alive(2)
+    add("node_b")
+    alive(3)
+    yield {"address": address, "procs": procs, "env": env, "add": add, "alive": alive}
+    for p in procs.values():  # each node's whole process group: `ray start` and what it started
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+                p.wait(timeout=20)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _node_running(nodes, title: str) -> str:
+    """A worker node (not the head) with a process whose title has ``title`` (Ray names a worker process
+    ``ray::<class>``): a descendant of that node's `ray start`."""
+    def parent(pid: int) -> int:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+    roots = {p.pid: name for name, p in nodes["procs"].items() if name != "head" and p.poll() is None}
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            if title not in open(f"/proc/{pid}/cmdline").read():
+                continue
+            while pid > 1:
+                if pid in roots:
+                    return roots[pid]
+                pid = parent(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return ""
+
+
+def _lose(nodes, name) -> None:
+    os.killpg(nodes["procs"][name].pid, signal.SIGKILL)
+    nodes["procs"][name].wait()
+
+
+@pytest.mark.faults
+def test_a_node_lost_mid_generation_and_mid_training(nodes, tmp_path):
+    """A worker node killed while `generate images` runs (an actor on it) and while `train baseline` runs
+    (a Train worker on it): both finish on the surviving nodes, with exactly the planned ids and a model
+    trained on from the last registered checkpoint."""
+    from aimfair_ray.config import load_config
+    from aimfair_ray.data.prepare import prepare_data
+    from aimfair_ray.generate.images import written_ids
+
+    sets = TINY + [f"output_dir={tmp_path}", "generate.n_balanced_per_cell=100", "generate.n_imbalanced=8",
+                   "generate.steps=4", "generate.actors=2", "train.epochs=3", "train.num_workers=2", "train.max_failures=1"]
+    cfg = load_config("cmnist", overrides=sets)
+    prepare_data(cfg, log=lambda *_: None)  # on the session's cluster: the files are this machine's
+    env = dict(nodes["env"], RAY_ADDRESS=nodes["address"])
+    args = [x for s in sets for x in ("--set", s)]
+    proc = _cli(["generate", "images", *args], env)
+    bal = tmp_path / "cmnist" / "synthetic" / "balanced"
+    _wait_for("first shard", lambda: list(bal.glob("shard-*.parquet")) and _node_running(nodes, "DiffusionActor"), proc)
+    lost = _node_running(nodes, "DiffusionActor")
+    _lose(nodes, lost)
+    at_loss = len(written_ids(str(bal)))
+    assert at_loss < 400 and proc.poll() is None  # mid-generation
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    assert "written" in out and "400/400 written" in out
+    for kind, n in (("balanced", 400), ("imbalanced", 8)):
+        ids = written_ids(str(tmp_path / "cmnist" / "synthetic" / kind)).to_pylist()
+        assert len(ids) == len(set(ids)) == n, kind  # every planned id once
+    # a new node joins (2 live nodes + 1); then the node with a Train worker is lost mid-run
+    nodes["add"]("node_c")
+    nodes["alive"](3)
+    proc = _cli(["train", "baseline", *args], env)
+    run_path = tmp_path / "cmnist" / "ray" / "cmnist-baseline"
+    snapshot = run_path / "checkpoint_manager_snapshot.json"
+    _wait_for("registered checkpoint", lambda: snapshot.is_file() and json.loads(snapshot.read_text())["checkpoint_results"],
+              proc)
+    hosting = _node_running(nodes, "RayTrainWorker")  # the head has 1 CPU: one of the 2 workers is on a worker node
+    assert hosting
+    _lose(nodes, hosting)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    log = (tmp_path / "cmnist" / "logs" / "workers.log").read_text()
+    assert "resuming from checkpoint after epoch" in log, log[-3000:]
     result = json.loads((tmp_path / "cmnist" / "baseline" / "result.json").read_text())
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
