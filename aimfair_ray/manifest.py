@@ -1,4 +1,4 @@
-"""What a finished output holds, in its ``manifest.json`` (written last): its files with sizes and
+"""What a finished output holds, in its ``_manifest.json`` (written last): its files with sizes and
 sha256, its rows per cell, and the fingerprint of the config and inputs that made it.
 
 ``verify`` is what "reusing" means: the files match the manifest, nothing is missing, and no shard or
@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 from aimfair_ray import AimfairError
 from aimfair_ray.storage import COMPLETE, exists, filesystem, is_uri, published_files, read_json, write_json
 
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"  # "_": Parquet readers of the folder skip it, as _COMPLETE
 DERIVED = ("samples.png",)  # drawn from the data after it is written (and again on a rerun): not listed
 READ = (".parquet", ".safetensors")  # files a reader picks up by their suffix: none may be there unlisted
 _VERIFIED: dict = {}  # (folder, its files' sizes and times) -> manifest: each folder is hashed once per process

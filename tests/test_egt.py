@@ -17,15 +17,11 @@ def _cfg(tmp_path, *extra):
                                             "egt.batch_size=8", "train.num_workers=2", *extra])
 
 
-def test_image_minmax_on_ray_train_then_reuse(ray_cluster, tiny_pipeline, tmp_path):
+def test_image_minmax_on_ray_train_then_reuse(egt_image):
     from aimfair_ray.egt.run import train_generator
     from aimfair_ray.generate.t2i import load_pipeline
 
-    # balanced enough that both groups meet in a bucket: a batch with one group moves no weights
-    cfg = _cfg(tmp_path, f"egt.image.pipeline={tiny_pipeline}", "egt.image.n_train=48", "egt.image.n_eval_per_group=4",
-               "egt.image.sample_steps=2", "egt.image.noise_levels=3", "egt.image.feature_size=32", "egt.n_buckets=3",
-               "egt.eta=2.0", "egt.minority_share=0.5", "egt.batch_size=16")
-    res = train_generator(cfg, "image")
+    cfg, res = egt_image
     assert res["steps"] == 4 and [h["step"] for h in res["history"]] == [2, 4]
     assert res["history"][0]["world_size"] == 2
     q = res["quality"]

@@ -88,6 +88,7 @@ def test_filter_keeps_faithful_images_and_reports_per_cell(cmnist_run):
     import pyarrow.parquet as pq_
 
     pq_.write_table(t, out / "shard-test.parquet")
+    (out / "_COMPLETE").touch()  # a finished set, as generation leaves it
     rep = run_filter(cfg, sets=("balanced",), log=lambda *_: None)["balanced"]
     assert rep["total"] == 80 and 0.6 * 60 <= rep["kept"] <= 60  # flipped ones never pass the colour check
     assert set(rep["per_cell"]) == {"y0_s0", "y0_s1", "y1_s0", "y1_s1"}

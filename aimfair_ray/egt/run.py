@@ -68,6 +68,8 @@ def train_loop_per_worker(config: dict) -> None:
     if state:
         start, history = state["step"], state["history"]
         objective.load_state_dict(state["objective"])
+        if rank == 0:
+            worker_log.info(f"[aimfair] egt resuming from checkpoint after step {start}")
     zero = task.deepspeed_stage()
     if zero is not None:
         model = deepspeed_engine(task.model.to(device), optimizer, per_worker, zero)

@@ -183,7 +183,7 @@ def written_ids(out_dir: str) -> pa.Array:
     return pa.chunked_array([c for ch in chunks for c in ch.chunks], pa.string()).combine_chunks()
 
 
-FINGERPRINT = "fingerprint.json"  # what the folder's images were made with, written before the first shard
+FINGERPRINT = "_fingerprint.json"  # what the folder's images were made with, written before the first shard
 
 
 def _changed(old: dict, meta: dict) -> str:
