@@ -43,13 +43,13 @@ def _listing(directory: str) -> dict[str, pafs.FileInfo]:
     return {rel: info for rel, info in published_files(fs, root).items() if rel.rsplit("/", 1)[-1] not in skip}
 
 
-def write(directory: str, fingerprint: str | None = None, rows: dict | None = None, made_by: str | None = None,
+def write(directory: str, fingerprint: str | None = None, rows: dict | None = None, redo: str | None = None,
           **extra) -> dict:
-    """Write ``directory``'s manifest (call it when every other file is in place); ``made_by``: the
-    command that makes it (the fix for a damaged file is to rerun it with ``--force``)."""
+    """Write ``directory``'s manifest (call it when every other file is in place); ``redo``: the command
+    that makes it again (the fix named for a damaged file)."""
     d = str(directory).rstrip("/")
     files = {rel: {"size": info.size, "sha256": sha256_file(f"{d}/{rel}")} for rel, info in sorted(_listing(d).items())}
-    m = {"fingerprint": fingerprint, "rows": rows, "made_by": made_by, "files": files, **extra}
+    m = {"fingerprint": fingerprint, "rows": rows, "redo": redo, "files": files, **extra}
     write_json(f"{d}/{MANIFEST}", m)
     return m
 
@@ -62,7 +62,7 @@ def read(directory: str) -> dict | None:
 def verify(directory: str, fix: str | None = None) -> dict | None:
     """The manifest of ``directory`` when its files match it (None when it has none: an output from
     before manifests); else a one-line error naming the first file that does not, and ``fix`` (by
-    default: rerun the command that made it with ``--force``).
+    default: rerun the manifest's ``redo`` command).
 
     Local files are hashed (once per process while unchanged); files on an object store are checked by
     size, which needs no download."""
@@ -75,7 +75,7 @@ def verify(directory: str, fix: str | None = None) -> dict | None:
     if key in _VERIFIED:
         return _VERIFIED[key]
     where = f"{d}/{MANIFEST}"
-    fix = fix or (f"rerun `{m['made_by']} --force`" if m.get("made_by") else "rerun the stage that wrote it with --force")
+    fix = fix or (f"rerun `{m['redo']}`" if m.get("redo") else "rerun the stage that wrote it with --force")
     for rel, want in sorted(m["files"].items()):
         if rel not in have:
             raise AimfairError(f"{d}/{rel} is missing (listed in {where}): {fix}")

@@ -180,7 +180,7 @@ def publish(src: str, store: str) -> int:
         old = _pointer(store, entry)
         if old and old["listing"] == listing:
             continue
-        version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        version = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # sorts by time
         base, before = f"{store}/{VERSIONS}/{entry}", old and f"{store}/{VERSIONS}/{entry}/{old['version']}"
         for rel in sorted(listing):
             if before and old["listing"].get(rel) == listing[rel]:
@@ -191,8 +191,10 @@ def publish(src: str, store: str) -> int:
                 _copy(f"{sp}/{rel}", f"{base}/{version}/{rel}")
                 uploaded += 1
         write_json(f"{store}/{POINTERS}/{entry}.json", {"version": version, "listing": listing})
-        for info in dfs.get_file_info(pafs.FileSelector(f"{dp}/{VERSIONS}/{entry}")):  # the old ones, and any a
-            if info.base_name != version:                                              # killed publish left
+        # the version the pointer named before, and any older one (a killed publish's); a newer one may be
+        # another publisher's, still writing
+        for info in dfs.get_file_info(pafs.FileSelector(f"{dp}/{VERSIONS}/{entry}")) if old else []:
+            if info.base_name != version and info.base_name <= old["version"]:
                 dfs.delete_dir(info.path)
     return uploaded
 

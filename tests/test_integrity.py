@@ -115,6 +115,14 @@ def test_checkpoint_weights_are_checked_against_their_recorded_sha256(tmp_path):
         damage(bad / "model.safetensors")
         with pytest.raises(AimfairError, match=r"model\.safetensors " + said.replace("(", r"\(")):
             load_classifier(bad)
+    # the faithfulness filter's checker: written whole with its manifest, checked on load
+    from aimfair_ray.generate.checker import Checker
+
+    Checker([(230, 40, 40), (40, 200, 40)]).save(str(tmp_path / "checker"))
+    assert Checker.load(str(tmp_path / "checker")).colors == [[230, 40, 40], [40, 200, 40]]
+    _flip(tmp_path / "checker" / "checker.safetensors")
+    with pytest.raises(AimfairError, match=r"checker\.safetensors is damaged .*the filter trains it again"):
+        Checker.load(str(tmp_path / "checker"))
 
 
 def _plan(counts, prompts=("a red zero", "a red 0")):

@@ -41,24 +41,24 @@ def make_table(columns: dict) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
-def write_split(ds, directory: str, made_by: str, rows_per_file: int = 2048, fingerprint: str | None = None) -> str:
+def write_split(ds, directory: str, redo: str, rows_per_file: int = 2048, fingerprint: str | None = None) -> str:
     """Write a Ray Dataset (or a pyarrow Table) as Parquet shards, atomically, with its manifest
-    (``made_by``: the command that writes it, named in the fix for a damaged file)."""
+    (``redo``: the command that writes it again, named in the fix for a damaged file)."""
     import ray
 
     if isinstance(ds, pa.Table):
         ds = ray.data.from_arrow(ds.cast(SCHEMA))
     with atomic_dir(directory) as tmp:
         ds.write_parquet(tmp, min_rows_per_file=rows_per_file)
-        write_manifest(tmp, made_by, fingerprint)
+        write_manifest(tmp, redo, fingerprint)
     return directory
 
 
-def write_manifest(directory: str, made_by: str, fingerprint: str | None = None) -> dict:
+def write_manifest(directory: str, redo: str, fingerprint: str | None = None) -> dict:
     """The manifest of a finished split or set folder: its files, and its rows per cell (``y<c>_s<g>``)."""
     t = read_table(directory, ["target", "group"]) if any(Path(directory).glob("*.parquet")) else None
     rows = {} if t is None else cell_rows(t)
-    return manifest.write(directory, fingerprint, rows, made_by=made_by)
+    return manifest.write(directory, fingerprint, rows, redo=redo)
 
 
 def cell_rows(t: pa.Table) -> dict[str, int]:
@@ -113,6 +113,7 @@ def read_split(directory: str):
 
 def read_table(directory: str, columns: list[str] | None = None) -> pa.Table:
     """The Parquet files of a split or set directory as one table, without Ray (small reads: ids, labels)."""
+    manifest.verify(directory)  # a damaged or unlisted shard is named as such, before it is read
     files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
     if not files:
         raise AimfairError(f"no Parquet files in {directory}")
@@ -133,6 +134,7 @@ def files_sha(directory: str) -> str:
 
 def first_row(directory: str, columns: list[str]) -> dict:
     """The first row of a split or set directory (its first shard's), without reading the rest."""
+    manifest.verify(directory)
     files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
     if not files:
         raise AimfairError(f"no Parquet files in {directory}")

@@ -132,7 +132,7 @@ def prepare_data(cfg, force: bool = False, log=print) -> dict:
         built = _real_tables(cfg)
     for split, table in built["tables"].items():
         try:
-            write_split(table, f"{data_dir}/{split}", "aimfair data prepare")
+            write_split(table, f"{data_dir}/{split}", "aimfair data prepare --force")
         except Exception as e:  # noqa: BLE001
             found = re.findall(r"(corrupt or unreadable image [^{].*)", str(e))
             if found:

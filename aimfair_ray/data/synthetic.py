@@ -127,7 +127,7 @@ def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_d
         write_json(f"{tmp}/{IMPORT}", info)
         write_samples(tmp, f"{kind} set imported from {Path(manifest).name} ({name})", meta["target_names"],
                       meta["group_names"])
-        write_manifest(tmp, "aimfair data import-synthetic", digest(key))
+        write_manifest(tmp, f"aimfair data import-synthetic {manifest} --as {kind} --force", digest(key))
     log(f"import: {len(df)} images from {manifest} -> {out_dir} as the {kind} set (generator {name}); cells {counts}")
     return info
 

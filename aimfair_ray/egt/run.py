@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aimfair_ray import manifest
 from aimfair_ray.config import Config
 from aimfair_ray.egt.tasks import check_kind, get
 from aimfair_ray.storage import atomic_dir, exists, read_json, write_json
@@ -190,6 +191,7 @@ def measure(cfg: Config, kind: str, trained: dict | None, model_dir: str | None)
             for rel, data in files.items():
                 (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / rel).write_bytes(data)
+            manifest.write(tmp, redo=f"aimfair minmax {kind} --force")
     return q
 
 

@@ -37,13 +37,22 @@ class Checker:
         return {"digit": digits, "target": (digits >= 5).astype(int), "group": stroke_color(images, self.colors)}
 
     def save(self, path: str) -> None:
-        p = Path(path)
-        p.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(p / "checker.safetensors"))
-        (p / "checker.json").write_text(json.dumps({"colors": self.colors}))
+        """Whole (a temporary folder renamed into place), with its manifest (sha256 of the weights)."""
+        from aimfair_ray import manifest
+        from aimfair_ray.storage import atomic_dir
+
+        with atomic_dir(path) as tmp:
+            p = Path(tmp)
+            p.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(p / "checker.safetensors"))
+            (p / "checker.json").write_text(json.dumps({"colors": self.colors}))
+            manifest.write(tmp, redo="aimfair generate filter")
 
     @classmethod
     def load(cls, path: str) -> "Checker":
+        from aimfair_ray import manifest
+
+        manifest.verify(path, f"remove {path} (the filter trains it again)")
         c = cls(json.loads((Path(path) / "checker.json").read_text())["colors"])
         c.model.load_state_dict(load_file(str(Path(path) / "checker.safetensors")))
         return c

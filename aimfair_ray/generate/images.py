@@ -328,6 +328,6 @@ def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | N
             write_json(str(Path(out_dir) / "stats.json"), stats[out_dir])
             ids = written_ids(out_dir)
             rows = {cell: int(pc.sum(pc.starts_with(ids, f"{plan.kind}-{cell}-")).as_py()) for cell, *_ in plan.cells}
-            manifest.write(out_dir, plan.fingerprint(meta), rows, made_by="aimfair generate images")
+            manifest.write(out_dir, plan.fingerprint(meta), rows, redo="aimfair generate images --force")
         (Path(out_dir) / COMPLETE).touch()
     return stats
