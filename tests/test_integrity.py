@@ -473,7 +473,7 @@ def test_a_node_lost_mid_generation_and_mid_training(nodes, tmp_path):
     from aimfair_ray.data.prepare import prepare_data
     from aimfair_ray.generate.images import written_ids
 
-    sets = TINY + [f"output_dir={tmp_path}", "generate.n_balanced_per_cell=50", "generate.n_imbalanced=8",
+    sets = TINY + [f"output_dir={tmp_path}", "generate.n_balanced_per_cell=30", "generate.n_imbalanced=8",
                    "generate.steps=4", "generate.actors=2", "train.epochs=3", "train.num_workers=2", "train.max_failures=1"]
     cfg = load_config("cmnist", overrides=sets)
     prepare_data(cfg, log=lambda *_: None)  # on the session's cluster: the files are this machine's
@@ -485,11 +485,11 @@ def test_a_node_lost_mid_generation_and_mid_training(nodes, tmp_path):
     lost = _node_running(nodes, "DiffusionActor")
     _lose(nodes, lost)
     at_loss = len(written_ids(str(bal)))
-    assert at_loss < 200 and proc.poll() is None  # mid-generation
+    assert at_loss < 120 and proc.poll() is None  # mid-generation
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
-    assert "200/200 written" in out
-    for kind, n in (("balanced", 200), ("imbalanced", 8)):
+    assert "120/120 written" in out
+    for kind, n in (("balanced", 120), ("imbalanced", 8)):
         ids = written_ids(str(tmp_path / "cmnist" / "synthetic" / kind)).to_pylist()
         assert len(ids) == len(set(ids)) == n, kind  # every planned id once
     # a new node joins (2 live nodes + 1); then the node with a Train worker is lost mid-run
@@ -559,24 +559,33 @@ def test_the_driver_killed_during_finetune_resumes_to_the_figures_of_an_uninterr
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+EGT_DRIVER = ("import sys; from aimfair_ray.config import load_config; from aimfair_ray.egt.run import train_generator; "
+              "train_generator(load_config('cmnist', overrides=sys.argv[1:]), 'image')")
+
+
 @pytest.mark.faults
 def test_the_driver_killed_during_an_egt_run_resumes_to_the_figures_of_an_uninterrupted_run(egt_image, ray_cluster,
                                                                                            tmp_path):
-    """`aimfair minmax image` killed after its first registered checkpoint; the same command resumes from
-    it (not from step 0) and ends with the history and group weights of the same run never stopped."""
+    """A driver running EGT fine-tuning (what `aimfair minmax image` runs after measuring the pretrained model)
+    killed after its first registered checkpoint; the same driver again resumes from it (not from step 0)
+    and ends with the history and group weights of the same run never stopped."""
     from conftest import egt_image_sets
 
     cfg0, whole = egt_image
-    args = ["minmax", "image", *[x for s in egt_image_sets(cfg0.egt.image.pipeline, tmp_path) for x in ("--set", s)]]
+    args = [sys.executable, "-c", EGT_DRIVER, *egt_image_sets(cfg0.egt.image.pipeline, tmp_path)]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+
+    def driver():
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
     run_path = tmp_path / "cmnist" / "ray" / "cmnist-egt-image-minmax-seed0"
-    _kill_after(_cli(args, env), lambda: _registered(run_path), "EGT checkpoint")
-    proc = _cli(args, env)
+    _kill_after(driver(), lambda: _registered(run_path), "EGT checkpoint")
+    proc = driver()
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
-    log = (tmp_path / "cmnist" / "logs" / "workers.log").read_text()
-    assert "resuming the interrupted run" in out and "egt resuming from checkpoint after step" in log, out[-2000:]
-    assert int(log.split("egt resuming from checkpoint after step ")[1].split()[0]) in (2, 4)
+    assert "resuming the interrupted run" in out and "egt resuming from checkpoint after step" in out, out[-2000:]
+    assert int(out.split("egt resuming from checkpoint after step ")[1].split()[0]) in (2, 4)
     again = json.loads((tmp_path / "cmnist" / "egt" / "image" / "minmax-seed0" / "result.json").read_text())
     assert again["steps"] == 4 and [h["step"] for h in again["history"]] == [2, 4]
     keys = ("step", "loss")
