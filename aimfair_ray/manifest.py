@@ -43,13 +43,12 @@ def _listing(directory: str) -> dict[str, pafs.FileInfo]:
     return {rel: info for rel, info in published_files(fs, root).items() if rel.rsplit("/", 1)[-1] not in skip}
 
 
-def write(directory: str, fingerprint: str | None = None, rows: dict | None = None, redo: str | None = None,
-          **extra) -> dict:
+def write(directory: str, fingerprint: str | None = None, rows: dict | None = None, redo: str | None = None) -> dict:
     """Write ``directory``'s manifest (call it when every other file is in place); ``redo``: the command
     that makes it again (the fix named for a damaged file)."""
     d = str(directory).rstrip("/")
     files = {rel: {"size": info.size, "sha256": sha256_file(f"{d}/{rel}")} for rel, info in sorted(_listing(d).items())}
-    m = {"fingerprint": fingerprint, "rows": rows, "redo": redo, "files": files, **extra}
+    m = {"fingerprint": fingerprint, "rows": rows, "redo": redo, "files": files}
     write_json(f"{d}/{MANIFEST}", m)
     return m
 

@@ -181,14 +181,13 @@ def publish(src: str, store: str) -> int:
         if old and old["listing"] == listing:
             continue
         version = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # sorts by time
-        base, before = f"{store}/{VERSIONS}/{entry}", old and f"{store}/{VERSIONS}/{entry}/{old['version']}"
         for rel in sorted(listing):
-            if before and old["listing"].get(rel) == listing[rel]:
+            if old and old["listing"].get(rel) == listing[rel]:  # unchanged: copied inside the store
                 to = f"{dp}/{VERSIONS}/{entry}/{version}/{rel}"
                 dfs.create_dir(to.rsplit("/", 1)[0], recursive=True)
                 dfs.copy_file(f"{dp}/{VERSIONS}/{entry}/{old['version']}/{rel}", to)
             else:
-                _copy(f"{sp}/{rel}", f"{base}/{version}/{rel}")
+                _copy(f"{sp}/{rel}", f"{store}/{VERSIONS}/{entry}/{version}/{rel}")
                 uploaded += 1
         write_json(f"{store}/{POINTERS}/{entry}.json", {"version": version, "listing": listing})
         # the version the pointer named before, and any older one (a killed publish's); a newer one may be
@@ -199,7 +198,7 @@ def publish(src: str, store: str) -> int:
     return uploaded
 
 
-def fetch(store: str, dst: str, entries: list[str] | None = None) -> int:
+def fetch(store: str, dst: str) -> int:
     """Fetch each published entry of ``store`` that the folder ``dst`` lacks (local entries are never
     overwritten), whole: into a temporary folder, then renamed into place. Returns how many files."""
     dfs, dp = filesystem(store)
@@ -208,8 +207,6 @@ def fetch(store: str, dst: str, entries: list[str] | None = None) -> int:
     n = 0
     for info in dfs.get_file_info(pafs.FileSelector(f"{dp}/{POINTERS}")):
         entry = info.base_name[:-len(".json")]
-        if entries is not None and entry not in entries:
-            continue
         final = Path(local_path(dst)) / entry
         if final.exists():
             continue

@@ -102,6 +102,21 @@ def tiny_pipeline(tmp_path_factory):
     return str(path)
 
 
+def _wait_up(url: str, proc, timeout: float, failed) -> None:
+    """Until ``url`` answers at all (any HTTP status); ``failed()`` is the error once ``proc`` exits or time is up."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(failed()) from None
+            time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def s3():
     """A real S3-compatible endpoint: moto's server on loopback (``AWS_ENDPOINT_URL``, set above), with a
@@ -110,17 +125,7 @@ def s3():
 
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{S3_PORT}/", timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the moto S3 server did not start") from None
-            time.sleep(0.3)
+    _wait_up(f"http://127.0.0.1:{S3_PORT}/", proc, 60, lambda: "the moto S3 server did not start")
     fs, _ = pafs.FileSystem.from_uri("s3://aimfair?allow_bucket_creation=true")
     fs.create_dir("aimfair")
     yield "s3://aimfair"
@@ -149,17 +154,8 @@ def ray_head():
     log = open(os.path.join(tmp, "ray-start.log"), "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 180
-    while True:  # up once the dashboard answers at all (401 without the cluster's auth token)
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"ray start --head failed: {open(log.name).read()[-3000:]}") from None
-            time.sleep(1)
+    # up once the dashboard answers at all (401 without the cluster's auth token)
+    _wait_up(f"{url}/api/version", proc, 180, lambda: f"ray start --head failed: {open(log.name).read()[-3000:]}")
     yield {"address": f"127.0.0.1:{gcs}", "dashboard": url, "temp_dir": tmp}
     proc.terminate()
     try:

@@ -334,8 +334,10 @@ def _wait_for(what, cond, proc, timeout=240):
         time.sleep(0.1)
 
 
-def _checkpoints(run_path):
-    return [c for c in run_path.glob("checkpoint_*") if c.is_dir()]
+def _registered(run_path):
+    """The checkpoints Ray Train's controller has registered (what a restarted or resumed run restores)."""
+    snap = run_path / "checkpoint_manager_snapshot.json"
+    return snap.is_file() and json.loads(snap.read_text())["checkpoint_results"]
 
 
 @pytest.mark.faults
@@ -356,9 +358,7 @@ def test_a_train_worker_killed_mid_epoch_is_replaced_and_the_run_resumes_from_it
     run_path = tmp_path / "cmnist" / "ray" / "cmnist-baseline"
     # a checkpoint Ray Train has registered (one written but not yet registered when its worker dies is
     # not restored: that epoch runs again)
-    snapshot = run_path / "checkpoint_manager_snapshot.json"
-    _wait_for("registered checkpoint", lambda: snapshot.is_file() and json.loads(snapshot.read_text())["checkpoint_results"],
-              proc)
+    _wait_for("registered checkpoint", lambda: _registered(run_path), proc)
     victims = [a for a in list_actors(**workers) if a.actor_id not in before]
     assert len(victims) == 1
     os.kill(victims[0].pid, signal.SIGKILL)
@@ -497,9 +497,7 @@ def test_a_node_lost_mid_generation_and_mid_training(nodes, tmp_path):
     nodes["alive"](3)
     proc = _cli(["train", "baseline", *args], env)
     run_path = tmp_path / "cmnist" / "ray" / "cmnist-baseline"
-    snapshot = run_path / "checkpoint_manager_snapshot.json"
-    _wait_for("registered checkpoint", lambda: snapshot.is_file() and json.loads(snapshot.read_text())["checkpoint_results"],
-              proc)
+    _wait_for("registered checkpoint", lambda: _registered(run_path), proc)
     hosting = _node_running(nodes, "RayTrainWorker")  # the head has 1 CPU: one of the 2 workers is on a worker node
     assert hosting
     _lose(nodes, hosting)
@@ -517,11 +515,6 @@ def _kill_after(proc, ready, what) -> None:
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, mid-run
     proc.wait()
     time.sleep(2)  # let Ray reap the dead driver's actors
-
-
-def _registered(run_path):
-    snap = run_path / "checkpoint_manager_snapshot.json"
-    return snap.is_file() and json.loads(snap.read_text())["checkpoint_results"]
 
 
 @pytest.mark.faults

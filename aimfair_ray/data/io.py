@@ -41,7 +41,7 @@ def make_table(columns: dict) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
-def write_split(ds, directory: str, redo: str, rows_per_file: int = 2048, fingerprint: str | None = None) -> str:
+def write_split(ds, directory: str, redo: str, rows_per_file: int = 2048) -> str:
     """Write a Ray Dataset (or a pyarrow Table) as Parquet shards, atomically, with its manifest
     (``redo``: the command that writes it again, named in the fix for a damaged file)."""
     import ray
@@ -50,7 +50,7 @@ def write_split(ds, directory: str, redo: str, rows_per_file: int = 2048, finger
         ds = ray.data.from_arrow(ds.cast(SCHEMA))
     with atomic_dir(directory) as tmp:
         ds.write_parquet(tmp, min_rows_per_file=rows_per_file)
-        write_manifest(tmp, redo, fingerprint)
+        write_manifest(tmp, redo)
     return directory
 
 
@@ -67,15 +67,19 @@ def cell_rows(t: pa.Table) -> dict[str, int]:
     return {f"y{r['target']}_s{r['group']}": r["count_all"] for r in sorted(counts, key=lambda r: (r["target"], r["group"]))}
 
 
-def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet shard; an unreadable one is a one-line error naming it and the fix."""
+def read_parquet(path, columns: list[str] | None = None,
+                 fix: str = "rerun the stage that wrote it with --force (or remove the file)") -> pa.Table:
+    """One Parquet shard; an unreadable one is a one-line error naming it and ``fix``."""
     import pyarrow.parquet as pq
 
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
-        raise AimfairError(f"{path} is not a readable Parquet shard ({str(e).splitlines()[0]}): rerun the stage that "
-                           "wrote it with --force (or remove the file)") from None
+        raise unreadable(path, e, fix) from None
+
+
+def unreadable(path, e: Exception, fix: str) -> AimfairError:
+    return AimfairError(f"{path} is not a readable Parquet shard ({str(e).splitlines()[0]}): {fix}")
 
 
 def check_split(directory: str, fix: str | None = None) -> None:
@@ -96,8 +100,7 @@ def check_split(directory: str, fix: str | None = None) -> None:
         try:
             names = pq.read_schema(files[0]).names
         except (pa.ArrowInvalid, OSError) as e:
-            raise AimfairError(f"{files[0]} is not a readable Parquet shard ({str(e).splitlines()[0]}): rerun the stage "
-                               "that wrote it with --force") from None
+            raise unreadable(files[0], e, "rerun the stage that wrote it with --force") from None
         missing = set(SCHEMA.names) - set(names)
         if missing:
             raise AimfairError(f"{directory}: not in the aimfair image schema, missing columns {sorted(missing)}")

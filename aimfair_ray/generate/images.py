@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from aimfair_ray import AimfairError, manifest, progress
 from aimfair_ray.data.codecs import encode_png
-from aimfair_ray.data.io import SCHEMA
+from aimfair_ray.data.io import SCHEMA, read_parquet, write_manifest
 from aimfair_ray.manifest import MANIFEST, digest
 from aimfair_ray.storage import COMPLETE, write_json
 
@@ -169,17 +169,10 @@ def write_shard(batch: pd.DataFrame, out_dir: str) -> str:
     return str(path)
 
 
-def _ids(shard: Path) -> pa.ChunkedArray:
-    try:
-        return pq.ParquetFile(shard).read(columns=["id"], use_threads=False)["id"]
-    except (pa.ArrowInvalid, OSError) as e:
-        raise AimfairError(f"{shard} is not a readable Parquet shard ({str(e).splitlines()[0]}): remove it and rerun to "
-                           "draw its images again, or rerun with --force") from None
-
-
 def written_ids(out_dir: str) -> pa.Array:
     """The ids of a folder's committed shards, as one Arrow string column (compact: no Python objects)."""
-    chunks = [_ids(f) for f in sorted(Path(out_dir).glob("shard-*.parquet"))]
+    fix = "remove it and rerun to draw its images again, or rerun with --force"
+    chunks = [read_parquet(f, ["id"], fix)["id"] for f in sorted(Path(out_dir).glob("shard-*.parquet"))]
     return pa.chunked_array([c for ch in chunks for c in ch.chunks], pa.string()).combine_chunks()
 
 
@@ -282,7 +275,7 @@ def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | N
         if todo:
             (out / COMPLETE).unlink(missing_ok=True)
             (out / MANIFEST).unlink(missing_ok=True)
-        elif (out / MANIFEST).is_file():  # a finished set: its files are the ones written
+        else:  # a finished set: its files are the ones written
             manifest.verify(str(out))
         log(f"images: {out.name}: {len(plan)} planned, {done[out_dir]} already written, "
             f"{len(plan) - done[out_dir]} to generate")
@@ -326,8 +319,6 @@ def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | N
                           "images_per_s": round(k / secs, 3) if k else None}
         if not (Path(out_dir) / MANIFEST).is_file():
             write_json(str(Path(out_dir) / "stats.json"), stats[out_dir])
-            ids = written_ids(out_dir)
-            rows = {cell: int(pc.sum(pc.starts_with(ids, f"{plan.kind}-{cell}-")).as_py()) for cell, *_ in plan.cells}
-            manifest.write(out_dir, plan.fingerprint(meta), rows, redo="aimfair generate images --force")
+            write_manifest(out_dir, "aimfair generate images --force", plan.fingerprint(meta))
         (Path(out_dir) / COMPLETE).touch()
     return stats

@@ -145,8 +145,7 @@ def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32",
     from aimfair_ray import manifest
 
     torch_dtype = getattr(torch, dtype)
-    if (Path(path) / manifest.MANIFEST).is_file():  # a pipeline this project wrote (EGT): its files as written
-        manifest.verify(str(path))
+    manifest.verify(str(path))  # a pipeline this project wrote (EGT): its files as written
     index = Path(path) / "model_index.json"
     info = json.loads(index.read_text()) if index.is_file() else {}  # {}: a hub id
     if info.get("_class_name") == AimfairT2IPipeline.__name__:
