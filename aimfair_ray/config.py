@@ -243,12 +243,18 @@ class EGTImageConfig(_Strict):
 
     pipeline: Optional[str] = Field(None, description="diffusers pipeline folder or hub id; null: the embedded model")
     n_train: int = Field(512, ge=8, description="fine-tuning images (group-imbalanced)")
-    n_eval_per_group: int = Field(64, ge=2, description="held-out real images per group for the quality metrics")
+    n_eval_per_group: int = Field(500, ge=2, description="held-out real images per group, and generated images per "
+                                  "group, for the quality metrics (over 320 gives a full-rank FID covariance)")
+    nearest_k: int = Field(5, ge=1, description="k of the k-NN manifolds of precision, recall, density and coverage")
+    max_draws: int = Field(10, ge=1, description="unconditional setting: draw at most this many times the images asked "
+                                                 "for (groups x n_eval_per_group) while sorting them into groups")
+    lora_rank: int = Field(0, ge=0, description="> 0: train LoRA adapters of this rank on the attention projections of an "
+                                                "SD-architecture UNet (egt.image.pipeline), not the whole UNet (extra: lora)")
     noise_levels: int = Field(8, ge=1, description="evenly spaced noise levels of the denoising-loss metric")
     sample_steps: int = Field(20, ge=1, description="DDIM steps of the images the Fréchet distance compares")
     guidance_scale: float = Field(3.0, ge=1)
-    features: str = Field("efficientnet_lite0", description="feature extractor of the Fréchet distance: "
-                          "efficientnet_lite0 (bundled ImageNet weights) or a transformers vision model")
+    features: str = Field("efficientnet_lite0", description="feature space of FID, precision and recall: efficientnet_lite0 "
+                          "(bundled ImageNet weights, 320-d) or a transformers vision model")
     feature_size: int = Field(96, ge=32, description="images are resized to this for the feature extractor")
 
 
@@ -272,13 +278,17 @@ class EGTConfig(_Strict):
 
     objective: Literal["erm", "reweight", "minmax", "conditional"] = "minmax"
     eta: float = Field(1.0, ge=0, description="min–max: step size of the group-weight ascent")
-    ema: float = Field(0.0, ge=0, lt=1, description="min–max: EMA decay of the group losses the ascent uses")
+    update: Literal["soft", "worst"] = Field("soft", description="min–max: exponentiated-gradient weights with step eta "
+                                             "(soft), or all weight on the worst group of each noise bucket (worst)")
+    ema: float = Field(0.0, ge=0, lt=1, description="min–max: EMA decay of the group losses the update uses")
     n_buckets: int = Field(4, ge=1, description="diffusion: timestep buckets, each with its own group weights")
     minority_share: float = Field(0.1, gt=0, lt=1, description="share of group 1 in the fine-tuning set (0.1: 90% / 10%)")
     steps: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=2, description="global batch, split over the Train workers")
     lr: float = Field(2e-4, gt=0)
     checkpoint_every: int = Field(25, ge=1, description="steps between checkpoints (an interrupted run resumes from the last)")
+    val_per_group: int = Field(32, ge=0, description="held-out samples per group whose loss (image: denoising, text: "
+                               "perplexity) is reported at every checkpoint (val_quality, its gap; sweeps rank by them); 0: none")
     seed: int = 0
     image: EGTImageConfig = EGTImageConfig()
     text: EGTTextConfig = EGTTextConfig()

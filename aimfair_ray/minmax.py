@@ -7,7 +7,9 @@ weights toward the worst groups, ``q_g <- q_g * exp(eta * L_g)``, then renormali
 (Sagawa et al., Group DRO, Algorithm 1). Only the groups present in the batch take part
 in a step (see :meth:`GroupWeights.update`). With ``eta = 0`` the weights stay uniform.
 With ``ema > 0`` the ascent uses exponentially smoothed group losses instead of the
-noisy per-batch ones (a group absent from a batch keeps its smoothed loss).
+noisy per-batch ones (a group absent from a batch keeps its smoothed loss). The ``worst``
+rule (EGT's "worst group at each noise level") replaces the ascent step: all weight goes to
+the group with the highest (smoothed) loss, the limit of the step as ``eta`` grows.
 
 For diffusion (EGT), :class:`NoiseLevelWeights` keeps one set of weights per bucket of
 timesteps, so the min–max acts at each noise level. :class:`Objective` names the
@@ -21,6 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
+UPDATE_RULES = ("soft", "worst")  # exponentiated-gradient step, or all weight on the worst group
+
 
 class GroupWeights:
     """Group weights ``q`` (a probability vector) updated by exponentiated gradient.
@@ -30,14 +34,16 @@ class GroupWeights:
     """
 
     def __init__(self, n_groups: int, eta: float, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 ema: float = 0.0):
+                 ema: float = 0.0, rule: str = "soft"):
+        if rule not in UPDATE_RULES:
+            raise ValueError(f"unknown update rule {rule!r}; choose one of {', '.join(UPDATE_RULES)}")
         if n_groups < 1:
             raise ValueError(f"n_groups must be >= 1, got {n_groups}")
         if eta < 0:
             raise ValueError(f"the step size eta must be >= 0, got {eta}")
         if not 0 <= ema < 1:
             raise ValueError(f"the EMA decay must be in [0, 1), got {ema}")
-        self.n_groups, self.eta, self.reduce, self.ema = n_groups, float(eta), reduce, float(ema)
+        self.n_groups, self.eta, self.reduce, self.ema, self.rule = n_groups, float(eta), reduce, float(ema), rule
         self.q = torch.full((n_groups,), 1.0 / n_groups, dtype=torch.float64)
         self.avg = torch.zeros(n_groups, dtype=torch.float64)   # smoothed group losses (ema > 0)
         self.seen = torch.zeros(n_groups, dtype=torch.bool)
@@ -60,10 +66,15 @@ class GroupWeights:
         ``q_g * exp(eta * L_g)`` for them, rescaled to their previous total mass. With every group
         active this is the usual step; a group without a loss (absent from the batch) keeps its
         weight, and a batch with one group moves nothing. Counting an absent group as a zero
-        loss instead would drift the weights toward the majority group when batches are small."""
+        loss instead would drift the weights toward the majority group when batches are small.
+        The ``worst`` rule puts all weight on the active group with the highest loss."""
         gl = group_loss.detach().double().cpu()
         active = torch.ones_like(gl, dtype=torch.bool) if active is None else active.detach().cpu().bool()
-        if active.any():
+        if self.rule == "worst":
+            if active.sum() > 1:  # one group alone says nothing about which is worst
+                self.q = torch.zeros_like(self.q)
+                self.q[int(torch.where(active, gl, -torch.inf).argmax())] = 1.0
+        elif active.any():
             stepped = self.q[active] * torch.exp(self.eta * (gl[active] - gl[active].max()))  # shifted: no overflow
             q = self.q.clone()
             q[active] = stepped * (self.q[active].sum() / stepped.sum())
@@ -86,7 +97,8 @@ class GroupWeights:
     def step(self, losses: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Update ``q`` from this batch (as Group DRO, before the model step); return the
         robust loss ``sum_g q_g L_g`` over the groups present (``q`` renormalised over them),
-        the group losses and the group counts."""
+        the group losses and the group counts. (With ``worst`` and the worst group absent from
+        the batch, the loss is 0: nothing of the worst group to minimise in it.)"""
         gl, counts = self.group_losses(losses, groups)
         self.update(*self.smooth(gl, counts))
         q = self.q.to(gl.device, gl.dtype) * (counts > 0)  # groups absent from the batch don't dilute the loss
@@ -97,7 +109,7 @@ class GroupWeights:
         return self.step(losses, groups)[0]
 
     def state_dict(self) -> dict:
-        return {"q": self.q.tolist(), "eta": self.eta, "ema": self.ema, "avg": self.avg.tolist(),
+        return {"q": self.q.tolist(), "eta": self.eta, "ema": self.ema, "rule": self.rule, "avg": self.avg.tolist(),
                 "seen": self.seen.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -135,9 +147,9 @@ class NoiseLevelWeights:
     ``sum_b (n_b / n) sum_g q_bg L_bg``: every bucket's worst groups are up-weighted."""
 
     def __init__(self, n_groups: int, eta: float, n_buckets: int, num_timesteps: int,
-                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, ema: float = 0.0):
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, ema: float = 0.0, rule: str = "soft"):
         self.buckets = NoiseBuckets(n_buckets, num_timesteps)
-        self.levels = [GroupWeights(n_groups, eta, reduce, ema) for _ in range(n_buckets)]
+        self.levels = [GroupWeights(n_groups, eta, reduce, ema, rule) for _ in range(n_buckets)]
 
     @property
     def q(self) -> torch.Tensor:
@@ -169,22 +181,23 @@ class Objective:
 
     - ``erm``: the mean loss (the majority group dominates);
     - ``reweight``: importance reweighting to balanced groups, ``mean_g L_g`` (uniform ``q``);
-    - ``minmax``: exponentiated-gradient group weights (per noise bucket when ``n_buckets`` > 1);
+    - ``minmax``: min–max group weights (per noise bucket when ``n_buckets`` > 1), by the
+      exponentiated-gradient step (``rule="soft"``) or on the worst group (``rule="worst"``);
     - ``conditional``: ERM; the trainer conditions the model on the group instead.
     """
 
     def __init__(self, kind: str, n_groups: int, eta: float = 0.0, ema: float = 0.0, n_buckets: int = 1,
-                 num_timesteps: Optional[int] = None, reduce=None):
+                 num_timesteps: Optional[int] = None, reduce=None, rule: str = "soft"):
         if kind not in OBJECTIVES:
             raise ValueError(f"unknown objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
         self.kind, self.n_groups = kind, n_groups
         self.weights: Optional[GroupWeights | NoiseLevelWeights] = None
         if kind in ("reweight", "minmax"):
-            step = eta if kind == "minmax" else 0.0
+            step, rule = (eta, rule) if kind == "minmax" else (0.0, "soft")
             if num_timesteps is not None and n_buckets > 1:
-                self.weights = NoiseLevelWeights(n_groups, step, n_buckets, num_timesteps, reduce, ema)
+                self.weights = NoiseLevelWeights(n_groups, step, n_buckets, num_timesteps, reduce, ema, rule)
             else:
-                self.weights = GroupWeights(n_groups, step, reduce, ema)
+                self.weights = GroupWeights(n_groups, step, reduce, ema, rule)
 
     def __call__(self, losses: torch.Tensor, groups: torch.Tensor, timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.weights is None:

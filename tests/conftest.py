@@ -223,7 +223,8 @@ def egt_image_sets(pipeline_dir, output_dir) -> list[str]:
     return [f"output_dir={output_dir}", "egt.steps=4", "egt.checkpoint_every=2", "egt.batch_size=16",
             "train.num_workers=2", f"egt.image.pipeline={pipeline_dir}", "egt.image.n_train=48",
             "egt.image.n_eval_per_group=4", "egt.image.sample_steps=2", "egt.image.noise_levels=3",
-            "egt.image.feature_size=32", "egt.n_buckets=3", "egt.eta=2.0", "egt.minority_share=0.5"]
+            "egt.image.feature_size=32", "egt.image.nearest_k=2", "egt.image.max_draws=40", "egt.n_buckets=3",
+            "egt.eta=2.0", "egt.minority_share=0.5", "egt.val_per_group=4"]
 
 
 @pytest.fixture(scope="session")

@@ -24,11 +24,18 @@ def test_image_minmax_on_ray_train_then_reuse(egt_image):
     cfg, res = egt_image
     assert res["steps"] == 4 and [h["step"] for h in res["history"]] == [2, 4]
     assert res["history"][0]["world_size"] == 2
+    for h in res["history"]:  # the held-out denoising loss per group at every checkpoint
+        per = json.loads(h["val_groups"])
+        assert set(per) == {"red", "green"} and h["val_quality"] == pytest.approx(sum(per.values()) / 2)
+        assert h["val_quality_gap"] == pytest.approx(abs(per["red"] - per["green"]))
     q = res["quality"]
-    for m in ("denoise", "fd"):
+    for m in ("fid", "precision", "recall", "density", "coverage", "denoise"):
         assert set(q[m]) == {"red", "green"}
         assert q["gap"][m] == pytest.approx(max(q[m].values()) - min(q[m].values()))
-    assert 0 <= q["overall"]["group_confirmed"] <= 1 and q["n_per_group"] == 4
+    assert all(0 <= q[m][g] <= 1 for m in ("precision", "recall", "coverage") for g in q[m])
+    # the unconditional setting: drawn without the colour, sorted by the checker up to 4 per group
+    assert q["setting"] == "unconditional" and q["generated"] == [4, 4] and q["n_per_group"] == 4
+    assert q["drawn"] >= 8 and sum(q["share"].values()) == pytest.approx(1.0)
     levels = res["group_weights"]["weights"]["levels"]  # one set of group weights per noise bucket
     assert len(levels) == 3 and all(abs(sum(w["q"]) - 1) < 1e-9 for w in levels)
     assert sum(w["q"] != [0.5, 0.5] for w in levels) >= 2
@@ -78,21 +85,33 @@ def test_results_table_and_targets():
         return {"ppl": {"male": a, "female": b}, "gap": {"ppl": abs(a - b)}, "overall": {"ppl": (a + b) / 2}}
 
     groups = ["male", "female"]
-    table = {"erm": row([q(10, 20), q(10, 22)], "text", groups), "minmax": row([q(12, 15), q(12, 16)], "text", groups)}
+    table = {"erm": dict(row([q(10, 20), q(10, 22)], "text", groups), setting="unconditional"),
+             "minmax": dict(row([q(12, 15), q(12, 16)], "text", groups), setting="unconditional")}
     t = targets(table, "text")["ppl"]
     assert t["gap_cut"] == pytest.approx(1 - 3.5 / 11) and t["gap_target_met"]
     assert t["overall_worse"] == pytest.approx(13.75 / 15.5 - 1) and t["overall_target_met"]
     res = {"kind": "text", "model": "m", "seeds": [0, 1], "groups": groups, "steps": 3, "minority_share": 0.1,
            "n_per_group": 4, "table": table, "targets": targets(table, "text")}
     md = to_markdown(res)
-    assert "| minmax | 12 ± 0 | 15.5 ± 0.71 | 3.5 ± 0.71 |" in md and "gap cut 68.2%" in md
-    assert to_csv(res).splitlines()[0].startswith("objective,metric,male_mean,female_mean,gap_mean")
+    assert "| minmax | unconditional | 12 ± 0 | 15.5 ± 0.71 | 3.5 ± 0.71 |" in md and "gap cut 68.2%" in md
+    assert to_csv(res).splitlines()[0].startswith("objective,setting,metric,male_mean,female_mean,gap_mean")
+    # precision, recall, density, coverage: higher is better, so "worse" is a drop
+    from aimfair_ray.egt.image import ImageTask
+
+    def img(p0, p1):
+        per = {m: {"red": p0, "green": p1} for m in ImageTask.metrics}
+        return dict(per, gap={m: abs(p0 - p1) for m in ImageTask.metrics}, overall={m: (p0 + p1) / 2 for m in ImageTask.metrics})
+
+    groups = ["red", "green"]
+    t = targets({"erm": row([img(0.8, 0.4)], "image", groups), "minmax": row([img(0.7, 0.6)], "image", groups)}, "image")
+    assert t["precision"]["gap_cut"] == pytest.approx(0.75) and t["precision"]["overall_worse"] == pytest.approx(-0.65 / 0.6 + 1)
+    assert t["fid"]["overall_worse"] == pytest.approx(0.65 / 0.6 - 1)  # lower is better
 
 
 def test_minmax_cli_rejects_bad_input():
     res = CliRunner().invoke(app, ["minmax", "video"])
     assert res.exit_code == 2 and "choose image or text" in res.output
-    res = CliRunner().invoke(app, ["benchmark", "egt", "image", "--objectives", "conditional"])
+    res = CliRunner().invoke(app, ["benchmark", "egt", "image", "--objectives", "dro"])
     assert res.exit_code == 2 and "unknown --objectives" in res.output
     res = CliRunner().invoke(app, ["minmax", "text", "--set", "egt.minority_share=1.5"])
     assert res.exit_code == 2 and "minority_share" in res.output

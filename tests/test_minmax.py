@@ -92,3 +92,25 @@ def test_absent_groups_do_not_drift_the_weights_toward_the_majority():
     gw(torch.tensor([1.0, 3.0]), torch.tensor([0, 1]))  # group 2 absent
     assert gw.q[2] == pytest.approx(1 / 3)
     assert math.log(gw.q[1] / gw.q[0]) == pytest.approx(2.0)
+
+
+def test_worst_rule_puts_all_weight_on_each_buckets_worst_group_of_the_smoothed_losses():
+    """``worst``: in each noise bucket, q is one-hot on the group with the highest (EMA-smoothed) loss; the
+    robust loss is that group's loss. A one-batch spike does not flip it while the EMA remembers."""
+    w = NoiseLevelWeights(2, eta=0.0, n_buckets=2, num_timesteps=100, ema=0.9, rule="worst")
+    t, groups = torch.tensor([10, 10, 90, 90]), torch.tensor([0, 1, 0, 1])
+    losses = torch.tensor([0.1, 1.0, 2.0, 0.5], requires_grad=True)
+    loss = w(losses, groups, t)
+    assert torch.equal(w.q, torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64))
+    assert loss.item() == pytest.approx((2 * 1.0 + 2 * 2.0) / 4)  # each bucket's worst group, weighted by its samples
+    loss.backward()
+    assert losses.grad.tolist() == pytest.approx([0.0, 0.5, 0.5, 0.0])
+    w(torch.tensor([1.5, 1.0, 2.0, 0.5]), groups, t)  # bucket 0: one batch where group 0 is worse
+    assert w.q[0].tolist() == [0.0, 1.0]  # EMA: 0.9 * 0.1 + 0.1 * 1.5 = 0.24 < 1.0
+    sharp = GroupWeights(3, eta=0.0, rule="worst")
+    sharp(torch.tensor([0.2, 0.9, 0.4]), torch.tensor([0, 1, 2]))
+    assert sharp.q.tolist() == [0.0, 1.0, 0.0]
+    assert Objective("minmax", 3, rule="worst").weights.rule == "worst"
+    assert Objective("reweight", 3, rule="worst").weights.rule == "soft"  # only min–max follows the rule
+    with pytest.raises(ValueError, match="update rule"):
+        GroupWeights(2, eta=1.0, rule="hard")

@@ -69,7 +69,7 @@ def test_egt_tasks_are_registered_with_their_metrics_and_objectives():
     from aimfair_ray.egt.tasks import check_kind, get, tasks
 
     assert list(tasks()) == ["image", "text"]
-    assert get("image").metrics == ("denoise", "fd") and get("image").noise_levels
+    assert get("image").metrics[:3] == ("fid", "precision", "recall") and get("image").noise_levels
     assert get("text").objectives[-1] == "conditional" and not get("text").noise_levels
     cfg = load_config("cmnist")
     assert get("image").group_names(cfg) == ["red", "green"] and get("text").group_names(cfg) == ["male", "female"]

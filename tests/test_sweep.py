@@ -25,14 +25,19 @@ def test_pareto_front_known_answer():
     # (utility up, unfairness down): (0.80, 0.30) is beaten by (0.90, 0.20); a duplicate of a front point stays.
     pts = [(0.90, 0.20), (0.80, 0.30), (0.70, 0.05), (0.95, 0.40), (0.90, 0.20), (0.60, 0.05)]
     assert pareto_front(pts) == [0, 2, 3, 4]
+    # EGT: quality and its gap, both lower is better: (0.60, 0.05) beats all; (0.50, 0.30) trades gap for quality
+    assert pareto_front(pts, x_high=False) == [5] and pareto_front(pts + [(0.5, 0.3)], x_high=False) == [5, 6]
 
 
 def test_spec_checks_and_trial_configs():
     base = load_config("cmnist")
-    for kind in ("selective", "minmax"):
+    for kind in ("selective", "minmax", "egt-image", "egt-text"):
         spec = load_spec(kind)
         check_space(base, spec)
         assert len(spec.space) >= 2
+    egt = load_spec("egt-image")
+    assert egt.egt == "image" and egt.time_attr == "step" and egt.mode == "min"
+    assert concurrency(trial_config(base, {}, egt), egt, {"CPU": 4}) == 4  # an EGT trial reads no Ray Data set
     spec = load_spec("selective")
     cfg = trial_config(base, {"finetune.k": 0.8, "finetune.lr": 0.003}, spec)
     assert cfg.finetune.k == 0.8 and cfg.finetune.lr == 0.003 and cfg.train.num_workers == 1  # overrides applied
@@ -60,7 +65,7 @@ def test_spec_checks_and_trial_configs():
 def test_sweep_cli_bad_input_exits_nonzero(tmp_path, monkeypatch):
     runner = CliRunner()
     res = runner.invoke(app, ["sweep", "bogus", "--set", f"output_dir={tmp_path}"])
-    assert res.exit_code == 2 and "choose selective or minmax" in res.output
+    assert res.exit_code == 2 and "choose selective, minmax, egt-image, egt-text" in res.output
     f = tmp_path / "s.yaml"
     f.write_text("space:\n  finetune.k: {grid: [0.5]}\nobjective: val_accuracy\n")
     res = runner.invoke(app, ["sweep", "selective", "--space", str(f), "--set", f"output_dir={tmp_path}"])
@@ -140,3 +145,66 @@ def test_sweep_killed_midway_resumes_only_the_rest(synth, ray_cluster, tiny_pipe
     assert "Best trial" in summary and "2 failed" in summary
     logged = {p.name.rsplit("-", 1)[1] for p in (out / "wandb").glob("offline-run-*")}
     assert set(finished) <= logged and len(logged) > len(finished), logged  # before and after the resume
+
+
+EGT_SPACE = """\
+kind: egt-image
+space:
+  egt.update: {grid: [soft, worst]}
+objective: {val_quality: 1.0, val_quality_gap: 2.0}
+mode: min
+pareto: [val_quality, val_quality_gap]
+max_concurrent_trials: 1
+asha: {enabled: false}
+overrides: [egt.objective=minmax, train.num_workers=1]
+"""
+
+
+def _run_until_a_trial_ends_then_kill(args: list[str], env: dict, out: Path) -> dict:
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("trials/*/result.json")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(1)
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")}
+    assert finished, "no trial finished in time"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, while the other trial is to run
+    proc.wait()
+    time.sleep(2)
+    return finished
+
+
+def test_egt_sweep_of_two_tiny_trials_resumes_after_a_kill(ray_cluster, tiny_pipeline, tmp_path):
+    """`aimfair sweep egt-image` (2 tiny trials, soft and worst updates, one at a time) killed after the
+    first trial ends: the rerun resumes, trains only the second, ranks both by val_quality + 2 x gap,
+    and measures the best trial's FID, precision and recall."""
+    from conftest import egt_image_sets
+
+    space = tmp_path / "egt.yaml"
+    space.write_text(EGT_SPACE)
+    args = [sys.executable, "-m", "aimfair_ray.cli", "sweep", "egt-image", "--space", str(space), "--name", "e"]
+    args += [x for s in egt_image_sets(tiny_pipeline, tmp_path / "runs") for x in ("--set", s)]
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    out = Path(load_config("cmnist", overrides=[f"output_dir={tmp_path / 'runs'}"]).stage_dir("sweep/e"))
+    finished = _run_until_a_trial_ends_then_kill(args, env, out)
+    assert len(finished) == 1
+
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
+    assert "sweep: resuming" in res.stdout and "1 finished" in res.stdout, res.stdout[-3000:]
+    for tid, mtime in finished.items():  # the finished trial was not trained again
+        assert (out / "trials" / tid / "result.json").stat().st_mtime_ns == mtime
+    data = json.loads((out / "trials.json").read_text())
+    rows = data["trials"]
+    assert [r["status"] for r in rows] == ["DONE", "DONE"] and all(r["trainings"] == 1 for r in rows)
+    assert {r["params"]["egt.update"] for r in rows} == {"soft", "worst"}
+    for r in rows:
+        m = r["metrics"]
+        assert m["step"] == 4 and m["objective"] == pytest.approx(m["val_quality"] + 2 * m["val_quality_gap"])
+    assert data["best"]["metrics"]["objective"] == min(r["metrics"]["objective"] for r in rows)
+    best_q = data["best_test_audit"]
+    assert set(best_q["fid"]) == {"red", "green"} and best_q["setting"] == "unconditional"
+    assert any(r["pareto"] for r in rows)
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Best trial's quality" in (out / "summary.md").read_text()

@@ -125,7 +125,8 @@ def benchmark_aimfair_cmd(seeds: int = typer.Option(5, "--seeds", min=1, help="n
 
 
 @top.command("sweep")
-def sweep_cmd(kind: str = typer.Argument(..., help="selective (AIM-Fair k, lr) | minmax (group-weight eta, EMA decay)"),
+def sweep_cmd(kind: str = typer.Argument(..., help="selective (AIM-Fair k, lr) | minmax (Group DRO eta, EMA decay) | "
+                                                    "egt-image | egt-text (EGT update rule, eta, EMA decay, noise buckets)"),
               space: Optional[str] = typer.Option(None, "--space", help="sweep YAML; default: the shipped one for KIND"),
               name: Optional[str] = typer.Option(None, "--name", help="sweep name (its folder under <run>/sweep); default: KIND"),
               fresh: bool = typer.Option(False, "--fresh", help="discard an earlier sweep of this name instead of resuming it"),

@@ -3,13 +3,17 @@ text, group-conditional fine-tuning) over seeds, beside the pretrained model.
 
 For each objective and seed one EGT run (reused when finished). Per group: the quality
 metrics; then their gap (max − min over groups) and the overall quality on the balanced
-evaluation set. The targets compare min–max with ERM: the gap cut by ≥ 50%, the overall
-quality worse by ≤ 5%. Writes ``<run>/egt/benchmark/<kind>/results.{md,csv,json}``.
+evaluation set. Each row names its setting: ``conditional`` (the group named in the caption or
+tag) or ``unconditional`` (images: sampled without it and sorted into groups by the checker).
+The targets compare min–max with ERM: the gap cut by ≥ 50%, the overall quality worse by ≤ 5%
+(for precision, recall, density and coverage, higher is better: worse means lower).
+Writes ``<run>/egt/benchmark/<kind>/results.{md,csv,json}``.
 """
 
 from __future__ import annotations
 
 from aimfair_ray.config import Config
+from aimfair_ray.egt.quality import HIGHER_IS_BETTER
 from aimfair_ray.egt.run import group_names, pretrained_quality, train_generator
 from aimfair_ray.egt.tasks import get
 from aimfair_ray.reports import csv_text, markdown_table, mean_std
@@ -24,8 +28,13 @@ def row(qualities: list[dict], kind: str, groups: list[str]) -> dict:
                   "gap": mean_std([q["gap"][m] for q in qualities]),
                   "overall": mean_std([q["overall"][m] for q in qualities])}
     for m in get(kind).extra_metrics:
-        out[m] = {g: mean_std([q[m][g] for q in qualities]) for g in groups}
+        if all(m in q for q in qualities):
+            out[m] = {g: mean_std([q[m][g] for q in qualities]) for g in groups}
     return out
+
+
+def setting(objective: str) -> str:
+    return "conditional" if objective == "conditional" else "unconditional"
 
 
 def targets(table: dict, kind: str) -> dict:
@@ -36,7 +45,8 @@ def targets(table: dict, kind: str) -> dict:
     for m in get(kind).metrics:
         e, x = table["erm"][m], table["minmax"][m]
         cut = 1 - x["gap"]["mean"] / e["gap"]["mean"] if e["gap"]["mean"] > 0 else float("nan")
-        worse = x["overall"]["mean"] / e["overall"]["mean"] - 1
+        ratio = x["overall"]["mean"] / e["overall"]["mean"] if e["overall"]["mean"] else float("nan")
+        worse = 1 - ratio if m in HIGHER_IS_BETTER else ratio - 1
         out[m] = {"gap_cut": cut, "overall_worse": worse, "gap_target_met": bool(cut >= 0.5),
                   "overall_target_met": bool(worse <= 0.05)}
     return out
@@ -51,13 +61,15 @@ def to_markdown(res: dict) -> str:
     lines = [f"# EGT on {kind}: {res['model']}", "",
              f"Seeds {', '.join(map(str, res['seeds']))}; {res['steps']} fine-tuning steps on a group-imbalanced set "
              f"({100 * (1 - res['minority_share']):.0f}% {groups[0]} / {100 * res['minority_share']:.0f}% {groups[1]}); "
-             f"quality on {res['n_per_group']} held-out samples per group. Mean ± std over seeds; lower is better. "
-             "Wall: training and quality time of all seeds' runs.", ""]
+             f"quality on {res['n_per_group']} held-out samples per group. Mean ± std over seeds. "
+             "Wall: training and quality time of all seeds' runs. Setting: unconditional (the group is not in the "
+             "caption; images sorted into groups by the checker) or conditional (the group is named).", ""]
     for m in get(kind).metrics:
-        lines += [f"## {m}", ""] + markdown_table(
-            ["objective", *groups, "gap", "overall", "wall (s)"],
-            [[name, *(_pm(r[m]["groups"][g]) for g in groups), _pm(r[m]["gap"]), _pm(r[m]["overall"]), r.get("wall_s", "—")]
-             for name, r in table.items()])
+        better = "higher" if m in HIGHER_IS_BETTER else "lower"
+        lines += [f"## {m} ({better} is better)", ""] + markdown_table(
+            ["objective", "setting", *groups, "gap", "overall", "wall (s)"],
+            [[name.split(" ")[0], r.get("setting", "—"), *(_pm(r[m]["groups"][g]) for g in groups), _pm(r[m]["gap"]),
+              _pm(r[m]["overall"]), r.get("wall_s", "—")] for name, r in table.items()])
         t = res["targets"].get(m)
         if t:
             lines += ["", f"Min–max against ERM: gap cut {100 * t['gap_cut']:.1f}% (target ≥ 50%: "
@@ -66,16 +78,18 @@ def to_markdown(res: dict) -> str:
                           f"(target ≤ 5% worse: {'met' if t['overall_target_met'] else 'not met'})."]
         lines.append("")
     for m, title in get(kind).extra_metrics.items():
-        lines += [f"## {title}", ""] + markdown_table(["objective", *groups],
-                                                      [[name, *(f"{r[m][g]['mean']:.3f}" for g in groups)]
-                                                       for name, r in table.items()])
+        rows = [[name.split(" ")[0], r.get("setting", "—"), *(f"{r[m][g]['mean']:.3f}" for g in groups)]
+                for name, r in table.items() if m in r]
+        if rows:
+            lines += [f"## {title}", ""] + markdown_table(["objective", "setting", *groups], rows) + [""]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(res: dict) -> str:
     kind, groups = res["kind"], res["groups"]
-    head = ["objective", "metric"] + [f"{g}_mean" for g in groups] + ["gap_mean", "gap_std", "overall_mean", "overall_std"]
-    return csv_text(head, [[name, m, *(f"{r[m]['groups'][g]['mean']:.6g}" for g in groups),
+    head = ["objective", "setting", "metric"] + [f"{g}_mean" for g in groups] + ["gap_mean", "gap_std", "overall_mean",
+                                                                                  "overall_std"]
+    return csv_text(head, [[name.split(" ")[0], r.get("setting", ""), m, *(f"{r[m]['groups'][g]['mean']:.6g}" for g in groups),
                             *(f"{r[m]['gap'][s]:.6g}" for s in ("mean", "std")),
                             *(f"{r[m]['overall'][s]:.6g}" for s in ("mean", "std"))]
                            for name, r in res["table"].items() for m in get(kind).metrics])
@@ -84,7 +98,12 @@ def to_csv(res: dict) -> str:
 def benchmark_egt(cfg: Config, kind: str, seeds: list[int], objectives=None, log=print) -> dict:
     objectives = list(objectives or get(kind).objectives)
     groups = group_names(cfg, kind)
-    table = {"pretrained": dict(row([pretrained_quality(cfg, kind, log)], kind, groups), wall_s="—")}
+    table = {}
+    for where in dict.fromkeys(setting(o) for o in objectives):  # the model before fine-tuning, in each setting
+        c = cfg.model_copy(deep=True)
+        c.egt.objective = "conditional" if where == "conditional" else "erm"
+        name = "pretrained" if len(table) == 0 else f"pretrained ({where})"
+        table[name] = dict(row([pretrained_quality(c, kind, log)], kind, groups), wall_s="—", setting=where)
     for obj in objectives:
         runs = []
         for s in seeds:
@@ -93,12 +112,13 @@ def benchmark_egt(cfg: Config, kind: str, seeds: list[int], objectives=None, log
             log(f"benchmark egt {kind}: {obj}, seed {s}")
             runs.append(train_generator(c, kind, log=log))
         # compute time of the runs (training + quality), also when this call reused them
-        table[obj] = dict(row([r["quality"] for r in runs], kind, groups),
+        table[obj] = dict(row([r["quality"] for r in runs], kind, groups), setting=setting(obj),
                           wall_s=round(sum(r["train_s"] + r["quality"].get("eval_s", 0) for r in runs)))
     e = cfg.egt
     model = get(kind).model_name(cfg)
     res = {"kind": kind, "model": model, "seeds": seeds, "groups": groups, "steps": e.steps,
-           "minority_share": e.minority_share,
+           "minority_share": e.minority_share, "update": e.update, "eta": e.eta, "ema": e.ema,
+           "n_buckets": e.n_buckets if get(kind).noise_levels else None,
            "n_per_group": get(kind).settings(cfg).n_eval_per_group,
            "table": table, "targets": targets(table, kind)}
     out = cfg.stage_dir(f"egt/benchmark/{kind}")

@@ -1,30 +1,39 @@
 """The diffusion side of EGT, in plain PyTorch (no Ray).
 
-Data: Colored MNIST digits whose stroke colour is the sensitive group, with captions that
-name digit, colour and style. The fine-tuning set is group-imbalanced (``minority_share``
-of group 1); the evaluation set is balanced, built from other digits, and the same for
-every objective and seed.
+Data: Colored MNIST digits whose stroke colour is the sensitive group. The fine-tuning set is
+group-imbalanced (``minority_share`` of group 1); the evaluation set is balanced, built from
+other digits, and the same for every objective and seed.
+
+Two settings. **Unconditional** (the paper's main one; objectives erm, reweight, minmax): the
+captions name digit and style but not the colour, so the model is trained and sampled without
+its group; generated images are sorted into groups by the checker (the stroke colour read off
+the pixels) as oracle, with rejection sampling up to the per-group count. **Conditional**
+(objective ``conditional``): the captions name the colour, and each group's images are drawn
+from its own captions.
 
 Task: the per-sample denoising loss of a diffusers pipeline (the target follows the
 scheduler's ``prediction_type``), with the timestep of each sample, so that the min–max
 can act per noise level. The embedded pipeline is conditioned through its text projection;
 a Stable-Diffusion-style pipeline (VAE, CLIP text encoder, cross-attention UNet) through
-``encoder_hidden_states`` in its VAE's latent space.
+``encoder_hidden_states`` in its VAE's latent space, in full or through LoRA adapters (peft)
+on its attention projections, saved in the diffusers LoRA format.
 
-Quality per group: the denoising loss averaged over a fixed grid of noise levels (the ELBO
-proxy of the KL divergence), the Fréchet distance between generated and real images in
-EfficientNet-Lite0 feature space, and the share of generated images whose stroke colour
-(read off the pixels by the checker) is the requested group.
+Quality per group (:mod:`egt.quality`): FID, precision, recall, density and coverage of the
+generated images against the group's real ones in a pretrained feature space, and the
+denoising loss averaged over a fixed grid of noise levels (the ELBO proxy of the KL divergence).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from aimfair_ray import AimfairError
 from aimfair_ray.data.captions import caption_images
 from aimfair_ray.data.cmnist import colorize, load_mnist_5k, stroke_color
 from aimfair_ray.data.codecs import to_unit
@@ -39,10 +48,15 @@ class ImageSet:
     groups: np.ndarray          # int [N]
 
 
+BLIND = "colour"  # the colour word of a group-blind caption (unconditional setting)
+LORA_FILE, ADAPTER = "pytorch_lora_weights.safetensors", "adapter.json"  # an SD LoRA model folder
+
+
 def image_sets(colors, group_names, n_train: int, minority_share: float, n_eval_per_group: int, jitter: int,
-               data_seed: int, seed: int) -> tuple[ImageSet, ImageSet]:
+               data_seed: int, seed: int, conditional: bool = True) -> tuple[ImageSet, ImageSet]:
     """(imbalanced fine-tuning set, balanced evaluation set) from disjoint real digits. The evaluation
-    set depends on ``data_seed`` only; the fine-tuning draw on ``seed`` too."""
+    set depends on ``data_seed`` only; the fine-tuning draw on ``seed`` too. Without ``conditional``
+    the captions do not name the colour."""
     digits, labels = load_mnist_5k()
     order = np.random.default_rng(data_seed).permutation(len(labels))
     G = len(colors)
@@ -60,7 +74,8 @@ def image_sets(colors, group_names, n_train: int, minority_share: float, n_eval_
 
     def make(idx, groups, rng_, cap_seed):
         imgs = colorize(digits[idx], groups, colors, jitter, 32, rng_)
-        caps = [c[0] for c in caption_images(imgs, labels[idx], groups, group_names, 1, cap_seed)]
+        names = group_names if conditional else [BLIND] * len(group_names)
+        caps = [c[0] for c in caption_images(imgs, labels[idx], groups, names, 1, cap_seed)]
         return ImageSet(imgs, caps, groups)
 
     return (make(tr, tr_groups, rng, seed),
@@ -83,18 +98,34 @@ class Denoiser(nn.Module):
 class DiffusionTask:
     """What the min–max trains: a pipeline's denoiser (and the embedded model's text projection)."""
 
-    def __init__(self, pipeline: str | None, device: str = "cpu"):
+    def __init__(self, pipeline: str | None, device: str = "cpu", lora_rank: int = 0):
         self.pipe = load_pipeline(pipeline or embedded_weights(), device=device)
         self.embedded = isinstance(self.pipe, AimfairT2IPipeline)
-        self.device = device
+        self.device, self.lora_rank, self.base = device, lora_rank, pipeline
         self.sched = self.pipe.scheduler
         self.T = int(self.sched.config.num_train_timesteps)
         if self.embedded:
             self._encoder = TextEncoder(device)
+        if lora_rank:
+            self._lora(lora_rank)
         self.model = Denoiser(self.pipe.unet, self.pipe.text_proj if self.embedded else None)  # the trained tensors
         self.vae = getattr(self.pipe, "vae", None)
         if self.vae is not None:
             self.vae.requires_grad_(False)
+
+    def _lora(self, rank: int) -> None:
+        """LoRA adapters on the UNet's attention projections; only they train."""
+        if self.embedded:
+            raise AimfairError("egt.image.lora_rank needs a Stable-Diffusion-architecture pipeline (egt.image.pipeline); "
+                               "the embedded model trains in full: set egt.image.lora_rank=0")
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            raise AimfairError("egt.image.lora_rank > 0 needs peft: pip install 'aimfair-ray[lora]', "
+                               "or set egt.image.lora_rank=0") from None
+        self.pipe.unet.requires_grad_(False)
+        self.pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> dict:
@@ -131,10 +162,30 @@ class DiffusionTask:
         return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, x0.dim()))), t
 
     def trained_state(self) -> dict:
-        return {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        """Every tensor of the trained module, or its LoRA adapters only."""
+        keep = {n for n, p in self.model.named_parameters() if p.requires_grad} if self.lora_rank else None
+        return {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items() if keep is None or k in keep}
 
     def load_trained(self, state: dict) -> None:
-        self.model.load_state_dict(state)
+        if self.lora_rank:
+            missing = {n for n, p in self.model.named_parameters() if p.requires_grad} - set(state)
+            if missing:
+                raise AimfairError(f"trained weights lack {len(missing)} LoRA tensors, e.g. {sorted(missing)[:2]}")
+        self.model.load_state_dict(state, strict=not self.lora_rank)
+
+    def save(self, directory: str) -> None:
+        """A diffusers pipeline folder; with LoRA, the adapters in the diffusers format (``load_lora_weights``
+        loads them into the base pipeline, which ``adapter.json`` names)."""
+        if not self.lora_rank:
+            self.pipe.save_pretrained(directory)
+            return
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipe.unet))
+        type(self.pipe).save_lora_weights(directory, unet_lora_layers=layers, weight_name=LORA_FILE, safe_serialization=True)
+        base = str(Path(self.base).absolute()) if Path(self.base).exists() else self.base
+        Path(directory, ADAPTER).write_text(json.dumps({"base_pipeline": base, "lora_rank": self.lora_rank}))
 
 
 def _text_rows(text: dict, idx) -> dict:
@@ -161,11 +212,12 @@ def denoising_quality(task: DiffusionTask, data: ImageSet, n_levels: int = 8, se
 
 @torch.no_grad()
 def generate(task: DiffusionTask, prompts: list[str], steps: int, guidance: float, seed: int,
-             batch_size: int = 64) -> np.ndarray:
+             batch_size: int = 64, offset: int = 0) -> np.ndarray:
+    """Images of the prompts; image ``i`` from the noise of seed ``(seed, offset + i)``."""
     task.model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        gens = [torch.Generator().manual_seed(seed * 100_003 + i + j) for j in range(len(prompts[i:i + batch_size]))]
+        gens = [torch.Generator().manual_seed(seed * 100_003 + offset + i + j) for j in range(len(prompts[i:i + batch_size]))]
         res = task.pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
                         generator=gens, output_type="np")
         imgs = as_uint8(res.images)
@@ -177,25 +229,52 @@ def generate(task: DiffusionTask, prompts: list[str], steps: int, guidance: floa
     return np.concatenate(out)
 
 
-def image_quality(task: DiffusionTask, data: ImageSet, group_names: list[str], colors, features, n_levels: int,
-                  steps: int, guidance: float, seed: int = 0) -> dict:
-    """Per-group quality of the task's current weights on the balanced evaluation set."""
-    from aimfair_ray.egt.quality import frechet_distance, gap
+def sample_groups(task: DiffusionTask, data: ImageSet, colors, s, conditional: bool, seed: int = 0):
+    """Generated images and their groups for the quality metrics, with what to report of them.
 
-    den = denoising_quality(task, data, n_levels, seed)
-    gen = generate(task, data.captions, steps, guidance, seed)
-    real_f, gen_f = features(data.images), features(gen)
-    confirmed = stroke_color(gen, colors) == data.groups
-    out = {"denoise": {}, "fd": {}, "group_confirmed": {}}
-    for g, name in enumerate(group_names):
-        sel = data.groups == g
-        out["denoise"][name] = float(den[sel].mean())
-        out["fd"][name] = frechet_distance(real_f[sel], gen_f[sel])
-        out["group_confirmed"][name] = float(confirmed[sel].mean())
-    out["gap"] = {"denoise": gap(out["denoise"]), "fd": gap(out["fd"])}
-    out["overall"] = {"denoise": float(den.mean()), "fd": frechet_distance(real_f, gen_f),
-                      "group_confirmed": float(confirmed.mean())}
-    out["n_per_group"] = int((data.groups == 0).sum())
+    Conditional: one image per evaluation caption, its group the one the caption names (and the
+    share the checker confirms). Unconditional: group-blind captions in a fixed shuffled order,
+    each draw with its own noise; the checker sorts them into groups until each has
+    ``n_eval_per_group`` (rejection sampling), at most ``max_draws`` times that many draws."""
+    from aimfair_ray.egt.quality import rejection_sample
+
+    G, n = len(colors), s.n_eval_per_group
+    if conditional:
+        gen = generate(task, data.captions, s.sample_steps, s.guidance_scale, seed)
+        ok = stroke_color(gen, colors) == data.groups
+        return gen, data.groups, {"group_confirmed": [float(ok[data.groups == g].mean()) for g in range(G)]}
+    order = np.random.default_rng(seed).permutation(len(data.captions))
+
+    def draw(start: int, k: int) -> np.ndarray:
+        prompts = [data.captions[order[(start + i) % len(order)]] for i in range(k)]
+        return generate(task, prompts, s.sample_steps, s.guidance_scale, seed, offset=start)
+
+    kept, info = rejection_sample(draw, lambda x: stroke_color(x, colors), G, n, 64, s.max_draws * G * n)
+    few = {g: len(kept[g]) for g in range(G) if len(kept[g]) <= s.nearest_k}
+    if few:
+        raise AimfairError(f"the model made {', '.join(f'{c} images of group {g}' for g, c in few.items())} in "
+                           f"{info['drawn']} unconditional draws, too few to measure; raise egt.image.max_draws "
+                           f"(now {s.max_draws}) or lower egt.image.n_eval_per_group")
+    groups = np.concatenate([np.full(len(k), g) for g, k in enumerate(kept)])
+    return np.concatenate(kept), groups, {"share": info["share"], "drawn": info["drawn"],
+                                          "generated": [len(k) for k in kept]}
+
+
+def image_quality(task: DiffusionTask, data: ImageSet, group_names: list[str], colors, features, s,
+                  conditional: bool, seed: int = 0) -> dict:
+    """Per-group quality of the task's current weights on the balanced evaluation set (``s``: the
+    ``egt.image`` settings): FID, precision, recall, density, coverage, the denoising loss."""
+    from aimfair_ray.egt.quality import gap, per_group
+
+    den = denoising_quality(task, data, s.noise_levels, seed)
+    gen, gen_groups, info = sample_groups(task, data, colors, s, conditional, seed)
+    out = per_group(features(data.images), data.groups, features(gen), gen_groups, group_names, s.nearest_k)
+    out["denoise"] = {name: float(den[data.groups == g].mean()) for g, name in enumerate(group_names)}
+    out["gap"]["denoise"], out["overall"]["denoise"] = gap(out["denoise"]), float(den.mean())
+    for key in ("group_confirmed", "share"):
+        if key in info:
+            out[key] = dict(zip(group_names, info.pop(key)))
+    out.update(info, setting="conditional" if conditional else "unconditional", n_per_group=s.n_eval_per_group)
     return out
 
 
@@ -205,10 +284,13 @@ class ImageTask(EGTTask):
     min–max weights act per noise bucket."""
 
     kind = "image"
-    objectives = ("erm", "reweight", "minmax")
-    metrics = ("denoise", "fd")
-    extra_metrics = {"group_confirmed": "group confirmed by the checker (share of generated images in the requested colour)"}
+    objectives = ("erm", "reweight", "minmax", "conditional")
+    metrics = ("fid", "precision", "recall", "density", "coverage", "denoise")
+    extra_metrics = {"group_confirmed": "conditional: share of each group's generated images in the requested colour "
+                                        "(the checker)",
+                     "share": "unconditional: share of the draws the checker puts in each group"}
     noise_levels = True
+    val_metric = "denoise"
 
     @staticmethod
     def group_names(cfg) -> list[str]:
@@ -224,7 +306,8 @@ class ImageTask(EGTTask):
             raise AimfairError("EGT on images compares 2 groups: set data.colors to 2 colours")
         e = cfg.egt
         return image_sets(cfg.data.colors, ImageTask.group_names(cfg), e.image.n_train, e.minority_share,
-                          e.image.n_eval_per_group, cfg.data.color_jitter, cfg.data.seed, seed)
+                          e.image.n_eval_per_group, cfg.data.color_jitter, cfg.data.seed, seed,
+                          conditional=ImageTask.conditional_eval(cfg))
 
     @staticmethod
     def settings(cfg):
@@ -236,10 +319,15 @@ class ImageTask(EGTTask):
 
     @staticmethod
     def model_name(cfg) -> str:
-        return cfg.egt.image.pipeline or "the embedded text-to-image model"
+        i = cfg.egt.image
+        return (i.pipeline or "the embedded text-to-image model") + (f" (LoRA rank {i.lora_rank})" if i.lora_rank else "")
+
+    @staticmethod
+    def conditional_eval(cfg) -> bool:
+        return cfg.egt.objective == "conditional"
 
     def __init__(self, cfg, device: str):
-        self.task = DiffusionTask(cfg.egt.image.pipeline, device)
+        self.task = DiffusionTask(cfg.egt.image.pipeline, device, cfg.egt.image.lora_rank)
         self.model, self.T, self.device = self.task.model, self.task.T, device
 
     def bind(self, train_set, shard) -> None:  # frozen encodings of the shard, once
@@ -256,13 +344,16 @@ class ImageTask(EGTTask):
     def load_trained(self, state: dict) -> None:
         self.task.load_trained(state)
 
+    def validate(self, cfg, eval_set) -> dict:
+        den = denoising_quality(self.task, eval_set, cfg.egt.image.noise_levels, cfg.data.seed)
+        return {name: float(den[eval_set.groups == g].mean()) for g, name in enumerate(self.group_names(cfg))}
+
     def quality(self, cfg, eval_set) -> dict:
         from aimfair_ray.egt.quality import Features
 
         i = cfg.egt.image
         return image_quality(self.task, eval_set, self.group_names(cfg), cfg.data.colors,
-                             Features(i.features, i.feature_size, self.device), i.noise_levels, i.sample_steps,
-                             i.guidance_scale, cfg.data.seed)
+                             Features(i.features, i.feature_size, self.device), i, self.conditional_eval(cfg), cfg.data.seed)
 
     def save(self, cfg, directory: str) -> None:
-        self.task.pipe.save_pretrained(directory)  # a diffusers pipeline folder that Serve can load
+        self.task.save(directory)  # a diffusers pipeline folder (or LoRA adapters) that Serve can load

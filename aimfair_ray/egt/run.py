@@ -7,7 +7,10 @@ through DeepSpeed ZeRO for the LM (``egt.text.deepspeed``). Every ``checkpoint_e
 steps rank 0 reports a checkpoint (trained tensors as safetensors, optimizer state, group
 weights); a rerun with the same config resumes from it, a finished one is reused.
 
-Each task (its data, losses, quality and saved model) sits behind :mod:`egt.tasks`.
+Each task (its data, losses, quality and saved model) sits behind :mod:`egt.tasks`. At every
+checkpoint rank 0 also reports the task's per-group validation loss on ``egt.val_per_group``
+held-out samples per group: ``val_quality`` (their mean over groups) and ``val_quality_gap``
+(max − min), and with a sweep's ``score`` weights their ``objective``; Tune's ASHA ranks by it.
 
 Outputs, under ``<run>/egt/<kind>/<objective>-seed<seed>/``: ``model/`` (image: a diffusers
 pipeline folder; text: the trained tensors over the named base model), ``quality.json``
@@ -16,10 +19,12 @@ pipeline folder; text: the trained tensors over the named base model), ``quality
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -34,6 +39,23 @@ CHECKPOINT = "trained.safetensors"  # the trained tensors in a Ray Train checkpo
 
 def group_names(cfg: Config, kind: str) -> list[str]:
     return get(kind).group_names(cfg)
+
+
+def per_group_head(data, n: int):
+    """The first ``n`` samples of each group of a task's set (any dataclass of per-sample fields)."""
+    keep = np.concatenate([np.flatnonzero(data.groups == g)[:n] for g in np.unique(data.groups)])
+    pick = lambda v: None if v is None else v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep]
+    return dataclasses.replace(data, **{f.name: pick(getattr(data, f.name)) for f in dataclasses.fields(data)})
+
+
+def validation(task, cfg: Config, val_set, score: Optional[dict]) -> dict:
+    """The checkpoint's validation figures: the mean over groups of the task's loss, its gap, the objective."""
+    per = task.validate(cfg, val_set)
+    out = {"val_quality": float(np.mean(list(per.values()))), "val_quality_gap": float(max(per.values()) - min(per.values())),
+           "val_groups": json.dumps(per)}
+    if score:
+        out["objective"] = sum(w * out[m] for m, w in score.items())
+    return out
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -54,14 +76,15 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     Task = get(kind)
     task = Task(cfg, str(device))
-    train_set, _ = Task.datasets(cfg, e.seed)
+    train_set, eval_set = Task.datasets(cfg, e.seed)
+    val_set = per_group_head(eval_set, e.val_per_group) if e.val_per_group and rank == 0 else None
     shard = np.arange(len(train_set.groups))[rank::world]
     per_worker = max(1, e.batch_size // world)
     task.bind(train_set, shard)
     groups = torch.from_numpy(train_set.groups[shard])
 
     objective = Objective(e.objective, 2, e.eta, e.ema, e.n_buckets if Task.noise_levels else 1,
-                          task.T if Task.noise_levels else None, reduce=allreduce)
+                          task.T if Task.noise_levels else None, reduce=allreduce, rule=e.update)
     params = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=e.lr, weight_decay=0.0)
     start, history = 0, []
@@ -99,10 +122,14 @@ def train_loop_per_worker(config: dict) -> None:
         q = objective.weights.q.tolist() if objective.weights is not None else None
         metrics = {"step": step + 1, "loss": float(np.mean(window)), "s_per_step": (time.perf_counter() - t0) / len(window),
                    "q": json.dumps(q), "world_size": world}
+        if val_set is not None:
+            metrics.update(validation(task, cfg, val_set, config.get("score")))
+            model.train()
         history.append(metrics)
         window, t0 = [], time.perf_counter()
         if rank == 0:
-            worker_log.info(f"[aimfair] egt {kind} {e.objective} step {step + 1}/{e.steps} loss {metrics['loss']:.4f} "
+            val = f" val {metrics['val_quality']:.4f} gap {metrics['val_quality_gap']:.4f}" if val_set is not None else ""
+            worker_log.info(f"[aimfair] egt {kind} {e.objective} step {step + 1}/{e.steps} loss {metrics['loss']:.4f}{val} "
                             f"{metrics['s_per_step']:.2f}s/step q {np.round(q, 3).tolist() if q else None}")
         report_checkpoint(metrics, {"step": step + 1, "history": history, "objective": objective.state_dict()},
                           lambda d: save_file(task.trained_state(), str(Path(d) / CHECKPOINT)), optimizer)
@@ -119,8 +146,12 @@ def stage_of(cfg: Config, kind: str) -> str:
     return cfg.stage_dir(f"egt/{kind}/{cfg.egt.objective}-seed{cfg.egt.seed}")
 
 
-def train_generator(cfg: Config, kind: str, force: bool = False, log=print) -> dict:
-    """EGT fine-tuning of one generator (or resume, or reuse), then its per-group quality."""
+def train_generator(cfg: Config, kind: str, force: bool = False, log=print, stage: Optional[str] = None,
+                    callbacks=None, score: Optional[dict] = None, quality: bool = True) -> dict:
+    """EGT fine-tuning of one generator (or resume, or reuse), then its per-group quality.
+
+    A sweep trial passes its ``stage`` folder, Tune's ``callbacks`` and the ``score`` weights of
+    its objective, and skips the (generation-heavy) quality measurement: ``quality=False``."""
     from safetensors.torch import load_file
 
     from aimfair_ray import workgroup
@@ -129,44 +160,57 @@ def train_generator(cfg: Config, kind: str, force: bool = False, log=print) -> d
 
     check_kind(kind)
     get(kind).datasets(cfg, cfg.egt.seed)  # bad sizes fail here, before any cluster work
-    stage = stage_of(cfg, kind)
-    run_name = f"{cfg.name}-egt-{kind}-{cfg.egt.objective}-seed{cfg.egt.seed}"
+    run_name = (f"{cfg.name}-egt-{kind}-{cfg.egt.objective}-seed{cfg.egt.seed}" if stage is None
+                else f"{cfg.name}-{stage.replace('/', '-')}")
+    stage = cfg.stage_dir(stage) if stage else stage_of(cfg, kind)
     run_path = f"{cfg.ray_storage}/{run_name}"
-    done = reuse_or_resume(stage, _fingerprint(cfg, kind), run_path, force, log=log, what="egt")
+    key = dict(_fingerprint(cfg, kind), score=score, quality=quality)
+    done = reuse_or_resume(stage, key, run_path, force, log=log, what="egt")
     if done is not None:
         return done
     ensure_ray(cfg.ray)
     cfg.save(stage)
     t0 = time.time()
-    result = workgroup.run(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "kind": kind}, cfg.train,
-                           cfg.ray_storage, run_name, what="EGT fine-tuning")
+    result = workgroup.run(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "kind": kind, "score": score},
+                           cfg.train, cfg.ray_storage, run_name, callbacks=callbacks, what="EGT fine-tuning")
     with result.checkpoint.as_directory() as d:
         trained = load_file(str(Path(d) / CHECKPOINT))
         state = json.loads((Path(d) / "state.json").read_text())
     train_s = time.time() - t0
-    log(f"egt: {kind} {cfg.egt.objective} seed {cfg.egt.seed}: {state['step']} steps in {train_s:.0f}s; measuring quality")
-    quality = measure(cfg, kind, trained, f"{stage}/model")
+    log(f"egt: {kind} {cfg.egt.objective} seed {cfg.egt.seed}: {state['step']} steps in {train_s:.0f}s"
+        + ("; measuring quality" if quality else ""))
+    q = measure(cfg, kind, trained, f"{stage}/model", quality=quality)
+    if not quality:  # a sweep trial: its trained tensors stay, to measure it later if it is the best
+        from safetensors.torch import save as to_bytes
+
+        from aimfair_ray.storage import atomic_write_bytes
+
+        atomic_write_bytes(f"{stage}/{CHECKPOINT}", to_bytes(trained))
     out = {"kind": kind, "objective": cfg.egt.objective, "seed": cfg.egt.seed, "steps": state["step"],
            "train_s": round(train_s, 1), "history": state["history"], "group_weights": state["objective"],
-           "quality": quality, "model_dir": f"{stage}/model"}
-    write_json(f"{stage}/quality.json", quality)
+           "quality": q, "model_dir": f"{stage}/model"}
+    if q is not None:
+        write_json(f"{stage}/quality.json", q)
     write_json(f"{stage}/result.json", out)
     return out
 
 
-def _quality(cfg_json: dict, kind: str, trained: dict | None, save: bool, threads: int) -> tuple[dict, dict]:
-    """Runs on a worker: load the base model, apply the trained tensors, measure; with ``save``,
-    also return the fine-tuned model's files."""
+def _quality(cfg_json: dict, kind: str, trained: dict | None, save: bool, threads: int,
+             quality: bool = True) -> tuple[Optional[dict], dict]:
+    """Runs on a worker: load the base model, apply the trained tensors, measure (unless not
+    ``quality``); with ``save``, also return the fine-tuned model's files."""
     cfg = Config.model_validate(cfg_json)
     torch.set_num_threads(threads)
     Task = get(kind)
     task = Task(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     if trained is not None:
         task.load_trained(trained)
-    _, ev = Task.datasets(cfg, cfg.egt.seed)
-    t0 = time.time()
-    q = task.quality(cfg, ev)
-    q["eval_s"] = round(time.time() - t0, 1)
+    q = None
+    if quality:
+        _, ev = Task.datasets(cfg, cfg.egt.seed)
+        t0 = time.time()
+        q = task.quality(cfg, ev)
+        q["eval_s"] = round(time.time() - t0, 1)
     files = {}
     if save:  # the model's files go back to the driver, which may be on another node
         with tempfile.TemporaryDirectory() as d:
@@ -175,8 +219,9 @@ def _quality(cfg_json: dict, kind: str, trained: dict | None, save: bool, thread
     return q, files
 
 
-def measure(cfg: Config, kind: str, trained: dict | None, model_dir: str | None) -> dict:
-    """Per-group quality (a Ray task with the Train workers' resources, which are free by then)."""
+def measure(cfg: Config, kind: str, trained: dict | None, model_dir: str | None, quality: bool = True) -> Optional[dict]:
+    """Per-group quality (a Ray task with the Train workers' resources, which are free by then);
+    with ``model_dir``, the fine-tuned model is written there."""
     import ray
 
     from aimfair_ray.runtime import ensure_ray
@@ -185,7 +230,8 @@ def measure(cfg: Config, kind: str, trained: dict | None, model_dir: str | None)
     tc = cfg.train
     cpus = tc.cpus_per_worker * tc.num_workers
     fn = ray.remote(num_cpus=cpus, num_gpus=tc.gpus_per_worker if tc.use_gpu else 0)(_quality)
-    q, files = ray.get(fn.remote(cfg.model_dump(mode="json"), kind, trained, model_dir is not None, max(1, int(cpus))))
+    q, files = ray.get(fn.remote(cfg.model_dump(mode="json"), kind, trained, model_dir is not None, max(1, int(cpus)),
+                                 quality))
     if model_dir is not None:
         with atomic_dir(model_dir) as tmp:
             for rel, data in files.items():
@@ -198,7 +244,7 @@ def measure(cfg: Config, kind: str, trained: dict | None, model_dir: str | None)
 def pretrained_quality(cfg: Config, kind: str, log=print) -> dict:
     """Quality of the model before any fine-tuning (cached per evaluation config)."""
     Task = get(kind)
-    path = cfg.stage_dir(f"egt/{kind}/pretrained/quality.json")
+    path = cfg.stage_dir(f"egt/{kind}/pretrained{'-conditional' if Task.conditional_eval(cfg) else ''}/quality.json")
     key = {"kind": kind, "sub": Task.settings(cfg).model_dump(mode="json"), "data_seed": cfg.data.seed,
            "colors": cfg.data.colors, "conditional": Task.conditional_eval(cfg)}
     key = json.loads(json.dumps(key))

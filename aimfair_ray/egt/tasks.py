@@ -51,6 +51,7 @@ class EGTTask:
     metrics: ClassVar[tuple[str, ...]]        # per-group quality metrics, lower is better
     extra_metrics: ClassVar[dict[str, str]] = {}  # other per-group figures, with a title for the results
     noise_levels: ClassVar[bool] = False      # min–max weights per noise bucket (diffusion)
+    val_metric: ClassVar[str]                 # the per-group loss reported at checkpoints (lower is better)
 
     # ---- on the driver: config and data ----------------------------------------------------
     @staticmethod
@@ -105,6 +106,10 @@ class EGTTask:
         raise NotImplementedError
 
     def load_trained(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def validate(self, cfg, eval_set) -> dict:
+        """``{group: val_metric}`` on (a part of) the evaluation set: cheap enough for every checkpoint."""
         raise NotImplementedError
 
     def quality(self, cfg, eval_set) -> dict:

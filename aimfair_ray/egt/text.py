@@ -187,6 +187,7 @@ class TextTask(EGTTask):
     kind = "text"
     objectives = ("erm", "reweight", "minmax", "conditional")
     metrics = ("ppl",)
+    val_metric = "ppl"
 
     @staticmethod
     def group_names(cfg) -> list[str]:
@@ -236,6 +237,9 @@ class TextTask(EGTTask):
 
     def load_trained(self, state: dict) -> None:
         self.task.load_trained(state)
+
+    def validate(self, cfg, eval_set) -> dict:
+        return text_quality(self.task, eval_set)["ppl"]
 
     def quality(self, cfg, eval_set) -> dict:
         return text_quality(self.task, eval_set)

@@ -137,7 +137,8 @@ class AimfairT2IPipeline(DiffusionPipeline):
 def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32", scheduler: str | None = None):
     """Any diffusers text-to-image pipeline folder or hub id (Stable Diffusion: its safety checker left
     out), the embedded one by class name; ``scheduler`` (ddim, euler, dpm) replaces the pipeline's
-    sampler, keeping its noise schedule."""
+    sampler, keeping its noise schedule. A folder of LoRA adapters (EGT with ``egt.image.lora_rank``:
+    ``adapter.json`` names the base pipeline) is its base pipeline with ``load_lora_weights``."""
     import json
 
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -146,6 +147,11 @@ def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32",
 
     torch_dtype = getattr(torch, dtype)
     manifest.verify(str(path))  # a pipeline this project wrote (EGT): its files as written
+    adapter = Path(path) / "adapter.json"
+    if adapter.is_file():
+        pipe = load_pipeline(json.loads(adapter.read_text())["base_pipeline"], device, dtype, scheduler)
+        pipe.load_lora_weights(str(path), weight_name="pytorch_lora_weights.safetensors")
+        return pipe
     index = Path(path) / "model_index.json"
     info = json.loads(index.read_text()) if index.is_file() else {}  # {}: a hub id
     if info.get("_class_name") == AimfairT2IPipeline.__name__:

@@ -33,9 +33,10 @@ def resolve(config: str, models: Optional[list[str]] = None, image_pipeline: Opt
             raise AimfairError(f"--model {bad[0]!r}: expected ID=MODEL_DIR, e.g. --model baseline=runs/cmnist/baseline/model")
         args["models"] = dict(m.split("=", 1) for m in models)
     if image_pipeline:
-        if not Path(image_pipeline, "model_index.json").is_file():
-            raise AimfairError(f"--image-pipeline {image_pipeline}: no diffusers pipeline there (model_index.json "
-                               "is missing); pass a pipeline folder, e.g. the model/ of an `aimfair minmax image` run")
+        if not any(Path(image_pipeline, f).is_file() for f in ("model_index.json", "adapter.json")):
+            raise AimfairError(f"--image-pipeline {image_pipeline}: no diffusers pipeline there (model_index.json, or "
+                               "adapter.json of LoRA adapters, is missing); pass a pipeline folder, e.g. the model/ of "
+                               "an `aimfair minmax image` run")
         args["image_pipeline"] = str(Path(image_pipeline).resolve())
     args["models"] = {i: str(Path(p).resolve()) for i, p in (args.get("models") or {}).items()}
     if token_file:

@@ -2,7 +2,8 @@
 
 A sweep YAML (see ``presets/sweeps/``) names config paths and how to search them::
 
-    kind: selective                 # selective (AIM-Fair fine-tuning) | minmax (min-max group weights)
+    kind: selective                 # selective (AIM-Fair fine-tuning) | minmax (Group DRO weights)
+                                    # | egt-image | egt-text (EGT min–max fine-tuning of a generator)
     space:
       finetune.k:  {grid: [0.2, 0.5, 0.8]}
       finetune.lr: {loguniform: [3.0e-4, 3.0e-3]}
@@ -10,8 +11,8 @@ A sweep YAML (see ``presets/sweeps/``) names config paths and how to search them
     pareto: [val_acc, val_eo]                 # utility (up) against unfairness (down)
 
 Each trial is a Tune function trainable that launches one TorchTrainer (the run of
-:mod:`train.raytrain`); ``TuneReportCallback`` forwards every epoch's metrics to Tune,
-so ASHA can stop weak trials early. The sweep resumes with ``Tuner.restore``: finished
+:mod:`train.raytrain`, or of :mod:`egt.run`); ``TuneReportCallback`` forwards every epoch's
+(EGT: every checkpoint's) metrics to Tune, so ASHA can stop weak trials early. The sweep resumes with ``Tuner.restore``: finished
 and failed trials are kept, interrupted ones continue from their Train checkpoints.
 
 The package: :mod:`.spec` (the YAML spec, validation, trial configs), :mod:`.run` (Tune

@@ -6,11 +6,14 @@ from __future__ import annotations
 from typing import Optional
 
 from aimfair_ray.reports import csv_text, figure_png, markdown_table, pyplot
-from aimfair_ray.sweep.spec import SWEEP_METRICS, SweepSpec
+from aimfair_ray.sweep.spec import HIGHER_IS_BETTER, SWEEP_METRICS, SweepSpec
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats: x as high and y as low, one strictly better."""
+def pareto_front(points: list[tuple[float, float]], x_high: bool = True) -> list[int]:
+    """Indices of the points no other point beats: x as high (``x_high``, else as low) and y as low,
+    one strictly better."""
+    if not x_high:
+        points = [(-x, y) for x, y in points]
     front = []
     for i, (x, y) in enumerate(points):
         if not any((x2 >= x and y2 <= y) and (x2 > x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i):
@@ -44,7 +47,7 @@ def pareto_chart(rows: list[dict], front: list[int], best: Optional[dict], spec:
     for r in ok:
         ax.annotate(str(rows.index(r)), (r["metrics"][xk], r["metrics"][yk]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
-    ax.set_xlabel(f"{xk} (higher is better)")
+    ax.set_xlabel(f"{xk} ({'higher' if xk in HIGHER_IS_BETTER else 'lower'} is better)")
     ax.set_ylabel(f"{yk} (lower is better)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
@@ -58,7 +61,8 @@ def _fmt(v) -> str:
 
 def summary_md(rows, front_ids, best, spec, title, wall_s, test_audit) -> str:
     keys = list(spec.space)
-    cols = ["objective", *dict.fromkeys([*spec.pareto, "val_acc", "val_wst", "val_eo"]), "epoch"]
+    cols = ["objective", *dict.fromkeys([*spec.pareto, *(() if spec.egt else ("val_acc", "val_wst", "val_eo"))]),
+            spec.time_attr]
     lines = [f"# {title}", "", f"Objective: {spec.describe_objective()} on the val split. "
              f"Trials: {len(rows)} ({sum(r['status'] == 'DONE' for r in rows)} done, "
              f"{sum(r['status'] == 'STOPPED' for r in rows)} stopped early by ASHA, "
@@ -66,7 +70,11 @@ def summary_md(rows, front_ids, best, spec, title, wall_s, test_audit) -> str:
     if best is not None:
         lines += [f"**Best trial** `{best['trial_id']}`: " + ", ".join(f"{k}={best['params'][k]}" for k in keys)
                   + f"; objective {best['metrics']['objective']:.4f}.", ""]
-        if test_audit:
+        if test_audit and spec.egt:
+            lines += ["Best trial's quality on the whole evaluation set: "
+                      + "; ".join(f"{m} {test_audit['overall'][m]:.4g} (gap {test_audit['gap'][m]:.4g})"
+                                  for m in test_audit["overall"]), ""]
+        elif test_audit:
             lines += ["Best trial on the test split: " + "  ".join(f"{k.upper()} {test_audit[k]:.4f}"
                                                                  for k in ("acc", "wst", "std", "eo")), ""]
     lines += markdown_table(["#", "trial", "status", *keys, *cols, "Pareto"],
@@ -81,7 +89,7 @@ def summary_md(rows, front_ids, best, spec, title, wall_s, test_audit) -> str:
 
 def trials_csv(rows: list[dict], spec: SweepSpec) -> str:
     keys = list(spec.space)
-    mcols = list(SWEEP_METRICS) + ["objective", "epoch"]
+    mcols = list(SWEEP_METRICS) + ["objective", spec.time_attr]
     return csv_text(["trial_id", "status", *keys, *mcols, "trainings", "checkpoint", "model_dir", "error"],
                     [[r["trial_id"], r["status"], *[r["params"][k] for k in keys],
                       *[r["metrics"].get(c, "") for c in mcols], r["trainings"], r["checkpoint"] or "",

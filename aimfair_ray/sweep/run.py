@@ -20,11 +20,15 @@ from aimfair_ray import AimfairError
 from aimfair_ray.config import Config
 from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, exists, write_json
 from aimfair_ray.sweep.report import best_row, pareto_chart, pareto_front, summary_md, trials_csv
-from aimfair_ray.sweep.spec import SWEEP_METRICS, SweepSpec, check_space, concurrency, param_space, trial_config
+from aimfair_ray.sweep.spec import HIGHER_IS_BETTER, SWEEP_METRICS, SweepSpec, check_space, concurrency, param_space, trial_config
 
 
 # ---- one trial ---------------------------------------------------------------------------
 def _train(cfg: Config, sp: SweepSpec, stage: str, sweep_stage: str, baseline_dir: Optional[str], callbacks) -> dict:
+    if sp.egt:
+        from aimfair_ray.egt.run import train_generator
+
+        return train_generator(cfg, sp.egt, stage=stage, callbacks=callbacks, score=sp.weights, quality=False)
     if sp.kind == "selective":
         from aimfair_ray.train.finetune import finetune
 
@@ -80,13 +84,34 @@ def collect(grid, spec: SweepSpec, cfg: Config, sweep_stage: str) -> list[dict]:
         rows.append({
             "trial_id": tid, "status": status,
             "params": {k: (r.config or {}).get(k) for k in spec.space},
-            "metrics": {k: m.get(k) for k in SWEEP_METRICS + ("objective", "epoch") if k in m},
+            "metrics": {k: m.get(k) for k in SWEEP_METRICS + ("objective", spec.time_attr) if k in m},
             "checkpoint": m.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None),
-            "model_dir": str(stage_dir / "model") if (stage_dir / "model" / "model.json").is_file() else None,
+            "model_dir": str(stage_dir / "model") if (stage_dir / "model" / "_manifest.json").is_file()
+            or (stage_dir / "model" / "model.json").is_file() else None,
             "trainings": attempts.read_text().split().count("trained") if attempts.is_file() else 0,
             "error": str(r.error).strip().splitlines()[-1][:300] if r.error else None,
         })
     return sorted(rows, key=lambda x: x["trial_id"])
+
+
+def _egt_quality(cfg: Config, spec: SweepSpec, best: dict, log) -> Optional[dict]:
+    """The best EGT trial's quality on the whole evaluation set (trials report a cheap validation
+    loss only), measured once and kept beside the trial."""
+    from safetensors.torch import load_file
+
+    from aimfair_ray.egt.run import CHECKPOINT, measure
+    from aimfair_ray.storage import read_json
+
+    stage = Path(best["model_dir"]).parent
+    path = stage / "quality.json"
+    if path.is_file():
+        return read_json(str(path))
+    if not (stage / CHECKPOINT).is_file():
+        return None
+    log(f"sweep: measuring the quality of the best trial {best['trial_id']}")
+    q = measure(trial_config(cfg, best["params"], spec), spec.egt, load_file(str(stage / CHECKPOINT)), None)
+    write_json(str(path), q)
+    return q
 
 
 # ---- the sweep ---------------------------------------------------------------------------
@@ -107,6 +132,10 @@ def _absolute(cfg: Config) -> Config:
         v = raw[section][key]
         if v and "://" not in v and (key in ("storage_path", "root") or Path(v).exists()):
             raw[section][key] = str(Path(v).absolute())
+    for sub, key in (("image", "pipeline"), ("text", "model")):  # EGT's models, when they are local folders
+        v = raw["egt"][sub][key]
+        if v and Path(v).exists():
+            raw["egt"][sub][key] = str(Path(v).absolute())
     return Config.model_validate(raw)
 
 
@@ -157,7 +186,8 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
         tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), spec=spec.model_dump(mode="json"),
                              sweep_stage=sweep_stage, baseline_dir=baseline_dir),
         {"CPU": 0.1})  # the trial only drives a TorchTrainer; its workers hold the CPUs/GPUs
-    epochs = first.finetune.epochs if spec.kind == "selective" else (first.group_dro.epochs or first.train.epochs)
+    epochs = (first.egt.steps if spec.egt else first.finetune.epochs if spec.kind == "selective"
+              else (first.group_dro.epochs or first.train.epochs))
     n_conc = concurrency(first, spec, resources)
     from ray.tune import Tuner
 
@@ -186,7 +216,7 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
 
         write_json(f"{out}/sweep.json", saved)
         # max_t one past the last epoch: a trial that survives every rung ends by itself (and exports its model)
-        scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=min(spec.asha.grace_period, epochs),
+        scheduler = (ASHAScheduler(time_attr=spec.time_attr, max_t=epochs + 1, grace_period=min(spec.asha.grace_period, epochs),
                                    reduction_factor=spec.asha.reduction_factor)
                      if spec.asha.enabled else FIFOScheduler())
         from aimfair_ray.sweep.trial_bar import TrialBar
@@ -206,11 +236,14 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
     wall = time.time() - t0
     rows = collect(grid, spec, cfg, sweep_stage)
     ok = [r for r in rows if r["status"] != "ERROR" and all(k in r["metrics"] for k in spec.pareto)]
-    front = pareto_front([(r["metrics"][spec.pareto[0]], r["metrics"][spec.pareto[1]]) for r in ok])
+    front = pareto_front([(r["metrics"][spec.pareto[0]], r["metrics"][spec.pareto[1]]) for r in ok],
+                         x_high=spec.pareto[0] in HIGHER_IS_BETTER)
     front_ids = {ok[i]["trial_id"] for i in front}
     best = best_row(rows, spec)
     test_audit = None
-    if best is not None and best["model_dir"]:
+    if best is not None and best["model_dir"] and spec.egt:
+        test_audit = _egt_quality(cfg, spec, best, log)
+    elif best is not None and best["model_dir"]:
         from aimfair_ray.data.prepare import split_dir
         from aimfair_ray.evaluate import audit
 

@@ -14,14 +14,17 @@ from aimfair_ray.config import Config, apply_override, format_validation_error, 
 
 SWEEP_DIR = Path(__file__).parent.parent / "presets" / "sweeps"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
-SWEEP_METRICS = (  # what a trial reports and a spec may name
-    "val_acc", "val_wst", "val_eo", "val_std", "val_gap", "val_loss", "train_loss", "train_acc")
+SWEEP_METRICS = (  # what a trial reports and a spec may name (EGT: val_quality, its gap; lower is better)
+    "val_acc", "val_wst", "val_eo", "val_std", "val_gap", "val_loss", "train_loss", "train_acc",
+    "val_quality", "val_quality_gap")
+HIGHER_IS_BETTER = frozenset({"val_acc", "val_wst", "train_acc"})
+KINDS = ("selective", "minmax", "egt-image", "egt-text")
 
 
 class Asha(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
-    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it may be stopped")
+    grace_period: int = Field(1, ge=1, description="epochs (EGT: steps) every trial runs before it may be stopped")
     reduction_factor: float = Field(2, gt=1)
 
 
@@ -29,7 +32,7 @@ class SweepSpec(BaseModel):
     """A sweep: what varies, what is optimised, and how the search runs."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["selective", "minmax"]
+    kind: Literal[KINDS]
     space: dict[str, dict[str, list]] = Field(min_length=1)
     objective: Union[str, dict[str, float]] = "val_wst"
     mode: Literal["max", "min"] = "max"
@@ -64,6 +67,16 @@ class SweepSpec(BaseModel):
         return v
 
     @property
+    def egt(self) -> str | None:
+        """The EGT task a sweep of EGT fine-tuning runs (image, text), else None."""
+        return self.kind.split("-", 1)[1] if self.kind.startswith("egt-") else None
+
+    @property
+    def time_attr(self) -> str:
+        """What ASHA counts: Train epochs, or EGT steps (reported every egt.checkpoint_every)."""
+        return "step" if self.egt else "epoch"
+
+    @property
     def weights(self) -> dict[str, float]:
         return {self.objective: 1.0} if isinstance(self.objective, str) else dict(self.objective)
 
@@ -80,7 +93,7 @@ def load_spec(kind: str, path: Optional[str] = None) -> SweepSpec:
     src = Path(path) if path else SWEEP_DIR / f"{kind}.yaml"
     if not src.is_file():
         raise AimfairError(f"sweep file {src} does not exist" if path else
-                           f"unknown sweep {kind!r}; choose selective or minmax")
+                           f"unknown sweep {kind!r}; choose {', '.join(KINDS)}")
     try:
         raw = yaml.safe_load(src.read_text()) or {}
     except yaml.YAMLError as e:
@@ -130,14 +143,16 @@ DATA_CPUS_PER_TRIAL = 2
 
 
 def concurrency(cfg: Config, spec: SweepSpec, resources: dict) -> int:
-    """Trials that fit at once: each holds its Train workers plus a CPU for each dataset it reads."""
+    """Trials that fit at once: each holds its Train workers plus a CPU for each dataset it reads
+    (an EGT trial reads none through Ray Data)."""
     tc = cfg.train
-    n = int(resources.get("CPU", 1) // (tc.num_workers * tc.cpus_per_worker + DATA_CPUS_PER_TRIAL))
+    data_cpus = 0 if spec.egt else DATA_CPUS_PER_TRIAL
+    n = int(resources.get("CPU", 1) // (tc.num_workers * tc.cpus_per_worker + data_cpus))
     if tc.use_gpu:
         n = min(n, int(resources.get("GPU", 0) // max(tc.num_workers * tc.gpus_per_worker, 1e-9)))
     if n < 1:
         raise AimfairError(f"one trial needs {tc.num_workers} worker(s) x {tc.cpus_per_worker} CPU"
                            + (f" and {tc.gpus_per_worker} GPU" if tc.use_gpu else "")
-                           + f" plus {DATA_CPUS_PER_TRIAL} CPUs for its data, but the cluster has {resources}; "
+                           + f" plus {data_cpus} CPUs for its data, but the cluster has {resources}; "
                            "lower train.num_workers")
     return max(1, min(n, spec.max_concurrent_trials or n))
