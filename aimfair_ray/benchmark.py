@@ -12,14 +12,12 @@ reuse every finished run.
 from __future__ import annotations
 
 import math
-import os
-import platform
 
 import numpy as np
 
 from aimfair_ray.config import Config, FinetuneConfig
 from aimfair_ray.metrics import HEADLINE
-from aimfair_ray.reports import csv_text, figure_png, markdown_table, mean_std, pyplot
+from aimfair_ray.reports import csv_text, figure_png, machine, markdown_table, mean_std, pyplot
 from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, exists, write_json
 
 EXTRA_ROWS = {  # rows beyond the baseline and the registered fine-tuning methods, in table order
@@ -206,14 +204,6 @@ def targets(table: dict, pair: dict) -> list[dict]:
         out.append({"target": "WST above random in at least 4 of 5 seeds", "measured": f"{w} of {n}",
                     "met": w >= math.ceil(0.8 * n)})
     return out
-
-
-def machine() -> str:
-    import torch
-
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {mem:.0f} GiB, {gpu}; torch {torch.__version__}"
 
 
 def selection_rule(metric: str) -> str:

@@ -47,3 +47,15 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     import pandas as pd
 
     return pd.DataFrame(list(rows), columns=list(header), dtype=object).to_csv(index=False, lineterminator="\n")
+
+
+def machine() -> str:
+    """The machine a benchmark ran on, in words."""
+    import os
+    import platform
+
+    import torch
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {mem:.0f} GiB, {gpu}; torch {torch.__version__}"

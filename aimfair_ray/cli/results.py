@@ -62,10 +62,12 @@ def minmax_cmd(kind: str = typer.Argument(..., help="image (diffusion) | text (c
 def benchmark_egt_cmd(kind: str = typer.Argument("all", help="image | text | all"),
                       seeds: int = typer.Option(2, "--seeds", min=1, help="number of seeds (0, 1, ...)"),
                       objectives: Optional[str] = typer.Option(None, "--objectives",
-                                                               help="comma-separated: erm, reweight, minmax, conditional (text)"),
+                                                               help="comma-separated: erm, reweight, minmax, conditional"),
+                      publish: Optional[str] = typer.Option(None, "--publish", help="also write PREFIX.md and .json with "
+                                                            "the command, wall time and machine (one task: image or text)"),
                       preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
-    """EGT table: ERM, reweighting and min–max (and group-conditional for text) over seeds: per-group
-    quality, the gap and overall quality; Markdown, CSV and JSON."""
+    """EGT table: ERM, reweighting, min–max and group-conditional fine-tuning over seeds: per-group
+    quality, the gap and overall quality, each row with its setting; Markdown, CSV and JSON."""
     from aimfair_ray.egt.benchmark import benchmark_egt
     from aimfair_ray.egt.tasks import tasks
 
@@ -75,6 +77,8 @@ def benchmark_egt_cmd(kind: str = typer.Argument("all", help="image | text | all
     def check():
         if any(k not in known for k in kinds):
             raise AimfairError(f"unknown EGT task {kind!r}; choose {', '.join(known)} or all")
+        if publish and len(kinds) > 1:
+            raise AimfairError("--publish writes one task's table: pass image or text, not all")
 
     def body(cfg):
         for k in kinds:
@@ -83,7 +87,8 @@ def benchmark_egt_cmd(kind: str = typer.Argument("all", help="image | text | all
             if bad:
                 raise AimfairError(f"unknown --objectives {bad} for {k}; choose from {', '.join(known[k].objectives)}")
             t0 = time.time()
-            out = benchmark_egt(cfg, k, list(range(seeds)), objs, log=log)
+            command = "aimfair " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("aimfair") else None
+            out = benchmark_egt(cfg, k, list(range(seeds)), objs, log=log, publish=publish, command=command)
             console.print(open(f"{out['dir']}/results.md").read(), highlight=False)
             log(f"benchmark egt {k}: wrote {out['dir']}/results.md, .csv and .json in {time.time() - t0:.0f}s")
 

@@ -16,7 +16,7 @@ from aimfair_ray.config import Config
 from aimfair_ray.egt.quality import HIGHER_IS_BETTER
 from aimfair_ray.egt.run import group_names, pretrained_quality, train_generator
 from aimfair_ray.egt.tasks import get
-from aimfair_ray.reports import csv_text, markdown_table, mean_std
+from aimfair_ray.reports import csv_text, machine, markdown_table, mean_std
 from aimfair_ray.storage import atomic_write_text, write_json
 
 
@@ -95,7 +95,14 @@ def to_csv(res: dict) -> str:
                            for name, r in res["table"].items() for m in get(kind).metrics])
 
 
-def benchmark_egt(cfg: Config, kind: str, seeds: list[int], objectives=None, log=print) -> dict:
+def benchmark_egt(cfg: Config, kind: str, seeds: list[int], objectives=None, log=print, publish: str | None = None,
+                  command: str | None = None) -> dict:
+    """Every objective's runs over the seeds, then the table. ``publish``: also write
+    ``<publish>.{md,json}`` with ``command``, the wall time and the machine
+    (e.g. ``benchmarks/results/egt-image``)."""
+    import time
+
+    t0 = time.time()
     objectives = list(objectives or get(kind).objectives)
     groups = group_names(cfg, kind)
     table = {}
@@ -121,8 +128,17 @@ def benchmark_egt(cfg: Config, kind: str, seeds: list[int], objectives=None, log
            "n_buckets": e.n_buckets if get(kind).noise_levels else None,
            "n_per_group": get(kind).settings(cfg).n_eval_per_group,
            "table": table, "targets": targets(table, kind)}
+    res.update(wall_s=round(time.time() - t0), machine=machine(), command=command, config=cfg.outcome())
     out = cfg.stage_dir(f"egt/benchmark/{kind}")
+    md = to_markdown(res)
     write_json(f"{out}/results.json", res)
-    atomic_write_text(f"{out}/results.md", to_markdown(res))
+    atomic_write_text(f"{out}/results.md", md)
     atomic_write_text(f"{out}/results.csv", to_csv(res))
+    if publish:
+        head = (f"Command: `{command}`\n\n" if command else "") + (
+            f"Machine: {res['machine']}. Wall time of this command: {res['wall_s'] / 60:.1f} min (finished runs are "
+            "reused; the wall column is each row's own training and quality time).\n\n")
+        write_json(f"{publish}.json", res)
+        atomic_write_text(f"{publish}.md", md.replace("\n", "\n\n" + head, 1) if md.startswith("# ") else head + md)
+        log(f"benchmark egt {kind}: published {publish}.md and .json")
     return dict(res, dir=out)
