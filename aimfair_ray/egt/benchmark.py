@@ -33,6 +33,14 @@ def row(qualities: list[dict], kind: str, groups: list[str]) -> dict:
     return out
 
 
+SETTINGS = {
+    "image": "Setting: unconditional (the colour is not in the captions; generated images sorted into groups by the "
+             "checker, with rejection sampling) or conditional (each group's images drawn from captions naming it).",
+    "text": "Setting: unconditional (plain sentences) or conditional (each sentence, in training and evaluation, after "
+            "its group tag, which is not scored).",
+}
+
+
 def setting(objective: str) -> str:
     return "conditional" if objective == "conditional" else "unconditional"
 
@@ -62,8 +70,7 @@ def to_markdown(res: dict) -> str:
              f"Seeds {', '.join(map(str, res['seeds']))}; {res['steps']} fine-tuning steps on a group-imbalanced set "
              f"({100 * (1 - res['minority_share']):.0f}% {groups[0]} / {100 * res['minority_share']:.0f}% {groups[1]}); "
              f"quality on {res['n_per_group']} held-out samples per group. Mean ± std over seeds. "
-             "Wall: training and quality time of all seeds' runs. Setting: unconditional (the group is not in the "
-             "caption; images sorted into groups by the checker) or conditional (the group is named).", ""]
+             "Wall: training and quality time of all seeds' runs. " + SETTINGS[kind], ""]
     for m in get(kind).metrics:
         better = "higher" if m in HIGHER_IS_BETTER else "lower"
         lines += [f"## {m} ({better} is better)", ""] + markdown_table(
@@ -83,6 +90,15 @@ def to_markdown(res: dict) -> str:
         if rows:
             lines += [f"## {title}", ""] + markdown_table(["objective", "setting", *groups], rows) + [""]
     return "\n".join(lines) + "\n"
+
+
+def published_markdown(res: dict) -> str:
+    """The table with its command, machine and wall time after the title."""
+    head = (f"Command: `{res['command']}`\n\n" if res.get("command") else "") + (
+        f"Machine: {res['machine']}. Wall time of this command: {res['wall_s'] / 60:.1f} min (finished runs are "
+        "reused; the wall column is each row's own training and quality time).\n")
+    title, rest = to_markdown(res).split("\n", 1)
+    return f"{title}\n\n{head}{rest}"
 
 
 def to_csv(res: dict) -> str:
@@ -135,10 +151,7 @@ def benchmark_egt(cfg: Config, kind: str, seeds: list[int], objectives=None, log
     atomic_write_text(f"{out}/results.md", md)
     atomic_write_text(f"{out}/results.csv", to_csv(res))
     if publish:
-        head = (f"Command: `{command}`\n\n" if command else "") + (
-            f"Machine: {res['machine']}. Wall time of this command: {res['wall_s'] / 60:.1f} min (finished runs are "
-            "reused; the wall column is each row's own training and quality time).\n\n")
         write_json(f"{publish}.json", res)
-        atomic_write_text(f"{publish}.md", md.replace("\n", "\n\n" + head, 1) if md.startswith("# ") else head + md)
+        atomic_write_text(f"{publish}.md", published_markdown(res))
         log(f"benchmark egt {kind}: published {publish}.md and .json")
     return dict(res, dir=out)

@@ -63,7 +63,8 @@ def summary_md(rows, front_ids, best, spec, title, wall_s, test_audit) -> str:
     keys = list(spec.space)
     cols = ["objective", *dict.fromkeys([*spec.pareto, *(() if spec.egt else ("val_acc", "val_wst", "val_eo"))]),
             spec.time_attr]
-    lines = [f"# {title}", "", f"Objective: {spec.describe_objective()} on the val split. "
+    where = "held-out samples (egt.val_per_group per group)" if spec.egt else "the val split"
+    lines = [f"# {title}", "", f"Objective: {spec.describe_objective()} on {where}. "
              f"Trials: {len(rows)} ({sum(r['status'] == 'DONE' for r in rows)} done, "
              f"{sum(r['status'] == 'STOPPED' for r in rows)} stopped early by ASHA, "
              f"{sum(r['status'] == 'ERROR' for r in rows)} failed). Wall time of this call: {wall_s:.0f} s.", ""]

@@ -249,7 +249,12 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
 
         test_audit = audit(best["model_dir"], split_dir(cfg, cfg.audit.split), f"{out}/best_audit",
                            cfg.audit, title=f"best trial {best['trial_id']}")
-    title = f"{spec.kind} sweep {name!r} on {cfg.data.dataset}"
+    if spec.egt:
+        from aimfair_ray.egt.tasks import get
+
+        title = f"{spec.kind} sweep {name!r}: {get(spec.egt).model_name(first)}"
+    else:
+        title = f"{spec.kind} sweep {name!r} on {cfg.data.dataset}"
     for r in rows:
         r["pareto"] = r["trial_id"] in front_ids
     write_json(f"{out}/trials.json", {"objective": spec.weights, "mode": spec.mode, "pareto_axes": list(spec.pareto),
