@@ -280,7 +280,8 @@ class EGTConfig(_Strict):
     eta: float = Field(1.0, ge=0, description="min–max: step size of the group-weight ascent")
     update: Literal["soft", "worst"] = Field("soft", description="min–max: exponentiated-gradient weights with step eta "
                                              "(soft), or all weight on the worst group of each noise bucket (worst)")
-    ema: float = Field(0.0, ge=0, lt=1, description="min–max: EMA decay of the group losses the update uses")
+    ema: float = Field(0.0, ge=0, lt=1, description="min–max: EMA decay of the group losses the update uses (0: the "
+                       "batch's own; the best of 0 and 0.9 in the measured egt-text sweep, benchmarks/results)")
     n_buckets: int = Field(4, ge=1, description="diffusion: timestep buckets, each with its own group weights")
     minority_share: float = Field(0.1, gt=0, lt=1, description="share of group 1 in the fine-tuning set (0.1: 90% / 10%)")
     steps: int = Field(100, ge=1)
