@@ -91,6 +91,24 @@ overrides: [train.num_workers=1]
 """
 
 
+def _run_until_a_trial_ends_then_kill(args: list[str], env: dict, out: Path, wait: float = 300, settle: float = 0) -> dict:
+    """Start a sweep command; once a trial has written its result (and ``settle`` seconds more, so the
+    next trial is starting), SIGKILL the driver's process group; return the finished trials' mtimes."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + wait
+    while time.time() < deadline and not list(out.glob("trials/*/result.json")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(1)
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")}
+    assert finished, "no trial finished in time"
+    time.sleep(settle)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, while other trials are still to run
+    proc.wait()
+    time.sleep(2)  # let Ray notice the dead driver and free its trials' workers
+    return finished
+
+
 def test_sweep_killed_midway_resumes_only_the_rest(synth, ray_cluster, tiny_pipeline, tmp_path):
     cfg, _ = synth
     space = tmp_path / "sweep.yaml"
@@ -101,18 +119,7 @@ def test_sweep_killed_midway_resumes_only_the_rest(synth, ray_cluster, tiny_pipe
     args += [x for s in sets for x in ("--set", s)]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
     out = Path(cfg.stage_dir("sweep/t"))
-    proc = subprocess.Popen(args + ["--wandb"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 420
-    while time.time() < deadline and not list(out.glob("trials/*/result.json")):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(1)
-    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")}
-    assert finished, "no trial finished in time"
-    time.sleep(3)  # the next trial is starting
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, while other trials are still to run
-    proc.wait()
-    time.sleep(2)  # let Ray notice the dead driver and free its trials' workers
+    finished = _run_until_a_trial_ends_then_kill(args + ["--wandb"], env, out, wait=420, settle=3)
 
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)  # W&B: kept from the start
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
@@ -158,21 +165,6 @@ max_concurrent_trials: 1
 asha: {enabled: false}
 overrides: [egt.objective=minmax, train.num_workers=1]
 """
-
-
-def _run_until_a_trial_ends_then_kill(args: list[str], env: dict, out: Path) -> dict:
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("trials/*/result.json")):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(1)
-    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")}
-    assert finished, "no trial finished in time"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, while the other trial is to run
-    proc.wait()
-    time.sleep(2)
-    return finished
 
 
 def test_egt_sweep_of_two_tiny_trials_resumes_after_a_kill(ray_cluster, tiny_pipeline, tmp_path):

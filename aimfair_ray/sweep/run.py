@@ -18,7 +18,7 @@ import yaml
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import Config
-from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, exists, write_json
+from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, exists, read_json, write_json
 from aimfair_ray.sweep.report import best_row, pareto_chart, pareto_front, summary_md, trials_csv
 from aimfair_ray.sweep.spec import HIGHER_IS_BETTER, SWEEP_METRICS, SweepSpec, check_space, concurrency, param_space, trial_config
 
@@ -100,7 +100,6 @@ def _egt_quality(cfg: Config, spec: SweepSpec, best: dict, log) -> Optional[dict
     from safetensors.torch import load_file
 
     from aimfair_ray.egt.run import CHECKPOINT, measure
-    from aimfair_ray.storage import read_json
 
     stage = Path(best["model_dir"]).parent
     path = stage / "quality.json"
