@@ -239,6 +239,24 @@ def egt_image(ray_cluster, tiny_pipeline, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd_lora_egt(ray_cluster, tmp_path_factory):
+    """A tiny random Stable-Diffusion pipeline, and its min–max EGT LoRA run on Ray Train (2 workers, the
+    worst-group rule), shared by the EGT test and the Serve test that serves the adapters. No quality
+    measurement: the random model's noise never passes the checker as green, so the unconditional
+    setting has no minority samples to measure."""
+    from tiny_models import tiny_sd
+
+    from aimfair_ray.config import load_config
+    from aimfair_ray.egt.run import train_generator
+
+    root = tmp_path_factory.mktemp("sd_lora")
+    base = tiny_sd(root)
+    cfg = load_config("cmnist", overrides=egt_image_sets(base, root / "runs") + [
+        "egt.image.lora_rank=2", "egt.objective=minmax", "egt.update=worst", "egt.lr=0.01"])
+    return cfg, base, train_generator(cfg, "image", log=lambda *_: None, quality=False)
+
+
+@pytest.fixture(scope="session")
 def cmnist_run(ray_cluster, tmp_path_factory):
     """The embedded default's data at full size and its checker (trained once on real digits outside
     the generator split): the quality bar of the shipped model and the faithfulness filter share it."""

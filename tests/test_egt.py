@@ -4,6 +4,7 @@ the results table. The toy problems of the objective itself are in test_minmax.p
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -46,6 +47,33 @@ def test_image_minmax_on_ray_train_then_reuse(egt_image):
     assert pipe.unet.config.sample_size == 32
     again = train_generator(cfg, "image")
     assert again["reused"] and again["quality"] == q
+
+
+def test_sd_lora_minmax_on_ray_train(sd_lora_egt):
+    """LoRA EGT of a tiny random Stable-Diffusion pipeline through the Ray Train loop (2 workers, the
+    worst-group rule): the model folder holds only the adapters (diffusers format) and names its base;
+    it loads as a pipeline whose images differ from the base's."""
+    from safetensors.torch import load_file
+
+    from aimfair_ray.egt.image import ADAPTER, LORA_FILE
+    from aimfair_ray.generate.images import generate_batch
+    from aimfair_ray.generate.t2i import load_pipeline
+
+    _, base, res = sd_lora_egt
+    assert res["steps"] == 4 and res["history"][0]["world_size"] == 2
+    model = Path(res["model_dir"])
+    assert {p.name for p in model.iterdir() if not p.name.startswith("_")} == {ADAPTER, LORA_FILE}
+    assert json.loads((model / ADAPTER).read_text()) == {"base_pipeline": base, "lora_rank": 2}
+    saved = load_file(str(model / LORA_FILE))
+    assert saved and all(k.startswith("unet.") and "lora" in k for k in saved)
+    levels = res["group_weights"]["weights"]["levels"]  # the worst rule: one group takes all of a bucket's weight
+    assert any(sorted(w["q"]) == [0.0, 1.0] for w in levels)
+
+    def images(pipeline):
+        return generate_batch(load_pipeline(pipeline), ["a red digit seven"], [0], 2, 3.0)[0]
+
+    assert images(str(model)).shape == (32, 32, 3)
+    assert not np.array_equal(images(str(model)), images(base))
 
 
 def test_text_conditional_on_ray_train(ray_cluster, tmp_path):

@@ -41,9 +41,10 @@ def _model(root, name, seed, with_audit=True):
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, tiny_pipeline, tmp_path_factory):
-    """Two apps on one Serve instance: the full app with a token (a classifier, both generators)
-    and an open one with two models for the audit page."""
+def served(ray_cluster, tiny_pipeline, sd_lora_egt, tmp_path_factory):
+    """Three apps on one Serve instance: the full app with a token (a classifier, both generators),
+    an open one with two models for the audit page, and one whose image generator is the LoRA
+    adapters of an EGT run on a tiny Stable-Diffusion pipeline."""
     from ray import serve
 
     from aimfair_ray.serving.app import build_app
@@ -66,8 +67,11 @@ def served(ray_cluster, tiny_pipeline, tmp_path_factory):
                          "image_pipeline": None, "text_model": None, "request_timeout_s": {"audit": 0.001},
                          "classify_in_ingress": False}),  # here each model is its own batched Classifier deployment
               name="aimfair-open", route_prefix="/open")
+    lora = sd_lora_egt[2]["model_dir"]
+    serve.run(build_app({"models": {"baseline": str(root / "baseline" / "model")}, "image_pipeline": lora,
+                         "text_model": None}), name="aimfair-lora", route_prefix="/lora")
     yield {"url": f"http://127.0.0.1:{port}", "model": model, "audits": {"baseline": rep, "selective": rep2},
-           "root": root}
+           "root": root, "lora": (lora, sd_lora_egt[1])}
     serve.shutdown()
 
 
@@ -179,6 +183,26 @@ def test_generators_give_deterministic_pngs_and_text(served):
                                                       "max_new_tokens": 12, "seed": 1}, headers=AUTH, timeout=300)
     assert t.status_code == 200, t.text
     assert isinstance(t.json()["text"], str) and len(t.json()["text"].split()) >= 2
+
+
+def test_image_generator_serves_lora_adapters(served):
+    """An EGT LoRA model folder (adapters + the base it names) served as the image generator: the PNGs
+    are the pipeline's own images of those seeds, and not the base pipeline's."""
+    from aimfair_ray.data.codecs import decode_png
+    from aimfair_ray.generate.images import generate_batch
+    from aimfair_ray.generate.t2i import load_pipeline
+
+    lora, base = served["lora"]
+    body = {"prompts": ["a red digit seven", "a green digit two"], "seed": 5, "steps": 2}
+    r = requests.post(f"{served['url']}/lora/v1/generate/image", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    got = [decode_png(base64.b64decode(s)) for s in r.json()["images"]]
+
+    def local(pipeline):  # what the ImageGenerator deployment runs: one seed per prompt, guidance 3
+        return generate_batch(load_pipeline(pipeline), body["prompts"], [5, 6], 2, 3.0)
+
+    assert np.array_equal(np.stack(got), local(lora))
+    assert not np.array_equal(np.stack(got), local(base))
 
 
 BAD = [

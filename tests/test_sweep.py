@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +41,8 @@ def test_spec_checks_and_trial_configs():
     assert egt.egt == "image" and egt.time_attr == "step" and egt.mode == "min"
     assert concurrency(trial_config(base, {}, egt), egt, {"CPU": 4}) == 4  # an EGT trial reads no Ray Data set
     spec = load_spec("selective")
+    assert spec.n_trials == 10  # 5 k x 2 lr
+    assert spec.model_copy(update={"num_samples": 3, "space": {**spec.space, "x": {"uniform": [0, 1]}}}).n_trials == 30
     cfg = trial_config(base, {"finetune.k": 0.8, "finetune.lr": 0.003}, spec)
     assert cfg.finetune.k == 0.8 and cfg.finetune.lr == 0.003 and cfg.train.num_workers == 1  # overrides applied
     assert base.train.num_workers == 2
@@ -92,15 +96,19 @@ overrides: [train.num_workers=1]
 
 
 def _run_until_a_trial_ends_then_kill(args: list[str], env: dict, out: Path, wait: float = 300, settle: float = 0) -> dict:
-    """Start a sweep command; once a trial has written its result (and ``settle`` seconds more, so the
-    next trial is starting), SIGKILL the driver's process group; return the finished trials' mtimes."""
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    """Start a sweep command; once a trial has ended (its result and its line in attempts.log written;
+    ``settle`` seconds more, so the next trial is starting), SIGKILL the driver's process group; return
+    the finished trials' result mtimes."""
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall the driver, and Tune with it
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + wait
-    while time.time() < deadline and not list(out.glob("trials/*/result.json")):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+    while time.time() < deadline and not [p for p in out.glob("trials/*/result.json") if (p.parent / "attempts.log").is_file()]:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"the sweep ended before a trial did: {log.read()[-3000:]}")
         time.sleep(1)
-    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")}
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")
+                if (p.parent / "attempts.log").is_file()}
     assert finished, "no trial finished in time"
     time.sleep(settle)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, while other trials are still to run
@@ -125,8 +133,9 @@ def test_sweep_killed_midway_resumes_only_the_rest(synth, ray_cluster, tiny_pipe
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
     line = [ln for ln in res.stdout.splitlines() if "sweep: resuming" in ln]
     assert line, res.stdout[-3000:]
-    n_done = int(line[0].split("resuming")[1].split(":")[1].split()[0])
-    assert 1 <= n_done < 4
+    counts = [int(w) for w in re.findall(r"(\d+) (?:finished|failed|to run)", line[0])]
+    n_done = counts[0]
+    assert 1 <= n_done < 4 and sum(counts) == 4, line[0]  # finished + failed + to run: every trial
     # finished trials were not trained again: same result.json, one training each
     for tid, mtime in finished.items():
         assert (out / "trials" / tid / "result.json").stat().st_mtime_ns == mtime

@@ -11,9 +11,10 @@ A sweep YAML (see ``presets/sweeps/``) names config paths and how to search them
     pareto: [val_acc, val_eo]                 # utility (up) against unfairness (down)
 
 Each trial is a Tune function trainable that launches one TorchTrainer (the run of
-:mod:`train.raytrain`, or of :mod:`egt.run`); ``TuneReportCallback`` forwards every epoch's
-(EGT: every checkpoint's) metrics to Tune, so ASHA can stop weak trials early. The sweep resumes with ``Tuner.restore``: finished
-and failed trials are kept, interrupted ones continue from their Train checkpoints.
+:mod:`train.raytrain`, or of :mod:`egt.run`); a Train callback hands every epoch's (EGT: every
+checkpoint's) metrics to the trial, which reports them to Tune, so ASHA can stop weak trials early.
+The sweep resumes with ``Tuner.restore``: finished and failed trials are kept, interrupted ones
+continue from their Train checkpoints.
 
 The package: :mod:`.spec` (the YAML spec, validation, trial configs), :mod:`.run` (Tune
 around the trainers, resume, collection) and :mod:`.report` (Pareto front, chart, summary).

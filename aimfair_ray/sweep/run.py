@@ -1,6 +1,6 @@
 """Running a sweep on Ray Tune: each trial is a Tune function trainable that launches one
-TorchTrainer (the run of ``aimfair finetune`` or ``aimfair train groupdro``);
-``TuneReportCallback`` forwards every epoch's metrics, so ASHA can stop weak trials early.
+TorchTrainer (the run of ``aimfair finetune``, ``aimfair train groupdro`` or ``aimfair egt train``);
+``ToTune`` hands every epoch's metrics to the trial, which reports them, so ASHA can stop weak trials early.
 The sweep resumes with ``Tuner.restore``: finished and failed trials are kept, interrupted
 ones continue from their Train checkpoints."""
 
@@ -39,28 +39,58 @@ def _train(cfg: Config, sp: SweepSpec, stage: str, sweep_stage: str, baseline_di
     return train_group_dro(cfg, stage=stage, callbacks=callbacks, score=sp.weights)
 
 
+def _train_and_record(cfg: Config, sp: SweepSpec, stage: str, sweep_stage: str, baseline_dir: Optional[str], callbacks,
+                      params: dict) -> dict:
+    """The trial's Train run, and one line for it in the trial's ``attempts.log``, written as soon as it
+    ends: "trained" when this call ran (or resumed) the run, "reused" when it had already finished
+    before an interruption (Tune reruns a trial it had not yet recorded as ended)."""
+    res = _train(cfg, sp, stage, sweep_stage, baseline_dir, callbacks)
+    with open(Path(cfg.stage_dir(stage)) / "attempts.log", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {'reused' if res.get('reused') else 'trained'} "
+                f"{json.dumps(params)}\n")
+    return res
+
+
+def _to_tune_callback(queue):
+    """A Ray Train callback that hands each report's metrics (and its checkpoint's path) to ``queue``."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class ToTune(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            queue.put(dict(metrics[0], **({"checkpoint_path": checkpoint.path} if checkpoint else {})))
+
+    return ToTune()
+
+
 def run_trial(params: dict, base: dict, spec: dict, sweep_stage: str, baseline_dir: Optional[str]) -> None:
-    """Tune function trainable: one Ray Train run for the sampled ``params``."""
+    """Tune function trainable: one Ray Train run for the sampled ``params``.
+
+    The Train run's metrics reach Tune through this function's own ``tune.report``, never through Ray's
+    ``TuneReportCallback``: that one hands them to Tune's main thread, which deadlocks when its last
+    report is still in flight as this function returns (Ray 2.60, seen as a resumed sweep hanging)."""
     import ray
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Empty, Queue
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     sp = SweepSpec.model_validate(spec)
     cfg = trial_config(Config.model_validate(base), params, sp)
     stage = f"{sweep_stage}/trials/{tune.get_context().get_trial_id()}"
-    callbacks = [TuneReportCallback()]  # made here, in the Tune session; it carries a queue handle
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})  # Train waits while Tune decides on a report
     # Run the TorchTrainer outside the trial's placement group (Tune captures child tasks into it):
     # inside it, Ray Data's tasks would wait forever for CPUs the small trial bundle does not have.
     # The task is owned by this trial, so a trial that ASHA stops takes its Train run down with it.
     outside = PlacementGroupSchedulingStrategy(placement_group=None)
-    res = ray.get(ray.remote(_train).options(num_cpus=0, scheduling_strategy=outside).remote(
-        cfg, sp, stage, sweep_stage, baseline_dir, callbacks))
-    # One line per call: "trained" when this call ran (or resumed) the Train run, "reused" when the run had
-    # already finished before an interruption (Tune reruns a trial it had not yet recorded as ended).
-    with open(Path(cfg.stage_dir(stage)) / "attempts.log", "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {'reused' if res.get('reused') else 'trained'} "
-                f"{json.dumps(params)}\n")
+    run = ray.remote(_train_and_record).options(num_cpus=0, scheduling_strategy=outside).remote(
+        cfg, sp, stage, sweep_stage, baseline_dir, [_to_tune_callback(reports)], params)
+    while True:
+        ended = bool(ray.wait([run], timeout=0)[0])  # its last report is queued before it ends
+        try:
+            tune.report(reports.get(timeout=1))  # returns once Tune has the result; ASHA may stop us here
+        except Empty:
+            if ended:
+                break
+    res = ray.get(run)
     if res.get("reused"):
         tune.report(res["history"][-1])
 
@@ -208,7 +238,7 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
         done = sum(1 for r in before if r.error is None
                    and Path(cfg.stage_dir(f"{sweep_stage}/trials/{_trial_id(r)}"), "result.json").is_file())
         log(f"sweep: resuming {exp_path}: {done} finished, {before.num_errors} failed, "
-            f"{len(before) - done - before.num_errors} to run (Tuner.restore)")
+            f"{spec.n_trials - done - before.num_errors} to run (Tuner.restore)")
     else:
         from ray.tune import FailureConfig, RunConfig, TuneConfig
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler

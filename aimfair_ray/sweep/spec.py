@@ -3,6 +3,7 @@ how the search runs; its validation, the trial configs and how many trials fit a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -75,6 +76,11 @@ class SweepSpec(BaseModel):
     def time_attr(self) -> str:
         """What ASHA counts: Train epochs, or EGT steps (reported every egt.checkpoint_every)."""
         return "step" if self.egt else "epoch"
+
+    @property
+    def n_trials(self) -> int:
+        """How many trials the sweep runs: ``num_samples`` draws of every grid point."""
+        return self.num_samples * math.prod(len(d["grid"]) for d in self.space.values() if "grid" in d)
 
     @property
     def weights(self) -> dict[str, float]:

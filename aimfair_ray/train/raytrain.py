@@ -167,7 +167,7 @@ def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = Fa
 
     ``datasets``: the Ray Datasets by name, or a function that builds them; it is called only when
     the run trains, so a reused run reads no data.
-    ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` when a sweep trial runs it.
+    ``callbacks``: Ray Train callbacks, e.g. the one a sweep trial passes to hand each report to Tune.
     A reused run (same config, finished) returns its ``result.json`` with ``reused: True``.
     """
     from aimfair_ray.runtime import ensure_ray
