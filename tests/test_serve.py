@@ -42,9 +42,9 @@ def _model(root, name, seed, with_audit=True):
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, tiny_pipeline, sd_lora_egt, tmp_path_factory):
-    """Three apps on one Serve instance: the full app with a token (a classifier, both generators),
-    an open one with two models for the audit page, and one whose image generator is the LoRA
-    adapters of an EGT run on a tiny Stable-Diffusion pipeline."""
+    """Two apps on one Serve instance: the full app with a token (a classifier, both generators)
+    and an open one with two models for the audit page. The LoRA EGT run a test serves is trained
+    first: once Serve's replicas hold their CPUs, its 2 Train workers would not fit."""
     from ray import serve
 
     from aimfair_ray.serving.app import build_app
@@ -67,11 +67,8 @@ def served(ray_cluster, tiny_pipeline, sd_lora_egt, tmp_path_factory):
                          "image_pipeline": None, "text_model": None, "request_timeout_s": {"audit": 0.001},
                          "classify_in_ingress": False}),  # here each model is its own batched Classifier deployment
               name="aimfair-open", route_prefix="/open")
-    lora = sd_lora_egt[2]["model_dir"]
-    serve.run(build_app({"models": {"baseline": str(root / "baseline" / "model")}, "image_pipeline": lora,
-                         "text_model": None}), name="aimfair-lora", route_prefix="/lora")
     yield {"url": f"http://127.0.0.1:{port}", "model": model, "audits": {"baseline": rep, "selective": rep2},
-           "root": root, "lora": (lora, sd_lora_egt[1])}
+           "root": root}
     serve.shutdown()
 
 
@@ -185,16 +182,26 @@ def test_generators_give_deterministic_pngs_and_text(served):
     assert isinstance(t.json()["text"], str) and len(t.json()["text"].split()) >= 2
 
 
-def test_image_generator_serves_lora_adapters(served):
-    """An EGT LoRA model folder (adapters + the base it names) served as the image generator: the PNGs
-    are the pipeline's own images of those seeds, and not the base pipeline's."""
+def test_image_generator_serves_lora_adapters(served, sd_lora_egt):
+    """An EGT LoRA model folder (adapters + the base it names) served as the image generator (its own
+    app, deleted afterwards so the timing tests share the CPUs with no more replicas than before): the
+    PNGs are the pipeline's own images of those seeds, and not the base pipeline's."""
+    from ray import serve
+
     from aimfair_ray.data.codecs import decode_png
     from aimfair_ray.generate.images import generate_batch
     from aimfair_ray.generate.t2i import load_pipeline
+    from aimfair_ray.serving.app import build_app
 
-    lora, base = served["lora"]
-    body = {"prompts": ["a red digit seven", "a green digit two"], "seed": 5, "steps": 2}
-    r = requests.post(f"{served['url']}/lora/v1/generate/image", json=body, timeout=120)
+    _, base, res = sd_lora_egt
+    lora = res["model_dir"]
+    serve.run(build_app({"models": {"baseline": str(served["root"] / "baseline" / "model")}, "image_pipeline": lora,
+                         "text_model": None}), name="aimfair-lora", route_prefix="/lora")
+    try:
+        body = {"prompts": ["a red digit seven", "a green digit two"], "seed": 5, "steps": 2}
+        r = requests.post(f"{served['url']}/lora/v1/generate/image", json=body, timeout=120)
+    finally:
+        serve.delete("aimfair-lora")
     assert r.status_code == 200, r.text
     got = [decode_png(base64.b64decode(s)) for s in r.json()["images"]]
 
