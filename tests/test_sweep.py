@@ -101,14 +101,16 @@ def _run_until_a_trial_ends_then_kill(args: list[str], env: dict, out: Path, wai
     the finished trials' result mtimes."""
     log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall the driver, and Tune with it
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    def ended() -> dict:
+        return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")
+                if (p.parent / "attempts.log").is_file()}
+
     deadline = time.time() + wait
-    while time.time() < deadline and not [p for p in out.glob("trials/*/result.json") if (p.parent / "attempts.log").is_file()]:
+    while time.time() < deadline and not (finished := ended()):
         if proc.poll() is not None:
             log.seek(0)
             raise AssertionError(f"the sweep ended before a trial did: {log.read()[-3000:]}")
         time.sleep(1)
-    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/result.json")
-                if (p.parent / "attempts.log").is_file()}
     assert finished, "no trial finished in time"
     time.sleep(settle)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, while other trials are still to run
