@@ -6,8 +6,10 @@ single-process FastAPI + uvicorn server around the same model, in the same run.
     python benchmarks/serve_load.py --in-ingress no    # the model one hop away, in its batched Classifier deployment
 
 For 1, 8 and 32 concurrent clients it prints requests/s and p50/p99 latency for each server,
-and the Serve/plain ratios of throughput at 32 clients and of p50 latency at 1 client. Each level stops after --requests
-requests or --seconds seconds, whichever comes first. Writes benchmarks/results/serve_load.json.
+and the Serve/plain ratios of throughput at 32 clients and of p50 latency at 1 client. Each level stops
+after --requests requests or --seconds seconds, whichever comes first. Then Serve's /healthz latency idle
+and while two clients post decompression bombs (the absolute figures; the tests compare them only as
+ratios). Writes benchmarks/results/serve_load.json.
 """
 
 import argparse
@@ -49,6 +51,87 @@ def classify(req: Req):
 
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 '''
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of one colour: a few KB that decode to width x height pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    z, row = zlib.compressobj(9), b"\x00" * (1 + (width + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+BOMB = flat_png(13000, 13000)  # about 20 KB; 169 megapixels
+
+
+def decode_seconds(png: bytes, n: int) -> float:
+    """What decoding ``n`` copies of ``png`` costs in this process (the best of two tries): the time a server
+    that decoded on its event loop would hold every other request for."""
+    import io
+
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        best = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            for _ in range(n):
+                Image.open(io.BytesIO(png)).load()
+            best = min(best, time.perf_counter() - t)
+        return best
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def healthz_under_bombs(base: str, headers: dict | None = None, samples: int = 20, bombs_per_request: int = 3) -> dict:
+    """GET /healthz ``samples`` times idle, then again while two clients post decompression bombs to
+    /v1/classify without pause; returns both sets of seconds (sorted), the bomb answers' statuses, and what
+    decoding one bomb request's images costs here."""
+    import threading
+
+    import httpx
+
+    def probe() -> list[float]:
+        times = []
+        for _ in range(samples):
+            t = time.perf_counter()
+            assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+            times.append(time.perf_counter() - t)
+            time.sleep(0.05)
+        return sorted(times)
+
+    idle = probe()
+    decode = decode_seconds(BOMB, bombs_per_request)
+    stop, statuses = threading.Event(), []
+    body = {"images": [base64.b64encode(BOMB).decode()] * bombs_per_request}
+
+    def bomber():
+        while not stop.is_set():
+            statuses.append(httpx.post(f"{base}/v1/classify", json=body, headers=headers or {}, timeout=60).status_code)
+
+    threads = [threading.Thread(target=bomber) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        busy = probe()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return {"idle_s": idle, "bombs_s": busy, "statuses": statuses, "decode_request_s": decode}
+
+
+def ms_quantile(xs: list[float], q: float) -> float:
+    """The q-quantile of sorted seconds, in ms."""
+    return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 1)
 
 
 def random_model(backbone: str, size: int) -> str:
@@ -153,6 +236,11 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/v1/classify"
     wait_up(url, body)
     results["serve"] = [asyncio.run(load(url, body, c, a.requests, a.seconds)) for c in levels]
+    h = healthz_under_bombs(f"http://127.0.0.1:{port}")
+    healthz = {"idle_p50_ms": ms_quantile(h["idle_s"], 0.5), "idle_p90_ms": ms_quantile(h["idle_s"], 0.9),
+               "bombs_p50_ms": ms_quantile(h["bombs_s"], 0.5), "bombs_p90_ms": ms_quantile(h["bombs_s"], 0.9),
+               "bombs_refused": len(h["statuses"]), "bomb_statuses": sorted(set(h["statuses"])),
+               "decode_one_bomb_request_ms": round(1000 * h["decode_request_s"], 1)}
     serve.shutdown()
     ray.shutdown()
 
@@ -175,13 +263,23 @@ def main() -> None:
     print(f"throughput ratio at {top} clients, Serve / plain FastAPI+uvicorn: {ratio:.2f} (target >= 2)")
     lat = results["serve"][0]["p50_ms"] / results["plain"][0]["p50_ms"]
     print(f"p50 latency ratio at {levels[0]} client(s), Serve / plain: {lat:.2f}")
+    print(f"Serve /healthz idle: p50 {healthz['idle_p50_ms']} ms, p90 {healthz['idle_p90_ms']} ms; while 2 clients post "
+          f"decompression bombs: p50 {healthz['bombs_p50_ms']} ms, p90 {healthz['bombs_p90_ms']} ms "
+          f"({healthz['bombs_refused']} bomb requests answered {healthz['bomb_statuses']}); decoding one bomb request "
+          f"here: {healthz['decode_one_bomb_request_ms']} ms")
     out = Path(f"benchmarks/results/serve_load{f'-{a.backbone}-{size}' if a.backbone else ''}"
                f"{f'-r{a.replicas}' if a.replicas else ''}{'' if a.in_ingress == 'auto' else f'-ingress-{a.in_ingress}'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": a.model, "backbone": a.backbone, "image_size": size, "replicas": a.replicas,
+    from datetime import datetime, timezone
+
+    from aimfair_ray.reports import machine
+
+    out.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "machine": machine(),
+                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "model": a.model, "backbone": a.backbone, "image_size": size, "replicas": a.replicas,
                                "in_ingress": a.in_ingress,
                                "results": results,
-                               "ratio_at_max_clients": ratio, "p50_ratio_at_min_clients": lat,
+                               "ratio_at_max_clients": ratio, "p50_ratio_at_min_clients": lat, "healthz": healthz,
                                "cpus": os.cpu_count()}, indent=2))
 
 

@@ -76,10 +76,40 @@ def pytest_configure(config):
                             "files, a stale store) and checks nothing is lost or mixed; `pytest -m faults`")
 
 
+def pytest_sessionstart(session):
+    session.config._aimfair_t0 = time.time()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The suite's wall time beside the machine's score (`make test` runs benchmarks/machine_score.py first
+    and names its file in AIMFAIR_MACHINE_SCORE): times from different machines compare as ratios."""
+    import json
+
+    wall = time.time() - config._aimfair_t0
+    path = os.environ.get("AIMFAIR_MACHINE_SCORE")
+    if not path or not os.path.isfile(path):
+        return
+    ms = json.load(open(path))
+    terminalreporter.write_line(
+        f"suite: {wall:.0f} s on a machine of score {ms['score']} ({ms['machine']}); about "
+        f"{wall * ms['score'] / 100:.0f} s on the reference machine (score 100, benchmarks/machine_score.py)")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+
+
+def bench_script(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package): tests use their pieces."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tiny_gen(pipeline_dir) -> list[str]:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import bench_script
 
 
 def test_gpu_suite_runs_at_tiny_size_on_cpu_and_writes_its_table(tmp_path, capsys):
-    suite = _script("gpu_suite")
+    suite = bench_script("gpu_suite")
     out = tmp_path / "suite.json"
     # torch.compile is left out here: on CPU it builds C++ kernels for minutes; the GPU run has it
     res = suite.main(["--tiny", "--switches", "base,no-sdpa,channels-last,dpm-20", "--out", str(out)])

@@ -25,7 +25,73 @@ def _images(directory):
     return {"image": x, "target": torch.tensor(t["target"].to_pylist())}
 
 
-def test_scores_over_two_workers_match_plain_torch(synth):
+# The test that needs Ray Train runs of its own comes first, before the module's shared worker group opens.
+def test_jobs_on_one_worker_group_train_what_runs_of_their_own_train(synth):
+    """workgroup: a training run and a scoring run as jobs on one shared worker group give the weights,
+    history and scores that their own Ray Train runs give (the fixture's baseline and the scores of its
+    run, both trained on runs of their own), with their checkpoints in the run's job folder."""
+    from aimfair_ray.train.baseline import train_baseline
+    from aimfair_ray.workgroup import shared_workers
+
+    cfg, base = synth
+    quiet = dict(log=lambda *_: None, force=True)
+    own = [base, compute_scores(cfg, base["model_dir"], **QUIET)]  # reused if an earlier test computed them
+    with shared_workers(cfg.train, cfg.ray_storage, "wg") as group:
+        jobs = [train_baseline(cfg, stage="wg/job", **quiet),
+                compute_scores(cfg, base["model_dir"], stage="wg/job-scores", **quiet)]
+    assert group.board is not None and not group.thread.is_alive()  # it ran, and closed
+    assert list(Path(jobs[0]["run_path"], "job").glob("checkpoint_*")) and not Path(own[0]["run_path"], "job").exists()
+    keys = ("epoch", "train_loss", "val_acc", "val_wst")
+    assert [{k: h[k] for k in keys} for h in jobs[0]["history"]] == [{k: h[k] for k in keys} for h in own[0]["history"]]
+    assert jobs[0]["best_epoch"] == own[0]["best_epoch"]
+    a, b = (load_file(f"{r['model_dir']}/model.safetensors") for r in (jobs[0], own[0]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert jobs[1]["counts"] == own[1]["counts"] and jobs[1]["domain"] == own[1]["domain"] and jobs[1]["bias"] == own[1]["bias"]
+    # a job interrupted after its last checkpoint resumes from it: no epoch again, no new checkpoint
+    ckpts = sorted(p.name for p in Path(jobs[0]["run_path"], "job").glob("checkpoint_*"))
+    Path(cfg.stage_dir("wg/job"), "result.json").unlink()
+    msgs = []
+    with shared_workers(cfg.train, cfg.ray_storage, "wg2"):
+        again = train_baseline(cfg, stage="wg/job", log=msgs.append)
+    assert any("resuming the interrupted run" in m for m in msgs), msgs
+    assert again["history"] == jobs[0]["history"]
+    assert sorted(p.name for p in Path(again["run_path"], "job").glob("checkpoint_*")) == ckpts
+
+
+@pytest.fixture(scope="module")
+def one_group(synth):
+    """One shared worker group for the runs of the tests below: each is a job on it, as `aimfair finetune` and a
+    benchmark seed run them (jobs give the figures of runs of their own: the test above), so Ray Train starts
+    its workers once for the module, not once per run."""
+    from aimfair_ray.workgroup import shared_workers
+
+    cfg, _ = synth
+    with shared_workers(cfg.train, cfg.ray_storage, "tests-finetune") as group:
+        yield group
+
+
+def test_deepspeed_and_ddp_give_the_same_result(synth, one_group):
+    """Same seed, same data order, one epoch of linear fine-tuning (frozen BatchNorm, so per-sample
+    gradients): ZeRO-2 (a Ray Train run of its own, beside the module's group) and DDP (a job on the group)
+    land on the same weights."""
+    pytest.importorskip("deepspeed")
+    cfg, result = synth
+    runs = {}
+    for ds in (False, True):
+        c = cfg.model_copy(deep=True)
+        c.finetune.epochs = 1
+        c.finetune.deepspeed = ds
+        runs[ds] = finetune(c, "linear", stage=f"dscheck/{'ds' if ds else 'ddp'}", baseline_dir=result["model_dir"], **QUIET)
+    a = load_file(f"{runs[False]['model_dir']}/model.safetensors")
+    b = load_file(f"{runs[True]['model_dir']}/model.safetensors")
+    base = load_file(f"{result['model_dir']}/model.safetensors")
+    moved = max(float((a[k].float() - base[k].float()).abs().max()) for k in a)
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert moved > 1e-3 and diff < 1e-4 * max(1.0, moved * 100), (moved, diff)
+    assert runs[True]["history"][0]["train_loss"] == pytest.approx(runs[False]["history"][0]["train_loss"], rel=1e-4)
+
+
+def test_scores_over_two_workers_match_plain_torch(synth, one_group):
     cfg, result = synth
     sc = compute_scores(cfg, result["model_dir"], force=True, **QUIET)
     assert sc["world_size"] == 2 and sc["counts"]["su"] == 16 and sc["counts"]["sb"] == 10
@@ -47,7 +113,7 @@ def test_scores_over_two_workers_match_plain_torch(synth):
     assert "reusing" in msgs[0] and again["domain"] == sc["domain"]
 
 
-def test_finetune_trains_only_the_chosen_tensors(synth):
+def test_finetune_trains_only_the_chosen_tensors(synth, one_group):
     cfg, result = synth
     cfg = cfg.model_copy(deep=True)
     cfg.finetune.mix_real = 0.5  # 16 synthetic + 8 real images
@@ -85,27 +151,7 @@ def test_random_method_is_reproducible_by_seed(synth):
     assert choose(other, "random", result["model_dir"], **QUIET)["trainable"] != a["trainable"]
 
 
-def test_deepspeed_and_ddp_give_the_same_result(synth):
-    """Same seed, same data order, one epoch of linear fine-tuning (frozen BatchNorm, so per-sample
-    gradients): ZeRO-2 and DDP land on the same weights."""
-    pytest.importorskip("deepspeed")
-    cfg, result = synth
-    runs = {}
-    for ds in (False, True):
-        c = cfg.model_copy(deep=True)
-        c.finetune.epochs = 1
-        c.finetune.deepspeed = ds
-        runs[ds] = finetune(c, "linear", stage=f"dscheck/{'ds' if ds else 'ddp'}", baseline_dir=result["model_dir"], **QUIET)
-    a = load_file(f"{runs[False]['model_dir']}/model.safetensors")
-    b = load_file(f"{runs[True]['model_dir']}/model.safetensors")
-    base = load_file(f"{result['model_dir']}/model.safetensors")
-    moved = max(float((a[k].float() - base[k].float()).abs().max()) for k in a)
-    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    assert moved > 1e-3 and diff < 1e-4 * max(1.0, moved * 100), (moved, diff)
-    assert runs[True]["history"][0]["train_loss"] == pytest.approx(runs[False]["history"][0]["train_loss"], rel=1e-4)
-
-
-def test_group_dro_moves_the_group_weights(synth):
+def test_group_dro_moves_the_group_weights(synth, one_group):
     cfg, _ = synth
     from aimfair_ray.train.baseline import train_group_dro
 
@@ -118,7 +164,7 @@ def test_group_dro_moves_the_group_weights(synth):
     assert res["method"] == "group_dro" and Path(res["model_dir"], "model.safetensors").is_file()
 
 
-def test_official_recipe_scores_finetune_and_oracle_on_ray_train(synth):
+def test_official_recipe_scores_finetune_and_oracle_on_ray_train(synth, one_group):
     """score_mode=train on two workers (batches of one set, counted in batches), then selective with
     SGD, step decay, crop+flip and BatchNorm statistics updated, trained on real balanced images
     (the benchmark's oracle row) with the synthetic scores' tensors."""
@@ -147,7 +193,7 @@ def test_official_recipe_scores_finetune_and_oracle_on_ray_train(synth):
     assert meta["provenance"]["real_share"] == 1.0 and meta["provenance"]["real_set"] == real
 
 
-def test_jtt_retrains_with_its_errors_upweighted(synth):
+def test_jtt_retrains_with_its_errors_upweighted(synth, one_group):
     from aimfair_ray.data.io import image_dataset
     from aimfair_ray.train.jtt import predict_split, train_jtt
 
@@ -170,34 +216,3 @@ def test_jtt_retrains_with_its_errors_upweighted(synth):
 
     got = ray.get(feed.ref)["weight"]
     assert np.allclose(got, w) and np.allclose(got[wrong], 6.0 * got[~wrong][0])
-
-
-def test_jobs_on_one_worker_group_train_what_runs_of_their_own_train(synth):
-    """workgroup: a training run and a scoring run as jobs on one shared worker group give the weights,
-    history and scores that their own Ray Train runs give, with their checkpoints in the run's job folder."""
-    from aimfair_ray.train.baseline import train_baseline
-    from aimfair_ray.workgroup import shared_workers
-
-    cfg, base = synth
-    quiet = dict(log=lambda *_: None, force=True)
-    own = [train_baseline(cfg, stage="wg/own", **quiet), compute_scores(cfg, base["model_dir"], stage="wg/own-scores", **quiet)]
-    with shared_workers(cfg.train, cfg.ray_storage, "wg") as group:
-        jobs = [train_baseline(cfg, stage="wg/job", **quiet),
-                compute_scores(cfg, base["model_dir"], stage="wg/job-scores", **quiet)]
-    assert group.board is not None and not group.thread.is_alive()  # it ran, and closed
-    assert list(Path(jobs[0]["run_path"], "job").glob("checkpoint_*")) and not Path(own[0]["run_path"], "job").exists()
-    keys = ("epoch", "train_loss", "val_acc", "val_wst")
-    assert [{k: h[k] for k in keys} for h in jobs[0]["history"]] == [{k: h[k] for k in keys} for h in own[0]["history"]]
-    assert jobs[0]["best_epoch"] == own[0]["best_epoch"]
-    a, b = (load_file(f"{r['model_dir']}/model.safetensors") for r in (jobs[0], own[0]))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert jobs[1]["counts"] == own[1]["counts"] and jobs[1]["domain"] == own[1]["domain"] and jobs[1]["bias"] == own[1]["bias"]
-    # a job interrupted after its last checkpoint resumes from it: no epoch again, no new checkpoint
-    ckpts = sorted(p.name for p in Path(jobs[0]["run_path"], "job").glob("checkpoint_*"))
-    Path(cfg.stage_dir("wg/job"), "result.json").unlink()
-    msgs = []
-    with shared_workers(cfg.train, cfg.ray_storage, "wg2"):
-        again = train_baseline(cfg, stage="wg/job", log=msgs.append)
-    assert any("resuming the interrupted run" in m for m in msgs), msgs
-    assert again["history"] == jobs[0]["history"]
-    assert sorted(p.name for p in Path(again["run_path"], "job").glob("checkpoint_*")) == ckpts

@@ -10,10 +10,11 @@ import json
 import numpy as np
 import pytest
 import requests
-from conftest import _free_ports
+from conftest import _free_ports, bench_script
 
 TOKEN = "s3cret-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SERVE_LOAD = bench_script("serve_load")  # the load benchmark: its decompression bomb and /healthz probe
 
 
 
@@ -232,25 +233,11 @@ BAD = [
 ]
 
 
-def _flat_png(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG of one colour: a few KB that decode to width x height pixels (a decompression bomb)."""
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    z, row = zlib.compressobj(9), b"\x00" * (1 + (width + 7) // 8)
-    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-
-
 def _b64s(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-BOMB = _flat_png(13000, 13000)  # about 20 KB; 169 megapixels
+_flat_png, BOMB = SERVE_LOAD.flat_png, SERVE_LOAD.BOMB  # 13000x13000 one-colour PNG: about 20 KB, 169 megapixels
 HOSTILE = [
     ("/v1/classify", {"json": {"images": [_b64s(BOMB)]}}, 413, "13000x13000 pixels; the limit is"),
     ("/v1/classify", {"json": {"images": [_b64s(_flat_png(20000, 20000))]}}, 413, "decompression bomb"),
@@ -295,37 +282,17 @@ def test_audit_page_in_headless_chromium_shows_every_models_wst(served, tmp_path
 
 
 def test_health_answers_fast_while_bombs_are_refused(served):
-    """Headers are checked before decoding and decoding runs off the event loop: /healthz stays fast."""
-    import threading
-    import time
-
-    url, stop, refused = served["url"], threading.Event(), []
-
-    def bomber():
-        body = {"images": [_b64s(BOMB)] * 3}
-        while not stop.is_set():
-            refused.append(requests.post(f"{url}/v1/classify", json=body, headers=AUTH, timeout=60).status_code)
-
-    threads = [threading.Thread(target=bomber) for _ in range(2)]
-    for t in threads:
-        t.start()
-    times = []
-    try:
-        time.sleep(0.5)
-        for _ in range(20):
-            t0 = time.perf_counter()
-            assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
-            times.append(time.perf_counter() - t0)
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert refused and set(refused) == {413}
-    times.sort()
-    print(f"healthz during bombs: median {times[10] * 1000:.1f} ms, p90 {times[18] * 1000:.1f} ms, "
-          f"max {times[-1] * 1000:.1f} ms ({len(refused)} bomb requests refused)")
-    assert times[18] < 0.1, times
+    """Headers are checked before decoding and decoding runs off the event loop: /healthz never waits for a
+    decode. Compared in this run with what decoding one bomb request costs here (a server that decoded on its
+    event loop would hold /healthz about that long); the absolute figures are benchmarks/serve_load.py's."""
+    h = SERVE_LOAD.healthz_under_bombs(served["url"], AUTH)
+    ms = SERVE_LOAD.ms_quantile
+    print(f"healthz idle p90 {ms(h['idle_s'], 0.9)} ms; during bombs p50 {ms(h['bombs_s'], 0.5)} ms, p90 "
+          f"{ms(h['bombs_s'], 0.9)} ms ({len(h['statuses'])} bomb requests refused); one bomb request's decode "
+          f"{1000 * h['decode_request_s']:.0f} ms")
+    assert h["statuses"] and set(h["statuses"]) == {413}
+    p90 = h["bombs_s"][int(0.9 * len(h["bombs_s"]))]
+    assert p90 < h["decode_request_s"], (p90, h)
 
 
 def test_slow_body_gets_408_and_slow_routes_504(served):
@@ -343,8 +310,7 @@ def test_slow_body_gets_408_and_slow_routes_504(served):
             if not part:
                 break
             reply += part
-    assert " 408 " in reply.splitlines()[0] and "body_timeout_s" in reply, repr(reply)
-    assert time.time() - t0 < 20
+    assert " 408 " in reply.splitlines()[0] and "body_timeout_s" in reply, repr(reply)  # the server ended the wait
     r = requests.post(f"{served['url']}/open/v1/audit", json={"images": [_png(IMGS[0])], "targets": [0], "groups": [0]},
                       timeout=30)
     assert r.status_code == 504 and "request_timeout_s.audit" in r.json()["error"], r.text

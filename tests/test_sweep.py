@@ -172,16 +172,16 @@ space:
 objective: {val_quality: 1.0, val_quality_gap: 2.0}
 mode: min
 pareto: [val_quality, val_quality_gap]
-max_concurrent_trials: 1
+max_concurrent_trials: 2
 asha: {enabled: false}
 overrides: [egt.objective=minmax, train.num_workers=1]
 """
 
 
-def test_egt_sweep_of_two_tiny_trials_resumes_after_a_kill(ray_cluster, tiny_pipeline, tmp_path):
-    """`aimfair sweep egt-image` (2 tiny trials, soft and worst updates, one at a time) killed after the
-    first trial ends: the rerun resumes, trains only the second, ranks both by val_quality + 2 x gap,
-    and measures the best trial's FID, precision and recall."""
+def test_egt_sweep_of_two_tiny_trials_ranks_them_and_measures_the_best(ray_cluster, tiny_pipeline, tmp_path):
+    """`aimfair sweep egt-image` (2 tiny trials at once, soft and worst updates): both train once, are ranked
+    by val_quality + 2 x gap, and the best trial's FID, precision and recall are measured. (Killing and
+    resuming a sweep's driver is the selective sweep's test: the resume path is the same for every kind.)"""
     from conftest import egt_image_sets
 
     space = tmp_path / "egt.yaml"
@@ -190,14 +190,8 @@ def test_egt_sweep_of_two_tiny_trials_resumes_after_a_kill(ray_cluster, tiny_pip
     args += [x for s in egt_image_sets(tiny_pipeline, tmp_path / "runs") for x in ("--set", s)]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
     out = Path(load_config("cmnist", overrides=[f"output_dir={tmp_path / 'runs'}"]).stage_dir("sweep/e"))
-    finished = _run_until_a_trial_ends_then_kill(args, env, out)
-    assert len(finished) == 1
-
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
-    assert "sweep: resuming" in res.stdout and "1 finished" in res.stdout, res.stdout[-3000:]
-    for tid, mtime in finished.items():  # the finished trial was not trained again
-        assert (out / "trials" / tid / "result.json").stat().st_mtime_ns == mtime
     data = json.loads((out / "trials.json").read_text())
     rows = data["trials"]
     assert [r["status"] for r in rows] == ["DONE", "DONE"] and all(r["trainings"] == 1 for r in rows)
