@@ -106,12 +106,12 @@ def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, ra
         # the config's options for other models and for the disabled generators are dropped
         assert {d["name"] for d in app0["deployments"]} == {"Api"}
         assert app0["args"]["token_file"] == str(tmp_path / "token")
-        # whole argument lists from /proc (ps cuts them at the terminal width): the server's own shows the
-        # command and its deepest argument, and no process's holds the token
+        # whole argument lists from /proc (ps cuts them at the terminal width): the server's own is exactly
+        # the arguments given, to the last one, and no process's holds the token
         cmdlines = _cmdlines()
         argv = cmdlines[proc.pid]  # the interpreter, then the entry script (its shebang) and our arguments
         assert args[0] in argv and argv[argv.index(args[0]):] == args, argv
-        assert not [pid for pid, argv in cmdlines.items() if any(token in a for a in argv)]
+        assert not [pid for pid, other in cmdlines.items() if any(token in a for a in other)]
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
