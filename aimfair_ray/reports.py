@@ -59,3 +59,10 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), {mem:.0f} GiB, {gpu}; torch {torch.__version__}"
+
+
+def stamp(command: str) -> dict:
+    """What a results file records about its making: ``{"command", "machine", "date"}`` (UTC, to the second)."""
+    from datetime import datetime, timezone
+
+    return {"command": command, "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -18,7 +18,6 @@ import math
 import random
 import sys
 import time
-from datetime import datetime, timezone
 
 # seconds per part on the reference machine (idle, the median of 3 runs): 2 cores (x86_64), 24 GiB, no GPU;
 # torch 2.13.0+cpu, Python 3.11 (2026-12-07)
@@ -74,12 +73,11 @@ def score() -> dict:
     finally:
         torch.set_num_threads(threads)
     parts = {k: 100 * REFERENCE_S[k] / s for k, s in secs.items()}
-    from aimfair_ray.reports import machine
+    from aimfair_ray.reports import stamp
 
     return {"score": round(math.prod(parts.values()) ** (1 / len(parts)), 1),
             "parts": {k: round(v, 1) for k, v in parts.items()}, "seconds": {k: round(v, 3) for k, v in secs.items()},
-            "reference_s": REFERENCE_S, "machine": machine(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+            "reference_s": REFERENCE_S, **stamp(" ".join(["python", *sys.argv]))}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -129,9 +129,14 @@ def healthz_under_bombs(base: str, headers: dict | None = None, samples: int = 2
     return {"idle_s": idle, "bombs_s": busy, "statuses": statuses, "decode_request_s": decode}
 
 
+def quantile(xs: list[float], q: float) -> float:
+    """The q-quantile of sorted values (the value at index q x n, the last at most)."""
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
 def ms_quantile(xs: list[float], q: float) -> float:
     """The q-quantile of sorted seconds, in ms."""
-    return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 1)
+    return round(1000 * quantile(xs, q), 1)
 
 
 def random_model(backbone: str, size: int) -> str:
@@ -270,12 +275,9 @@ def main() -> None:
     out = Path(f"benchmarks/results/serve_load{f'-{a.backbone}-{size}' if a.backbone else ''}"
                f"{f'-r{a.replicas}' if a.replicas else ''}{'' if a.in_ingress == 'auto' else f'-ingress-{a.in_ingress}'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    from datetime import datetime, timezone
+    from aimfair_ray.reports import stamp
 
-    from aimfair_ray.reports import machine
-
-    out.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "machine": machine(),
-                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    out.write_text(json.dumps({**stamp(" ".join(["python", *sys.argv])),
                                "model": a.model, "backbone": a.backbone, "image_size": size, "replicas": a.replicas,
                                "in_ingress": a.in_ingress,
                                "results": results,
