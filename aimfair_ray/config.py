@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aimfair_ray import AimfairError
-from aimfair_ray.storage import atomic_write_text, is_uri, local_path
+from aimfair_ray.storage import atomic_write_text, is_uri
 
 PRESET_DIR = Path(__file__).parent / "presets"
 RESOURCE_DIR = PRESET_DIR / "resources"  # layers for --config: where stages run (CPUs, GPUs, workers, actors)
@@ -299,6 +299,8 @@ class RayConfig(_Strict):
     address: Optional[str] = Field(None, description="cluster address; RAY_ADDRESS wins; null starts a local cluster")
     num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local cluster; null: max(cores, 4)")
     temp_dir: str = Field("/tmp/aimfair-ray", description="kept short: AF_UNIX socket paths must stay under 107 bytes")
+    autoscaling: bool = Field(False, description="the cluster adds nodes on demand: a request no live node holds "
+                              "waits for one; false: it is refused at once")
 
 
 class AuditConfig(_Strict):
@@ -380,10 +382,10 @@ class GenerateConfig(_Strict):
 
 class Config(_Strict):
     name: str = Field("cmnist", pattern=r"^[A-Za-z0-9_.-]+$")
-    output_dir: str = "runs"
-    storage_uri: Optional[str] = Field(None, description="where each stage publishes its run's outputs, as <uri>/<name>/: "
-                                       "a local path, s3:// or gs://; a stage first fetches what it lacks from there. "
-                                       "null: outputs stay in output_dir")
+    output_dir: str = Field("runs", description="where runs live, as <output_dir>/<name>/: a local or shared path, "
+                            "or s3:// / gs:// (every stage then writes there directly, from any node)")
+    storage_uri: Optional[str] = Field(None, description="retired: an alias of output_dir (a run lives in one place, "
+                                       "which may be s3:// or gs://); kept so older configs still load")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -404,21 +406,12 @@ class Config(_Strict):
             self.generate.task = task
         return self
 
-    @field_validator("output_dir")
+    @model_validator(mode="before")
     @classmethod
-    def _local_output(cls, v: str) -> str:
-        if is_uri(v):
-            raise ValueError("output_dir must be a local or shared-filesystem path; put Ray Train checkpoints "
-                             "on object storage with train.storage_path=s3://... or gs://...")
-        return v
-
-    @field_validator("storage_uri")
-    @classmethod
-    def _absolute_storage(cls, v: Optional[str]) -> Optional[str]:
-        if v and not is_uri(v) and not os.path.isabs(local_path(v)):
-            raise ValueError(f"storage_uri {v!r} must be an absolute path or an s3:// / gs:// URI "
-                             "(a job runs in a temporary copy of the working dir)")
-        return v
+    def _one_place(cls, data):
+        if isinstance(data, dict) and data.get("storage_uri"):  # the retired second place: the run lives there now
+            data = dict(data, output_dir=data["storage_uri"], storage_uri=None)
+        return data
 
     # ---- derived paths -------------------------------------------------------------
     @property
@@ -449,7 +442,7 @@ class Config(_Strict):
 
     # Fields that say where and with what a stage runs, not what it computes: changing them
     # never invalidates a finished run (fingerprints leave them out).
-    RESOURCE_FIELDS: ClassVar[dict] = {"ray": True, "storage_uri": True,
+    RESOURCE_FIELDS: ClassVar[dict] = {"ray": True, "storage_uri": True, "output_dir": True,
                        "audit": {"actors", "cpus_per_actor", "gpus_per_actor", "local_max_rows"},
                        "train": {"cpus_per_worker", "gpus_per_worker", "cache_mb"},
                        "generate": {"llm_actors", "llm_cpus", "llm_gpus", "actors", "cpus_per_actor", "gpus_per_actor"}}

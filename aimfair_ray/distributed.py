@@ -23,7 +23,7 @@ import torch
 from aimfair_ray import AimfairError
 from aimfair_ray.models import META, WEIGHTS, load_optimizer, save_optimizer
 from aimfair_ray.models import load_weights as checked_weights
-from aimfair_ray.storage import exists, filesystem, is_uri, read_json, write_json
+from aimfair_ray.storage import exists, filesystem, is_uri, made_with, read_json, write_json
 
 # A child of Ray Train's logger: shown once on the driver (plain print() is echoed twice by Train V2).
 worker_log = logging.getLogger("ray.train.aimfair")
@@ -191,10 +191,13 @@ def make_trainer(loop: Callable, loop_config: dict, tc, storage_path: str, name:
     from ray.train.torch import TorchTrainer
 
     from aimfair_ray.data.feed import split_sources
+    from aimfair_ray.runtime import require
 
     ray_datasets, feed = split_sources(datasets or {})
 
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
+    require(f"Ray Train run {name}", tc.num_workers, tc.cpus_per_worker, tc.gpus_per_worker if tc.use_gpu else 0,
+            "train.num_workers, train.cpus_per_worker or train.gpus_per_worker")
     keep = {"num_to_keep": tc.keep_checkpoints}
     if select_metric:
         keep.update(checkpoint_score_attribute=select_metric,
@@ -232,8 +235,7 @@ def reuse_or_resume(stage: str, key: dict, run_path: Optional[str] = None, force
     fresh instead of restoring it; with the same key an interrupted run there resumes. ``before`` (e.g.
     reading the inputs, which checks them) runs once the run is to train, before anything is removed.
     """
-    key = json.loads(json.dumps(key))  # as it reads back from JSON
-    same = exists(f"{stage}/run.json") and read_json(f"{stage}/run.json") == key
+    same = made_with(f"{stage}/run.json", key) is not None
     if same and not force and all(exists(f"{stage}/{f}") for f in (result, *outputs)):
         log(f"{what}: reusing {stage} (same config; --force redoes it)")
         return dict(read_json(f"{stage}/{result}"), reused=True)

@@ -3,15 +3,13 @@ fairness report as JSON, a per-cell accuracy chart as PNG and a terminal table."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from aimfair_ray import AimfairError
-from aimfair_ray.data.io import check_split, decode_batch, read_split, read_table
+from aimfair_ray.data.io import check_split, decode_batch, files_sha, read_split, read_table
 from aimfair_ray.metrics import fairness_report
 from aimfair_ray.models import check_checkpoint_dir, load_classifier, weights_sha
-from aimfair_ray.storage import atomic_write_bytes, exists, is_uri, read_json, write_json
+from aimfair_ray.storage import atomic_write_bytes, exists, made_with, read_json, write_json
 
 
 class Predictor:
@@ -44,15 +42,17 @@ def predict_split(model_dir: str, split_dir: str, batch_size: int = 256, actors:
     import ray
 
     check_checkpoint_dir(model_dir)
-    if not is_uri(split_dir):
-        check_split(split_dir)
-    if not is_uri(split_dir) and read_table(split_dir, ["id"]).num_rows <= local_max_rows:
+    check_split(split_dir)
+    if read_table(split_dir, ["id"]).num_rows <= local_max_rows:
         t = read_table(split_dir, ["image", "target", "group"])
         pred = Predictor(model_dir, threads=None)
         parts = [pred({c: t[c].to_numpy(zero_copy_only=False)[i:i + batch_size] for c in ("image", "target", "group")})
                  for i in range(0, t.num_rows, batch_size)]
         return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, int)
                 for k in ("target", "group", "pred", "prob")}
+    from aimfair_ray.runtime import require
+
+    require("the audit's actor pool", actors, cpus, gpus, "audit.actors, audit.cpus_per_actor or audit.gpus_per_actor")
     ds = read_split(split_dir)
     preds = ds.map_batches(
         Predictor,
@@ -122,7 +122,7 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
     title = title or f"audit of {model_dir}"
     check_checkpoint_dir(model_dir)  # a missing or pickled checkpoint: a clear error before anything else
     key = _audit_key(model_dir, split_dir, title, acfg.min_cell)
-    if key is not None and exists(f"{out_dir}/run.json") and read_json(f"{out_dir}/run.json") == key \
+    if made_with(f"{out_dir}/run.json", key) is not None \
             and exists(f"{out_dir}/audit.json") and exists(f"{out_dir}/group_acc.png"):
         return read_json(f"{out_dir}/audit.json")  # the same weights on the same files: nothing to redo
     _, meta = load_classifier(model_dir)
@@ -136,19 +136,14 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
                    "min_cell": acfg.min_cell, "warnings": small_cells(report, acfg.min_cell)})
     write_json(f"{out_dir}/audit.json", report)
     atomic_write_bytes(f"{out_dir}/group_acc.png", group_acc_chart(report, title, acfg.min_cell))
-    if key is not None:
-        write_json(f"{out_dir}/run.json", key)
+    write_json(f"{out_dir}/run.json", key)
     return report
 
 
 def _audit_key(model_dir: str, split_dir: str, title: str, min_cell: int) -> dict | None:
-    """What decides an audit: the weights, the split's files, and the chart's title (None for a split
-    on object storage: always recomputed)."""
-    if is_uri(split_dir):
-        return None
-    files = sorted(Path(split_dir).glob("*.parquet"))
+    """What decides an audit: the weights, the split's files, and the chart's title."""
     return {"weights": weights_sha(model_dir), "split": str(split_dir), "title": title, "min_cell": min_cell,
-            "files": [[f.name, f.stat().st_size] for f in files]}
+            "files": files_sha(split_dir)}
 
 
 def _cell(r: dict, c: str) -> str:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aimfair_ray import AimfairError
-from aimfair_ray.storage import atomic_dir
+from aimfair_ray.storage import atomic_dir, exists, is_uri, local_copy
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 HALF = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
@@ -182,6 +182,12 @@ def save_classifier(model: nn.Module, meta: dict, directory: str) -> str:
 
 
 def check_checkpoint_dir(directory: str | Path) -> Path:
+    """The local folder of a checkpoint (on an object store: this node's cached copy of it), checked."""
+    if is_uri(str(directory)):
+        if not exists(str(directory)):
+            raise AimfairError(f"checkpoint {directory} does not exist; pass the model folder a training run wrote "
+                               "(e.g. s3://bucket/runs/cmnist/baseline/model)")
+        directory = local_copy(str(directory))
     d = Path(directory)
     if not d.is_dir():
         raise AimfairError(f"checkpoint {d} does not exist; pass the model folder a training run wrote "
@@ -212,7 +218,7 @@ def weights_sha(model_dir: str | Path) -> str:
     """A short hash of a checkpoint's weights: what a rerun compares to know the model is the same."""
     import hashlib
 
-    return hashlib.sha256(Path(model_dir, WEIGHTS).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(Path(local_copy(str(model_dir)), WEIGHTS).read_bytes()).hexdigest()[:16]
 
 
 def save_optimizer(opt: torch.optim.Optimizer, directory: str | Path) -> None:

@@ -11,8 +11,9 @@ import os
 import time
 from typing import Optional
 
+from aimfair_ray import ray_logs
 from aimfair_ray.config import Config
-from aimfair_ray.storage import write_json
+from aimfair_ray.storage import append_line, write_json
 
 
 def duration(secs: float) -> str:
@@ -38,10 +39,10 @@ def timed(name: str):
             finally:
                 secs = time.time() - t0
                 log(f"{name}: {status} {'in' if status == 'done' else 'after'} {duration(secs)}")
-                os.makedirs(f"{cfg.run_dir}/logs", exist_ok=True)
-                with open(f"{cfg.run_dir}/logs/stages.jsonl", "a") as f:
-                    f.write(json.dumps({"stage": name, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-                                        "seconds": round(secs, 1), "status": status}) + "\n")
+                append_line(f"{cfg.run_dir}/logs/stages.jsonl", json.dumps(
+                    {"stage": name, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+                     "seconds": round(secs, 1), "status": status}))
+                ray_logs.sync()
 
         return run
 
@@ -53,7 +54,7 @@ def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
     from aimfair_ray.data.prepare import prepare_data
     from aimfair_ray.runtime import ensure_ray
 
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, cfg.output_dir)
     log(f"data: preparing {cfg.data.dataset} -> {cfg.data_dir}")
     return prepare_data(cfg, force=force, log=log)
 
@@ -79,7 +80,7 @@ def run_generate(cfg: Config, what: str, force: bool = False, log=print, keep: b
     from aimfair_ray.generate import stage
     from aimfair_ray.runtime import ensure_ray
 
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, cfg.output_dir)
     out: dict = {}
     if what in ("prompts", "images", "all"):
         log(f"generate: prompts with the {cfg.generate.backend} backend")
@@ -95,11 +96,11 @@ def run_generate(cfg: Config, what: str, force: bool = False, log=print, keep: b
 def ensure_synthetic(cfg: Config, log=print) -> None:
     """The synthetic sets fine-tuning reads (``finetune.synthetic*``): the run's own (generated or
     imported) or the user's when they exist; the generate stage runs only for those missing."""
-    from aimfair_ray.storage import exists, is_complete
+    from aimfair_ray.storage import exists, is_complete, is_dir
     from aimfair_ray.train.finetune import synthetic_dir
 
     wanted = {k: synthetic_dir(cfg, k, log, check=False) for k in ("balanced", "imbalanced")}
-    missing = [k for k, d in wanted.items() if not (exists(d) and (not os.path.isdir(d) or is_complete(d)))]
+    missing = [k for k, d in wanted.items() if not (exists(d) and (not is_dir(d) or is_complete(d)))]
     if not missing:
         log("generate: using the synthetic sets that exist: " + ", ".join(f"{k} {d}" for k, d in wanted.items()))
         return
@@ -149,7 +150,7 @@ def run_audit(cfg: Config, checkpoint: Optional[str] = None, split: Optional[str
     from aimfair_ray.evaluate import audit
     from aimfair_ray.runtime import ensure_ray
 
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, cfg.output_dir)
     model_dir = checkpoint or cfg.paths.baseline_model
     sdir = split_dir(cfg, split or cfg.audit.split)
     out_dir = out or f"{os.path.dirname(model_dir.rstrip('/'))}/audit"

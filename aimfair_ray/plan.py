@@ -9,9 +9,8 @@ throughput (``--images-per-gpu-s``) until measured.
 
 from __future__ import annotations
 
-import math
-
 from aimfair_ray import AimfairError
+from aimfair_ray.runtime import holds
 
 # Assumed, not measured here (no GPU): Stable Diffusion 2.1 base at 512 px, 50 DDIM steps with
 # classifier-free guidance, fp16, batch 16, on one A10G-class GPU. Scaled by steps and pixels.
@@ -85,8 +84,7 @@ def check_cluster(plan: dict, nodes: list[dict]) -> list[str]:
     for s in plan["stages"]:
         if not s["units"]:
             continue
-        fits = [min(math.floor(n.get("CPU", 0) / s["cpus_each"] + 1e-9) if s["cpus_each"] else 10**6,
-                    math.floor(n.get("GPU", 0) / s["gpus_each"] + 1e-9) if s["gpus_each"] else 10**6) for n in nodes]
+        fits = [holds([n], s["cpus_each"], s["gpus_each"]) for n in nodes]
         best = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
         if not any(fits):
             raise AimfairError(f"plan refused: {s['stage']} asks {s['gpus_each']} GPUs and {s['cpus_each']} CPUs per "

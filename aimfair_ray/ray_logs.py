@@ -26,12 +26,26 @@ ALARM = re.compile(r"out of memory|OutOfMemory|low on memory|was killed|SIGKILL"
 EPOCH = re.compile(r"^(.*?)\s+(epoch|step) (\d+)/(\d+)")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-_state: dict = {"dir": None, "echo": None, "file": None, "workers": None}
+_state: dict = {"dir": None, "echo": None, "file": None, "workers": None, "store": None}
+LOGS = ("workers.log", "driver.log")
 
 
 def log_dir() -> Optional[str]:
-    """The folder Ray's output goes to now (None: the console)."""
-    return _state["dir"]
+    """The folder Ray's output goes to now (None: the console): on an object store, the store's folder."""
+    return _state["store"] or _state["dir"]
+
+
+def sync() -> None:
+    """A run on an object store: this process's logs, as they are now, to the run's ``logs/`` there (the
+    stages call it as each ends; a command, at its end)."""
+    from aimfair_ray.storage import atomic_write_bytes
+
+    if _state["store"] is None:
+        return
+    for name in LOGS:
+        path = os.path.join(_state["dir"], name)
+        if os.path.isfile(path):
+            atomic_write_bytes(f"{_state['store']}/{name}", open(path, "rb").read())
 
 
 def say(text: str) -> None:
@@ -42,13 +56,22 @@ def say(text: str) -> None:
 
 def route(directory: str, echo: Callable[[str], None]) -> None:
     """From now on, Ray's output in this process goes to ``directory``; ``echo(line)`` shows the lines a
-    user must see. A second call (another run in the same process) moves it to the new folder."""
+    user must see. A second call (another run in the same process) moves it to the new folder. A folder on an
+    object store is written on this node (:func:`storage.work_dir`, starting from the logs the store holds)
+    and copied there by :func:`sync`."""
+    from aimfair_ray.storage import exists, is_uri, read_bytes, work_dir
+
+    store = directory.rstrip("/") if is_uri(directory) else None
+    directory = work_dir(directory)
     os.makedirs(directory, exist_ok=True)
     if _state["dir"] == directory:
         _state["echo"] = echo
         return
     _close()
-    _state.update(dir=directory, echo=echo, workers=open(f"{directory}/workers.log", "a", buffering=1))
+    for name in LOGS if store else ():  # an earlier command's logs of this run, from the store
+        if exists(f"{store}/{name}"):
+            open(os.path.join(directory, name), "wb").write(read_bytes(f"{store}/{name}"))
+    _state.update(dir=directory, store=store, echo=echo, workers=open(f"{directory}/workers.log", "a", buffering=1))
     handler = logging.FileHandler(f"{directory}/driver.log")
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(logging.INFO)  # Ray Data's debug lines stay in Ray's own session logs
@@ -175,4 +198,4 @@ def _close() -> None:
         _state["workers"].close()
     if _state["file"] is not None:
         _state["file"].close()
-    _state.update(dir=None, workers=None, file=None)
+    _state.update(dir=None, workers=None, file=None, store=None)

@@ -13,7 +13,8 @@ import platform
 import time
 from pathlib import Path
 
-from aimfair_ray.storage import atomic_write_text
+from aimfair_ray.manifest import MANIFEST
+from aimfair_ray.storage import atomic_write_text, base_name, local_copy
 
 METRICS = ("acc", "wst", "std", "eo")
 
@@ -29,7 +30,7 @@ def _json(path: Path) -> dict | None:
         return None
 
 
-def _data(run: Path) -> dict | None:
+def _data(run: Path, src: str) -> dict | None:
     from aimfair_ray.data.samples import sample_grid
 
     meta = _json(run / "data" / "dataset.json")
@@ -38,13 +39,13 @@ def _data(run: Path) -> dict | None:
     cells = sorted({c for s in meta["splits"].values() for c in s.get("cell_counts", {})})
     rows = [{"split": name, "n": s.get("n"), "cells": [s.get("cell_counts", {}).get(c, 0) for c in cells]}
             for name, s in meta["splits"].items()]
-    grid = sample_grid(str(run / "data" / "train"), "real train images, first by id", meta["target_names"],
+    grid = sample_grid(f"{src}/data/train", "real train images, first by id", meta["target_names"],
                        meta["group_names"]) if (run / "data" / "train").is_dir() else None
     return {"meta": meta, "cells": cells, "rows": rows, "grid": _b64(grid),
             "bias": (meta.get("config") or {}).get("bias"), "names": (meta["target_names"], meta["group_names"])}
 
 
-def _synthetic(run: Path, names) -> dict | None:
+def _synthetic(run: Path, src: str, names) -> dict | None:
     from aimfair_ray.data.io import first_row
     from aimfair_ray.data.samples import sample_grid
 
@@ -54,10 +55,12 @@ def _synthetic(run: Path, names) -> dict | None:
     prompts = _json(syn / "prompts" / "report.json") or {}
     filt = _json(syn / "filter.json") or {}
     out = []
-    for d in sorted(p for p in syn.iterdir() if p.is_dir() and p.name != "prompts" and any(p.glob("*.parquet"))):
+    for d in sorted(p for p in syn.iterdir() if p.is_dir() and p.name != "prompts"
+                    and (any(p.glob("*.parquet")) or (p / MANIFEST).is_file())):
+        shards = f"{src}/synthetic/{d.name}"  # the set where it lives (its shards are not copied here)
         png = (d / "samples.png").read_bytes() if (d / "samples.png").is_file() else \
-            sample_grid(str(d), d.name, *(names or (None, None)))
-        gen = first_row(str(d), ["generator"])["generator"]  # every set is in the image schema
+            sample_grid(shards, d.name, *(names or (None, None)))
+        gen = first_row(shards, ["generator"])["generator"]  # every set is in the image schema
         base = d.name.removesuffix("_filtered")
         out.append({"name": d.name, "grid": _b64(png), "stats": _json(d / "stats.json"),
                     "imported": _json(d / "import.json"), "generator": json.loads(gen) if gen else None,
@@ -149,12 +152,13 @@ def build_report(run_dir: str) -> str:
     """The HTML of a run's report."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    run = Path(run_dir)
-    data = _data(run)
+    src = run_dir.rstrip("/")
+    run = Path(local_copy(src, skip=("ray", ".parquet", ".safetensors")))  # on a store: its records, fetched once
+    data = _data(run, src)
     env = Environment(loader=PackageLoader("aimfair_ray", "templates"), autoescape=select_autoescape())
     return env.get_template("report.html").render(
-        name=run.name, when=time.strftime("%Y-%m-%d %H:%M"), data=data,
-        synthetic=_synthetic(run, data["names"] if data else None), models=_models(run), metrics=METRICS,
+        name=base_name(src), when=time.strftime("%Y-%m-%d %H:%M"), data=data,
+        synthetic=_synthetic(run, src, data["names"] if data else None), models=_models(run), metrics=METRICS,
         selection=_selection(run), results=_results(run), prov=_provenance(run))
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import uuid
 
 from aimfair_ray import AimfairError
 
@@ -27,8 +29,104 @@ def use_cluster_token() -> None:
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def ensure_ray(rcfg) -> dict:
-    """Start or join a Ray cluster once per process; returns the cluster's resources."""
+def ensure_ray(rcfg, output_dir: str | None = None) -> dict:
+    """Start or join a Ray cluster once per process; returns the cluster's resources. With ``output_dir``,
+    refuses (once per process) a store that can't be written, or a local folder the cluster's nodes
+    don't share (:func:`check_output_dir`)."""
+    resources = _ensure_ray(rcfg)
+    _STATE["autoscaling"] = rcfg.autoscaling
+    if output_dir is not None:
+        check_output_dir(output_dir)
+    return resources
+
+
+_STATE: dict = {"autoscaling": False, "checked": set()}
+
+
+def check_store(uri: str) -> None:
+    """A URI this process can write, read and delete in, or one line naming it and the usual fixes. Credentials
+    come from the environment, the instance's role or a mounted Secret, never from a config file."""
+    from aimfair_ray.storage import atomic_write_bytes, is_uri, read_bytes, remove
+
+    if not is_uri(uri) or uri in _STATE["checked"]:
+        return
+    probe = f"{uri.rstrip('/')}/.aimfair-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        atomic_write_bytes(probe, b"ok")
+        assert read_bytes(probe) == b"ok"
+        remove(probe)
+    except Exception as e:  # noqa: BLE001 - any failure is the same one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AimfairError(f"output_dir {uri} can't be written ({first}): check the bucket exists, the endpoint "
+                           "(AWS_ENDPOINT_URL) and the credentials (environment, instance role or a Kubernetes "
+                           "Secret)") from None
+    _STATE["checked"].add(uri)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """On a cluster of more than one node, a local ``output_dir`` must be one folder that every node sees
+    (a shared mount): each node writes a token there and this process looks for all of them. A node-local
+    disk would scatter a run's files over the nodes, so that is refused in one line naming the fix."""
+    import ray
+
+    from aimfair_ray.storage import is_uri, local_path
+
+    if is_uri(output_dir):
+        return check_store(output_dir)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2 or output_dir in _STATE["checked"]:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    folder = os.path.join(os.path.abspath(local_path(output_dir)), f".aimfair-nodes-{uuid.uuid4().hex[:8]}")
+
+    @ray.remote(num_cpus=0)
+    def token(path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+
+    try:
+        ray.get([token.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            os.path.join(folder, n["NodeID"])) for n in nodes], timeout=120)
+        seen = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    unseen = [n["NodeID"] for n in nodes if n["NodeID"] not in seen]
+    if unseen:
+        raise AimfairError(f"output_dir {output_dir} is not shared by the cluster's {len(nodes)} nodes ({len(unseen)} "
+                           "wrote there and this process can't see it): set output_dir=s3://<bucket>/<path> (or "
+                           "gs://), or a folder every node mounts")
+    _STATE["checked"].add(output_dir)
+
+
+def holds(nodes: list[dict], cpus: float, gpus: float) -> int:
+    """How many actors or workers of ``cpus`` / ``gpus`` each the ``nodes`` (their resources) hold at once."""
+    return sum(min(math.floor(n.get("CPU", 0) / cpus + 1e-9) if cpus else 10**6,
+                   math.floor(n.get("GPU", 0) / gpus + 1e-9) if gpus else 10**6) for n in nodes)
+
+
+def require(what: str, units: int, cpus: float, gpus: float, knobs: str) -> None:
+    """Refuse at once, in one line, ``units`` actors or workers of ``cpus`` / ``gpus`` each that the cluster's
+    live nodes can't hold together (instead of waiting for them forever); ``knobs``: the settings that
+    lower the request. Skipped with ``ray.autoscaling`` (nodes come on demand)."""
+    import ray
+
+    if _STATE["autoscaling"] or not ray.is_initialized() or not units:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fit = holds(nodes, cpus, gpus)
+    if fit >= units:
+        return
+    best = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    fix = ("this cluster has no GPUs: add --config cpu" if gpus and not any(n.get("GPU") for n in nodes) else
+           f"lower {knobs} (--set), or set ray.autoscaling=true where an autoscaler adds nodes")
+    raise AimfairError(f"{what} asks {units} x ({cpus:g} CPUs, {gpus:g} GPUs) and this cluster holds {fit} at once "
+                       f"(largest node: {best.get('CPU', 0):g} CPUs, {best.get('GPU', 0):g} GPUs): {fix}")
+
+
+def _ensure_ray(rcfg) -> dict:
     import ray
 
     from aimfair_ray import ray_logs

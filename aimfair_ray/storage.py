@@ -11,7 +11,7 @@ import errno
 import json
 import os
 import shutil
-import time
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,8 +44,83 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+def is_dir(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
+
+
 def is_complete(directory: str) -> bool:
     return exists(f"{str(directory).rstrip('/')}/{COMPLETE}")
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI (``pathlib`` would fold ``s3://`` into ``s3:/``)."""
+    return "/".join([str(base).rstrip("/"), *(str(p).strip("/") for p in parts)])
+
+
+def base_name(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[0]
+
+
+def listdir(directory: str, pattern: str = "*") -> list[str]:
+    """The files directly in ``directory`` whose names match ``pattern`` (fnmatch), sorted, as full paths
+    (URIs stay URIs); none when the folder does not exist."""
+    import fnmatch
+
+    fs, p = filesystem(directory)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    return sorted(join(directory, i.base_name) for i in fs.get_file_info(pafs.FileSelector(p))
+                  if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern))
+
+
+def remove(path: str) -> None:
+    """Remove a file, or a folder with everything in it; nothing when it is not there."""
+    fs, p = filesystem(path)
+    kind = fs.get_file_info(p).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+def make_dir(path: str) -> None:
+    fs, p = filesystem(path)
+    fs.create_dir(p, recursive=True)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def append_line(path: str, line: str) -> None:
+    """One line appended to a small text file (a log): in place locally; read and written whole on an
+    object store, which has no append."""
+    if is_uri(path):
+        old = read_text(path) if exists(path) else ""
+        atomic_write_text(path, old + line + "\n")
+        return
+    Path(local_path(path)).parent.mkdir(parents=True, exist_ok=True)
+    with open(local_path(path), "a") as f:
+        f.write(line + "\n")
+
+
+def made_with(path: str, key, field: str | None = None) -> dict | None:
+    """The one "reuse if it matches" test every stage's output goes through: the JSON record at ``path`` (the
+    key file a stage writes with its output, on any storage) when it holds ``key`` (as a whole, or at
+    ``field``), compared as JSON reads it back; None when the record is missing or was made with another
+    key. The stage then reuses its output, or redoes it (refuses, when asked to keep it)."""
+    if not exists(path):
+        return None
+    record = read_json(path)
+    have = record if field is None else (record or {}).get(field)
+    return record if have == json.loads(json.dumps(key, default=str)) else None
 
 
 def read_text(path: str) -> str:
@@ -96,19 +171,30 @@ def read_json(path: str):
 
 
 @contextmanager
-def atomic_dir(directory: str) -> Iterator[str]:
+def atomic_dir(directory: str, direct: bool = False) -> Iterator[str]:
     """Yield a place to write a whole directory; publish it only if the block succeeds.
 
     A previous complete directory at the same place is replaced; a failed write leaves
-    no trace at the final path.
+    no trace at the final path. On an object store the block writes to a temporary folder on
+    this node (local file APIs work there); once it succeeds, the old objects go, the new ones
+    are uploaded and ``_COMPLETE`` is written last, so a reader sees the whole output or none.
+    ``direct``: the block writes to the store itself (Ray Data write tasks on any node).
     """
     directory = str(directory).rstrip("/")
     if is_uri(directory):
-        fs, p = filesystem(directory)
-        if fs.get_file_info(p).type != pafs.FileType.NotFound:
-            fs.delete_dir(p)
-        yield directory
-        atomic_write_text(f"{directory}/{COMPLETE}", "")
+        if direct:
+            remove(directory)
+            yield directory
+            atomic_write_text(f"{directory}/{COMPLETE}", "")
+            return
+        staging = Path(tempfile.mkdtemp(prefix="aimfair-stage-"))
+        try:
+            yield str(staging)
+            remove(directory)
+            upload_dir(str(staging), directory)
+            atomic_write_text(f"{directory}/{COMPLETE}", "")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return
     final = Path(local_path(directory))
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -133,15 +219,6 @@ def atomic_dir(directory: str) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ---- publishing a run to storage_uri ----------------------------------------------------------
-# A run is published entry by entry (each top-level folder or file of the run dir: data, synthetic,
-# baseline, ray, logs, ...). An entry's files go under a fresh version, <uri>/<name>/_versions/<entry>/<v>/,
-# and its pointer, <uri>/<name>/_pointers/<entry>.json (one object, written last), then names that
-# version: a reader follows the pointer and sees the old version or the new one, never a mix, and
-# files that only an old version had are gone with it.
-VERSIONS, POINTERS = "_versions", "_pointers"
-
-
 def published_files(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
     """Files under ``root`` by relative path, leaving out unpublished temporaries (``.x.tmp-*``, ``.x.old-*``)."""
     if fs.get_file_info(root).type != pafs.FileType.Directory:
@@ -155,88 +232,62 @@ def published_files(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
     return out
 
 
-def _copy(src: str, dst: str) -> None:
-    sfs, sp = filesystem(src)
-    with sfs.open_input_stream(sp) as f:
-        atomic_write_bytes(dst, f.read())
-
-
-def _pointer(store: str, entry: str) -> dict | None:
-    path = f"{store}/{POINTERS}/{entry}.json"
-    return read_json(path) if exists(path) else None
-
-
-def publish(src: str, store: str) -> int:
-    """Publish each entry of the folder ``src`` whose files changed (by size and time) to ``store``, as a
-    new version; returns how many files were uploaded (files an entry's last version already holds are
-    copied inside the store)."""
-    sfs, sp = filesystem(src)
-    dfs, dp = filesystem(store)
-    entries: dict[str, dict] = {}
-    for rel, info in published_files(sfs, sp).items():
-        entries.setdefault(rel.split("/", 1)[0], {})[rel] = [info.size, info.mtime_ns]
-    uploaded = 0
-    for entry, listing in sorted(entries.items()):
-        old = _pointer(store, entry)
-        if old and old["listing"] == listing:
-            continue
-        version = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # sorts by time
-        for rel in sorted(listing):
-            if old and old["listing"].get(rel) == listing[rel]:  # unchanged: copied inside the store
-                to = f"{dp}/{VERSIONS}/{entry}/{version}/{rel}"
-                dfs.create_dir(to.rsplit("/", 1)[0], recursive=True)
-                dfs.copy_file(f"{dp}/{VERSIONS}/{entry}/{old['version']}/{rel}", to)
-            else:
-                _copy(f"{sp}/{rel}", f"{store}/{VERSIONS}/{entry}/{version}/{rel}")
-                uploaded += 1
-        write_json(f"{store}/{POINTERS}/{entry}.json", {"version": version, "listing": listing})
-        # the version the pointer named before, and any older one (a killed publish's); a newer one may be
-        # another publisher's, still writing
-        for info in dfs.get_file_info(pafs.FileSelector(f"{dp}/{VERSIONS}/{entry}")) if old else []:
-            if info.base_name != version and info.base_name <= old["version"]:
-                dfs.delete_dir(info.path)
-    return uploaded
-
-
-def fetch(store: str, dst: str) -> int:
-    """Fetch each published entry of ``store`` that the folder ``dst`` lacks (local entries are never
-    overwritten), whole: into a temporary folder, then renamed into place. Returns how many files."""
-    dfs, dp = filesystem(store)
-    if dfs.get_file_info(f"{dp}/{POINTERS}").type != pafs.FileType.Directory:
-        return 0
+def upload_dir(src: str, dst: str) -> int:
+    """Every file under the local folder ``src`` to ``dst`` (a URI), ``_COMPLETE`` left out; returns how many."""
     n = 0
-    for info in dfs.get_file_info(pafs.FileSelector(f"{dp}/{POINTERS}")):
-        entry = info.base_name[:-len(".json")]
-        final = Path(local_path(dst)) / entry
-        if final.exists():
-            continue
-        ptr = read_json(f"{store}/{POINTERS}/{info.base_name}")
-        tmp = final.with_name(f".{entry}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            for rel, (_, mtime_ns) in ptr["listing"].items():
-                out = tmp / rel.split("/", 1)[1] if "/" in rel else tmp  # a folder's file, or the entry is a file
-                out.parent.mkdir(parents=True, exist_ok=True)
-                _copy(f"{store}/{VERSIONS}/{entry}/{ptr['version']}/{rel}", str(out))
-                os.utime(out, ns=(mtime_ns, mtime_ns))  # the published time: an unchanged entry is not published again
-                n += 1
-            os.replace(tmp, final)
-        finally:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            tmp.unlink(missing_ok=True)
+    for p in sorted(Path(src).rglob("*")):
+        if p.is_file() and p.name != COMPLETE:
+            atomic_write_bytes(join(dst, str(p.relative_to(src))), p.read_bytes())
+            n += 1
     return n
 
 
-def run_uri(cfg) -> str:
-    return f"{cfg.storage_uri.rstrip('/')}/{cfg.name}"
+def cache_root() -> Path:
+    """This node's cache of outputs read from an object store (``AIMFAIR_CACHE``, default ~/.cache/aimfair/store):
+    never a place another node reads."""
+    return Path(os.environ.get("AIMFAIR_CACHE", Path.home() / ".cache" / "aimfair" / "store"))
 
 
-def push_run(cfg) -> int:
-    """Publish the run dir (``<output_dir>/<name>``) to ``<storage_uri>/<name>``."""
-    return publish(cfg.run_dir, run_uri(cfg))
+def work_dir(uri: str) -> str:
+    """A node-local folder that stands for ``uri`` while this process appends to files there (logs), synced
+    to the store with :func:`upload_dir`; a local path is its own."""
+    if not is_uri(uri):
+        return local_path(uri)
+    return str(cache_root().parent / "work" / uri.replace("://", "/", 1))
 
 
-def pull_run(cfg) -> int:
-    """Fetch the entries the local run dir lacks from ``<storage_uri>/<name>`` (a fresh node resumes
-    a run); local entries are never overwritten."""
-    return fetch(run_uri(cfg), cfg.run_dir)
+def local_copy(directory: str, skip: tuple[str, ...] = ()) -> str:
+    """A local folder holding ``directory``'s files: the folder itself when it is local; for an output on an
+    object store, a copy in this node's cache (:func:`cache_root`), keyed by the sha256 of its listing
+    (its manifest's, when it has one), fetched once per content and whole (into a temporary folder, then
+    renamed). A reader on any node calls this; nothing is assumed of another node's disk. ``skip``: top
+    folders and file suffixes left out (a report reads a run's records, not its shards or weights)."""
+    import hashlib
+
+    if not is_uri(directory):
+        return local_path(directory)
+    fs, root = filesystem(directory)
+    files = {rel: i for rel, i in published_files(fs, root).items()
+             if rel.split("/", 1)[0] not in skip and not rel.endswith(tuple(x for x in skip if x.startswith(".")))}
+    if not files:
+        raise AimfairError(f"nothing at {directory}: run the stage that writes it first (or check the URI)")
+    key = hashlib.sha256(json.dumps(sorted((rel, i.size, i.mtime_ns) for rel, i in files.items()),
+                                    default=str).encode() + directory.encode() + repr(skip).encode()).hexdigest()[:32]
+    final = cache_root() / key
+    if final.is_dir():
+        return str(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        for rel in files:
+            out = tmp / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(f"{root}/{rel}") as f:
+                out.write_bytes(f.read())
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process of this node fetched it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)

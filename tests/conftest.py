@@ -5,13 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -28,14 +25,20 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def bench_script(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package): tests use their pieces."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# Free loopback ports, and waiting for a server to answer: the share-nothing cluster's (benchmarks/store_cost.py).
+_STORE_COST = bench_script("store_cost")
+_free_ports, _wait_up = _STORE_COST.free_ports, _STORE_COST._wait_up
 
 
 # The tests' S3 endpoint (a moto server on loopback, started by the `s3` fixture): set before the session's
@@ -67,7 +70,7 @@ TINY = [
 
 # Fixtures that start or need the session's Ray cluster; a test using one is marked `ray`, so
 # `make test-fast` (pytest -m "not ray") runs the plain-PyTorch and config tests alone.
-RAY_FIXTURES = {"ray_head", "ray_cluster", "trained", "synth", "served", "cmnist_run", "nodes", "egt_image"}
+RAY_FIXTURES = {"ray_head", "ray_cluster", "trained", "synth", "served", "cmnist_run", "cluster", "egt_image"}
 
 
 def pytest_configure(config):
@@ -101,15 +104,19 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
 
 
-def bench_script(name: str):
-    """A script of benchmarks/ as a module (they are scripts, not a package): tests use their pieces."""
-    import importlib.util
-    from pathlib import Path
+def cli(args, env, cwd=None):
+    """`python -m aimfair_ray.cli ARGS` in its own process group (a test may kill it), output in ``.stdout``."""
+    return subprocess.Popen([sys.executable, "-m", "aimfair_ray.cli", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+
+def wait_for(what, cond, proc, timeout=240):
+    """Until ``cond()``; fails with the process's output if it ends first, or when ``timeout`` s have passed."""
+    deadline = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.1)
 
 
 def tiny_gen(pipeline_dir) -> list[str]:
@@ -130,21 +137,6 @@ def tiny_pipeline(tmp_path_factory):
                               scheduler=make_scheduler())
     pipe.save_pretrained(str(path))
     return str(path)
-
-
-def _wait_up(url: str, proc, timeout: float, failed) -> None:
-    """Until ``url`` answers at all (any HTTP status); ``failed()`` is the error once ``proc`` exits or time is up."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(failed()) from None
-            time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")

@@ -52,9 +52,10 @@ def _cmdlines() -> dict[int, list[str]]:
     return out
 
 
-def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, ray_head, tmp_path):
-    """`aimfair serve` with the shipped config's layout, one model and no generators; a SIGTERM stops it.
-    Its token (from --token-file) is in no written file, log, console line or process argument list."""
+def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, ray_head, s3, tmp_path):
+    """`aimfair serve` with the shipped config's layout, one model on S3 (`--model mine=s3://...`: the replica
+    reads it from the store into its node's cache) and no generators; a SIGTERM stops it. Its token (from
+    --token-file) is in no written file, log, console line or process argument list."""
     import os
     import signal
     import socket
@@ -71,7 +72,8 @@ def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, ra
     torch.manual_seed(0)
     meta = {"backbone": "small_cnn", "width": 8, "num_classes": 2, "image_size": 32, "mean": [0.5] * 3,
             "std": [0.5] * 3, "target_names": ["a", "b"], "group_names": ["g0", "g1"]}
-    save_classifier(build_model("small_cnn", 2, 32, width=8), meta, str(tmp_path / "m" / "model"))
+    model = f"{s3}/serve-{tmp_path.name}/m/model"
+    save_classifier(build_model("small_cnn", 2, 32, width=8), meta, model)
     cfg = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "serve", "config.yaml")))
     cfg["applications"][0]["args"].update(image_pipeline=None, text_model=None)
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
@@ -81,7 +83,7 @@ def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, ra
     token = os.urandom(16).hex()
     (tmp_path / "token").write_text(token)
     args = [os.path.join(os.path.dirname(sys.executable), "aimfair"), "serve", "--config", str(tmp_path / "serve.yaml"),
-            "--model", f"mine={tmp_path / 'm' / 'model'}", "--port", str(port), "--token-file", str(tmp_path / "token"),
+            "--model", f"mine={model}", "--port", str(port), "--token-file", str(tmp_path / "token"),
             "--out", str(tmp_path / "out")]
     proc = subprocess.Popen(args, env=dict(os.environ, RAY_ADDRESS=ray_cluster), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -99,6 +101,16 @@ def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, ra
             time.sleep(1)
         ok = requests.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert ok.status_code == 200 and [m["id"] for m in ok.json()["models"]] == ["mine"]
+        import base64
+
+        import numpy as np
+
+        from aimfair_ray.data.codecs import encode_png
+
+        image = base64.b64encode(encode_png(np.full((32, 32, 3), 128, np.uint8))).decode()
+        got = requests.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "mine", "images": [image]},
+                            headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert got.status_code == 200 and got.json()["predictions"][0]["label"] in ("a", "b"), got.text
         assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
         written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
         app0 = written["applications"][0]

@@ -1,5 +1,5 @@
 """The cluster files: launcher YAMLs against Ray's own schema, KubeRay manifests, runtime envs,
-resource layers; and the storage_uri publishing that jobs on ephemeral clusters rely on."""
+resource layers; and where a run lives (output_dir, also on object storage)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def test_launcher_yaml_validates_against_rays_schema(name):
     gpu = [t for t, n in cfg["available_node_types"].items() if t != cfg["head_node_type"]]
     assert gpu and all(cfg["available_node_types"][t]["max_workers"] >= 1 for t in gpu)
     assert any("[gpu" in c for c in cfg["setup_commands"]) and any("assets.txt" in c for c in cfg["setup_commands"])
+    # no shared disk: every node reaches the bucket through its own role (no keys), and the run lives there
+    assert all({"IamInstanceProfile", "serviceAccounts"} & set(t["node_config"]) for t in cfg["available_node_types"].values())
+    assert "--set output_dir=s3://" in (ROOT / "cluster" / name).read_text().replace("gs://", "s3://")
     bad = dict(cfg, max_workers="many")
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(bad))
@@ -61,6 +64,16 @@ def test_kuberay_manifests_parse_name_an_image_and_point_at_existing_entrypoints
             assert c["image"] and ":" in c["image"], c
         assert any("nvidia.com/gpu" in c["resources"]["limits"] for g in spec["workerGroupSpecs"]
                    for c in _containers(g["template"]))
+    # the pods share no disk: no shared volume anywhere; the run and the served models on object storage, with
+    # store credentials from a Secret (or the pods' role), never in the config or the command line
+    assert all("persistentVolumeClaim" not in f.read_text() and "storage_uri" not in f.read_text() for f in KUBE)
+    assert "output_dir=s3://" in kinds["RayJob"]["spec"]["entrypoint"]
+    assert all(m.startswith("s3://") for m in yaml.safe_load(kinds["RayService"]["spec"]["serveConfigV2"])
+               ["applications"][0]["args"]["models"].values())
+    for spec in specs:
+        for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+            assert all({"secretRef": {"name": "aimfair-store", "optional": True}} in c.get("envFrom", [])
+                       for c in _containers(pod)), pod
     # the RayJob's entrypoint is a script of this checkout (inside the image at /home/ray/aimfair-ray)
     scripts = _entry_scripts(kinds["RayJob"]["spec"]["entrypoint"])
     assert scripts and all((ROOT / s.split("/home/ray/aimfair-ray/")[-1]).is_file() for s in scripts)
@@ -105,8 +118,30 @@ def test_cpu_and_gpu_resource_layers_set_every_resource():
     assert load_config("cmnist", ["gpu"], ["train.num_workers=8"]).train.num_workers == 8
 
 
-def test_storage_uri_must_be_absolute():
-    from aimfair_ray import AimfairError
+def test_a_run_lives_in_one_place_and_storage_uri_is_its_retired_alias():
+    cfg = load_config("cmnist", overrides=["output_dir=s3://bucket/runs"])
+    assert cfg.run_dir == "s3://bucket/runs/cmnist" and cfg.ray_storage == "s3://bucket/runs/cmnist/ray"
+    assert cfg.paths.synthetic_set("balanced") == "s3://bucket/runs/cmnist/synthetic/balanced"
+    old = load_config("cmnist", overrides=["storage_uri=gs://bucket/aimfair"])
+    assert old.output_dir == "gs://bucket/aimfair" and old.storage_uri is None and old.run_dir == "gs://bucket/aimfair/cmnist"
 
-    with pytest.raises(AimfairError, match="absolute path"):
-        load_config("cmnist", overrides=["storage_uri=rel/store"])
+
+def test_a_request_no_live_node_holds_is_refused_at_once_naming_a_layer_that_fits(ray_cluster, tmp_path):
+    """`--config gpu` on the session's CPU-only cluster: the EGT stage's first Ray request (the pretrained model's
+    quality task) is refused in one line naming `--config cpu`, instead of waiting for a GPU node forever."""
+    import os
+    import subprocess
+    import sys
+
+    from aimfair_ray import AimfairError
+    from aimfair_ray.runtime import require
+
+    with pytest.raises(AimfairError, match=r"holds 4 at once .*lower train.num_workers"):
+        require("a Ray Train run", 5, 1, 0, "train.num_workers")  # the session's head: 4 CPUs
+    require("a Ray Train run", 4, 1, 0, "train.num_workers")  # fits: nothing said
+    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "aimfair"), "minmax", "image", "--config", "gpu",
+                          "--set", f"output_dir={tmp_path}"], env=dict(os.environ, RAY_ADDRESS=ray_cluster),
+                         capture_output=True, text=True, timeout=300)
+    said = [ln for ln in res.stdout.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and len(said) == 1, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "GPUs" in said[0] and "this cluster has no GPUs: add --config cpu" in said[0] and "Traceback" not in res.stdout

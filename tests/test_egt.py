@@ -76,24 +76,6 @@ def test_sd_lora_minmax_on_ray_train(sd_lora_egt):
     assert not np.array_equal(images(str(model)), images(base))
 
 
-def test_text_conditional_on_ray_train(ray_cluster, tmp_path):
-    """The bundled SmolLM2, LoRA adapters on its top block trained on tagged BOLD sentences; per-group perplexity."""
-    from safetensors.torch import load_file
-
-    from aimfair_ray.egt.run import train_generator
-
-    cfg = _cfg(tmp_path, "egt.objective=conditional", "egt.steps=2", "train.num_workers=1", "egt.text.n_train=16",
-               "egt.text.n_eval_per_group=4", "egt.text.max_len=16", "egt.text.train_layers=1", "egt.text.lora_rank=2",
-               "egt.batch_size=4")
-    res = train_generator(cfg, "text")
-    q = res["quality"]
-    assert set(q["ppl"]) == {"male", "female"} and all(1 < v < 1e5 for v in q["ppl"].values())
-    assert q["gap"]["ppl"] == pytest.approx(abs(q["ppl"]["male"] - q["ppl"]["female"]))
-    trained = load_file(str(Path(res["model_dir"]) / "trained.safetensors"))
-    assert trained and all(".layers.29." in k and "lora_" in k for k in trained)
-    assert json.loads((Path(res["model_dir"]) / "egt.json").read_text())["lora_rank"] == 2
-
-
 def test_text_sets_split_people_and_follow_the_share():
     from aimfair_ray.egt.text import bold_gender, text_sets
 

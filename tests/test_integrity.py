@@ -9,14 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY, tiny_gen
+from conftest import TINY, cli, tiny_gen, wait_for
 
 from aimfair_ray import AimfairError
 
@@ -35,34 +34,32 @@ def _truncate(path, keep: float = 0.5) -> None:
 
 # ---- plain: no Ray ---------------------------------------------------------------------------
 @pytest.mark.faults
-def test_publish_versions_each_entry_and_fetch_gets_one_version_whole(tmp_path):
-    from aimfair_ray.storage import POINTERS, VERSIONS, fetch, publish
+def test_an_output_on_s3_appears_whole_or_not_at_all_and_readers_cache_it_by_content(s3, tmp_path, monkeypatch):
+    """The one store layer on a real S3 endpoint: a folder written through ``atomic_dir`` is staged on this node
+    and uploaded only when its block succeeds, ``_COMPLETE`` last; a failed block leaves the previous output as it
+    was; ``local_copy`` fetches a folder once per content into this node's cache."""
+    from aimfair_ray.storage import COMPLETE, atomic_dir, exists, is_complete, listdir, local_copy, read_text
 
-    run, store = tmp_path / "run", str(tmp_path / "store")
-    (run / "data" / "train").mkdir(parents=True)
-    (run / "data" / "train" / "a.parquet").write_bytes(b"a" * 10)
-    (run / "data" / "train" / "b.parquet").write_bytes(b"b" * 10)
-    (run / "data" / ".x.tmp-1234").mkdir()
-    (run / "data" / ".x.tmp-1234" / "half").write_text("not published")
-    (run / "report.html").write_text("<p>1</p>")
-    assert publish(str(run), store) == 3
-    assert publish(str(run), store) == 0  # nothing changed: no new version
-    first = json.loads((tmp_path / "store" / POINTERS / "data.json").read_text())["version"]
-    # the stage rebuilt with other shards: a new version; the old one, with its shard b, is gone
-    (run / "data" / "train" / "b.parquet").unlink()
-    (run / "data" / "train" / "c.parquet").write_bytes(b"c" * 10)
-    assert publish(str(run), store) == 1  # a.parquet is copied inside the store, not uploaded
-    versions = os.listdir(tmp_path / "store" / VERSIONS / "data")
-    assert len(versions) == 1 and versions[0] != first
-    fresh = tmp_path / "fresh"
-    assert fetch(store, str(fresh)) == 3
-    assert sorted(p.name for p in (fresh / "data" / "train").iterdir()) == ["a.parquet", "c.parquet"]
-    assert (fresh / "report.html").read_text() == "<p>1</p>" and not list(fresh.glob(".*"))
-    # fetched files keep their published times: publishing the fetched run uploads nothing
-    assert publish(str(fresh), store) == 0
-    # a local entry is never overwritten by a fetch
-    (fresh / "report.html").write_text("mine")
-    assert fetch(store, str(fresh)) == 0 and (fresh / "report.html").read_text() == "mine"
+    monkeypatch.setenv("AIMFAIR_CACHE", str(tmp_path / "cache"))
+    out = f"{s3}/{tmp_path.name}/stage"
+    with atomic_dir(out) as tmp:
+        assert not tmp.startswith("s3://")  # local file APIs work in the block
+        os.makedirs(f"{tmp}/sub")
+        open(f"{tmp}/a.txt", "w").write("one")
+        open(f"{tmp}/sub/b.txt", "w").write("two")
+        assert not exists(out)  # nothing visible before the block ends
+    assert is_complete(out) and [p.rsplit("/", 1)[1] for p in listdir(out)] == [COMPLETE, "a.txt"]
+    first = local_copy(out)
+    assert open(f"{first}/sub/b.txt").read() == "two" and local_copy(out) == first  # fetched once
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_dir(out) as tmp:
+            open(f"{tmp}/a.txt", "w").write("half")
+            raise RuntimeError("boom")
+    assert read_text(f"{out}/a.txt") == "one" and is_complete(out)  # the failed write left no trace
+    with atomic_dir(out) as tmp:
+        open(f"{tmp}/c.txt", "w").write("three")
+    assert [p.rsplit("/", 1)[1] for p in listdir(out)] == [COMPLETE, "c.txt"]  # the old files went with the old output
+    assert local_copy(out) != first and sorted(os.listdir(local_copy(out))) == [COMPLETE, "c.txt"]
 
 
 def _shard_dir(tmp_path, n=3):
@@ -226,33 +223,23 @@ def _rows(directory) -> int:
 
 
 @pytest.mark.faults
-def test_s3_store_never_mixes_a_rebuilt_stage_and_force_starts_fresh_on_s3(ray_cluster, s3, tmp_path):
-    """Probes 1 and 6 on a real S3 endpoint: a stage rebuilt at another size, published, then fetched by a
-    fresh node, has exactly its own rows; `--force` with Train storage on s3:// trains from scratch."""
-    import pyarrow.fs as pafs
-
+def test_a_stage_rebuilt_on_s3_never_mixes_and_force_starts_fresh_on_s3(ray_cluster, s3, tmp_path):
+    """A run on S3 (output_dir=s3://): a data stage rebuilt at another size has exactly its own rows (Ray Data's
+    write tasks wrote the shards there); `--force` with Train storage on S3 trains from scratch."""
     from aimfair_ray.config import load_config
     from aimfair_ray.data.prepare import prepare_data
-    from aimfair_ray.storage import VERSIONS, filesystem, pull_run, push_run
     from aimfair_ray.train.baseline import train_baseline
 
-    store, runs = f"{s3}/{tmp_path.name}", tmp_path / "runs"
-    sets = TINY + [f"output_dir={runs}", f"storage_uri={store}", f"train.storage_path={store}/ray", "train.num_workers=1",
-                   "train.epochs=1"]
+    sets = TINY + [f"output_dir={s3}/{tmp_path.name}", "train.num_workers=1", "train.epochs=1"]
     quiet = dict(log=lambda *_: None)
     for n in (400, 600):
         cfg = load_config("cmnist", overrides=sets + [f"data.n_train={n}"])
         prepare_data(cfg, **quiet)
-        push_run(cfg)
-    shutil.rmtree(runs)  # a fresh node
-    assert pull_run(cfg) > 0
     said = []
     meta = prepare_data(cfg, log=said.append)
-    assert "data: reusing" in said[0]
+    assert "data: reusing" in said[0] and cfg.data_dir.startswith("s3://")
     assert _rows(f"{cfg.data_dir}/train") == 600 == meta["splits"]["train"]["n"]
     assert _rows(f"{cfg.data_dir}/val") == meta["splits"]["val"]["n"]
-    fs, p = filesystem(f"{store}/cmnist/{VERSIONS}/data")
-    assert len(fs.get_file_info(pafs.FileSelector(p))) == 1  # the old version went after the switch
     first = train_baseline(cfg, **quiet)
     assert first["run_path"].startswith("s3://")
     said = []
@@ -321,19 +308,6 @@ def test_a_lower_count_and_other_settings_on_generated_sets(synth, tmp_path):
     assert json.loads(first_row(str(bal), ["generator"])["generator"])["steps"] == 3  # the rows say what made them
 
 
-def _cli(args, env):
-    return subprocess.Popen([sys.executable, "-m", "aimfair_ray.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _wait_for(what, cond, proc, timeout=240):
-    deadline = time.time() + timeout
-    while not cond():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.1)
-
-
 def _registered(run_path):
     """The checkpoints Ray Train's controller has registered (what a restarted or resumed run restores)."""
     snap = run_path / "checkpoint_manager_snapshot.json"
@@ -356,11 +330,11 @@ def test_a_train_worker_killed_mid_epoch_is_replaced_and_the_run_resumes_from_it
     workers = dict(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True,
                    address=ray_head["dashboard"])  # this session's cluster, whatever else runs on the machine
     before = {a.actor_id for a in list_actors(**workers)}
-    proc = _cli(["train", "baseline", *[x for s in sets for x in ("--set", s)]], dict(os.environ, RAY_ADDRESS=ray_cluster))
+    proc = cli(["train", "baseline", *[x for s in sets for x in ("--set", s)]], dict(os.environ, RAY_ADDRESS=ray_cluster))
     run_path = tmp_path / "cmnist" / "ray" / "cmnist-baseline"
     # a checkpoint Ray Train has registered (one written but not yet registered when its worker dies is
     # not restored: that epoch runs again)
-    _wait_for("registered checkpoint", lambda: _registered(run_path), proc)
+    wait_for("registered checkpoint", lambda: _registered(run_path), proc)
     victims = [a for a in list_actors(**workers) if a.actor_id not in before]
     assert len(victims) == 1
     os.kill(victims[0].pid, signal.SIGKILL)
@@ -376,146 +350,9 @@ def test_a_train_worker_killed_mid_epoch_is_replaced_and_the_run_resumes_from_it
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
 
 
-# ---- a cluster of three nodes on this machine ----------------------------------------------------
-def _node_cmd(tmp, extra):
-    ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    return [ray, "start", "--block", "--node-ip-address=127.0.0.1", "--object-store-memory=150000000",
-            "--disable-usage-stats", *extra]
-
-
-@pytest.fixture
-def nodes(ray_cluster, tmp_path):
-    """A head (1 CPU) and two worker nodes (2 CPUs each) started with `ray start` on loopback, each its own
-    process group (killing one's group is losing that node). Nodes are declared dead after ~3 s of silence."""
-    from conftest import _free_ports
-
-    tmp = tempfile.mkdtemp(prefix="afn-", dir="/tmp")
-    gcs, dash_agent, agent_grpc, env_agent, metrics = _free_ports(5)
-    env = dict(os.environ, RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="6",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    procs = {}
-
-    def start(name, extra):
-        log = open(f"{tmp}/{name}.log", "w")
-        procs[name] = subprocess.Popen(_node_cmd(tmp, extra), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-
-    start("head", ["--head", f"--port={gcs}", "--num-cpus=1", f"--temp-dir={tmp}", "--include-dashboard=false",
-                   f"--dashboard-agent-listen-port={dash_agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                   f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}"])
-    address = f"127.0.0.1:{gcs}"
-    time.sleep(4)
-
-    def add(name):  # every port its own: two nodes on one machine must not share one
-        ports = _free_ports(6)
-        start(name, [f"--address={address}", "--num-cpus=2", f"--dashboard-agent-listen-port={ports[0]}",
-                     f"--dashboard-agent-grpc-port={ports[1]}", f"--runtime-env-agent-port={ports[2]}",
-                     f"--metrics-export-port={ports[3]}", f"--node-manager-port={ports[4]}",
-                     f"--object-manager-port={ports[5]}"])
-
-    def alive(n):
-        probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
-                 "print(sum(n['Alive'] for n in ray.nodes()))")
-        deadline = time.time() + 120
-        while True:
-            out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
-            if out.stdout.strip() == str(n):
-                return
-            assert time.time() < deadline, f"the cluster has not {n} live nodes: {out.stdout} {out.stderr[-2000:]}"
-            time.sleep(1)
-
-    try:  # the nodes go whether the test or the set-up itself fails (a leaked head is a second Ray instance
-        add("node_a")  # on the machine, which makes every later address-less Ray call refuse to choose)
-        alive(2)
-        add("node_b")
-        alive(3)
-        yield {"address": address, "procs": procs, "env": env, "add": add, "alive": alive}
-    finally:
-        for p in procs.values():  # each node's whole process group: `ray start` and what it started
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(p.pid, sig)
-                    p.wait(timeout=20)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _node_running(nodes, title: str) -> str:
-    """A worker node (not the head) with a process whose title has ``title`` (Ray names a worker process
-    ``ray::<class>``): a descendant of that node's `ray start`."""
-    def parent(pid: int) -> int:
-        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-
-    roots = {p.pid: name for name, p in nodes["procs"].items() if name != "head" and p.poll() is None}
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        try:
-            if title not in open(f"/proc/{pid}/cmdline").read():
-                continue
-            while pid > 1:
-                if pid in roots:
-                    return roots[pid]
-                pid = parent(pid)
-        except (OSError, ValueError, IndexError):
-            continue
-    return ""
-
-
-def _lose(nodes, name) -> None:
-    os.killpg(nodes["procs"][name].pid, signal.SIGKILL)
-    nodes["procs"][name].wait()
-
-
-@pytest.mark.faults
-def test_a_node_lost_mid_generation_and_mid_training(nodes, tmp_path):
-    """A worker node killed while `generate images` runs (an actor on it) and while `train baseline` runs
-    (a Train worker on it): both finish on the surviving nodes, with exactly the planned ids and a model
-    trained on from the last registered checkpoint."""
-    from aimfair_ray.config import load_config
-    from aimfair_ray.data.prepare import prepare_data
-    from aimfair_ray.generate.images import written_ids
-
-    sets = TINY + [f"output_dir={tmp_path}", "generate.n_balanced_per_cell=30", "generate.n_imbalanced=8",
-                   "generate.steps=4", "generate.actors=2", "train.epochs=3", "train.num_workers=2", "train.max_failures=1"]
-    cfg = load_config("cmnist", overrides=sets)
-    prepare_data(cfg, log=lambda *_: None)  # on the session's cluster: the files are this machine's
-    env = dict(nodes["env"], RAY_ADDRESS=nodes["address"])
-    args = [x for s in sets for x in ("--set", s)]
-    proc = _cli(["generate", "images", *args], env)
-    bal = tmp_path / "cmnist" / "synthetic" / "balanced"
-    _wait_for("first shard", lambda: list(bal.glob("shard-*.parquet")) and _node_running(nodes, "DiffusionActor"), proc)
-    lost = _node_running(nodes, "DiffusionActor")
-    _lose(nodes, lost)
-    at_loss = len(written_ids(str(bal)))
-    assert at_loss < 120 and proc.poll() is None  # mid-generation
-    out, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out[-3000:]
-    assert "120/120 written" in out
-    for kind, n in (("balanced", 120), ("imbalanced", 8)):
-        ids = written_ids(str(tmp_path / "cmnist" / "synthetic" / kind)).to_pylist()
-        assert len(ids) == len(set(ids)) == n, kind  # every planned id once
-    # a new node joins (2 live nodes + 1); then the node with a Train worker is lost mid-run
-    nodes["add"]("node_c")
-    nodes["alive"](3)
-    proc = _cli(["train", "baseline", *args], env)
-    run_path = tmp_path / "cmnist" / "ray" / "cmnist-baseline"
-    _wait_for("registered checkpoint", lambda: _registered(run_path), proc)
-    hosting = _node_running(nodes, "RayTrainWorker")  # the head has 1 CPU: one of the 2 workers is on a worker node
-    assert hosting
-    _lose(nodes, hosting)
-    out, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out[-3000:]
-    log = (tmp_path / "cmnist" / "logs" / "workers.log").read_text()
-    assert "resuming from checkpoint after epoch" in log, log[-3000:]
-    result = json.loads((tmp_path / "cmnist" / "baseline" / "result.json").read_text())
-    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
-
-
 # ---- the driver killed, then the same command again ---------------------------------------------
 def _kill_after(proc, ready, what) -> None:
-    _wait_for(what, ready, proc, timeout=300)
+    wait_for(what, ready, proc, timeout=300)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, mid-run
     proc.wait()
     time.sleep(2)  # let Ray reap the dead driver's actors
@@ -540,9 +377,9 @@ def test_the_driver_killed_during_finetune_resumes_to_the_figures_of_an_uninterr
     args = ["finetune", *[x for s in runs["killed"] for x in ("--set", s)]]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
     jobs = tmp_path / "killed" / "cmnist" / "ray" / "cmnist-finetune-selective" / "job"
-    _kill_after(_cli(args, env), lambda: jobs.is_dir() and list(jobs.glob("checkpoint_*")), "fine-tuning checkpoint")
+    _kill_after(cli(args, env), lambda: jobs.is_dir() and list(jobs.glob("checkpoint_*")), "fine-tuning checkpoint")
     assert not (tmp_path / "killed" / "cmnist" / "finetune" / "selective" / "result.json").exists()
-    proc = _cli(args, env)
+    proc = cli(args, env)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
     log = (tmp_path / "killed" / "cmnist" / "logs" / "workers.log").read_text()

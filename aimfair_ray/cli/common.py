@@ -1,6 +1,6 @@
-"""What every command shares: the console, the config options, loading a config (fetching the
-run from ``storage_uri``), and running a command body (a user error is one line and exit 2;
-the run is published to ``storage_uri`` at the end, also after a failure)."""
+"""What every command shares: the console, the config options, loading a config, and running a command
+body (a user error is one line and exit 2; a run on an object store gets this command's logs at the end,
+also after a failure)."""
 
 from __future__ import annotations
 
@@ -87,12 +87,6 @@ def _load(preset: str, config: Optional[List[str]], overrides: Optional[List[str
     cfg = load_config(preset, config or [], overrides or [])
     if wandb:
         cfg.train.wandb = True
-    if cfg.storage_uri:
-        from aimfair_ray.storage import pull_run
-
-        n = pull_run(cfg)
-        if n:
-            log(f"storage: fetched {n} files of run {cfg.name} from {cfg.storage_uri}")
     return cfg
 
 
@@ -127,12 +121,14 @@ def run(body: Callable[[], object]) -> object:
 
 def run_with_config(body: Callable[[Config], object], preset: str, config: Optional[List[str]],
                     overrides: Optional[List[str]], wandb: bool = False) -> object:
-    """Load the config (fetching the run from ``storage_uri``), run ``body(cfg)``, then publish the
-    run's outputs, also those a failed command committed."""
+    """Load the config, run ``body(cfg)``; then, for a run on an object store, copy this command's logs there."""
     loaded: list[Config] = []
 
     def go():
         cfg = _load(preset, config, overrides, wandb)
+        from aimfair_ray.runtime import check_store
+
+        check_store(cfg.output_dir)  # a store that can't be written: one line, before anything starts
         loaded.append(cfg)
         quiet_console(cfg)
         try:
@@ -143,8 +139,7 @@ def run_with_config(body: Callable[[Config], object], preset: str, config: Optio
     try:
         return run(go)
     finally:
-        for cfg in loaded:
-            if cfg.storage_uri:
-                from aimfair_ray.storage import push_run
+        if loaded:  # a run on an object store: this command's logs, also after a failure
+            from aimfair_ray import ray_logs
 
-                log(f"storage: published {push_run(cfg)} new files of run {cfg.name} to {cfg.storage_uri}")
+            ray_logs.sync()

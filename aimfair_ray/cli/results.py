@@ -10,6 +10,7 @@ import typer
 
 from aimfair_ray import AimfairError, pipeline
 from aimfair_ray.cli.common import ConfigOpt, ForceOpt, PresetOpt, SetOpt, console, log, run, run_with_config
+from aimfair_ray.storage import read_text
 
 top = typer.Typer()
 bench_app = typer.Typer(no_args_is_help=True, help="Results tables over seeds.")
@@ -89,7 +90,7 @@ def benchmark_egt_cmd(kind: str = typer.Argument("all", help="image | text | all
             t0 = time.time()
             command = "aimfair " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("aimfair") else None
             out = benchmark_egt(cfg, k, list(range(seeds)), objs, log=log, publish=publish, command=command)
-            console.print(open(f"{out['dir']}/results.md").read(), highlight=False)
+            console.print(read_text(f"{out['dir']}/results.md"), highlight=False)
             log(f"benchmark egt {k}: wrote {out['dir']}/results.md, .csv and .json in {time.time() - t0:.0f}s")
 
     run(check)
@@ -123,7 +124,7 @@ def benchmark_aimfair_cmd(seeds: int = typer.Option(5, "--seeds", min=1, help="n
         command = "aimfair " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("aimfair") else None
         out = benchmark_aimfair(cfg, list(range(seeds)), chosen, log=log, publish=publish, command=command,
                                 finished_only=finished_only)
-        console.print(open(f"{out['dir']}/results.md").read(), highlight=False)
+        console.print(read_text(f"{out['dir']}/results.md"), highlight=False)
         log(f"benchmark: wrote {out['dir']}/results.md, .csv, .json and .png in {time.time() - t0:.0f}s")
 
     run_with_config(body, preset, config, set_)
@@ -144,7 +145,7 @@ def sweep_cmd(kind: str = typer.Argument(..., help="selective (AIM-Fair k, lr) |
     def body(cfg):
         spec = load_spec(kind, space)
         out = sweep(cfg, spec, name=name, wandb=wandb, fresh=fresh, log=log)
-        console.print(open(f"{out['dir']}/summary.md").read(), highlight=False)
+        console.print(read_text(f"{out['dir']}/summary.md"), highlight=False)
         best = out["best"]
         if best is None:
             raise AimfairError(f"no trial finished; see {out['dir']}/summary.md for the errors")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import typer
@@ -194,7 +193,9 @@ def report_cmd(name: Optional[str] = typer.Option(None, "--name", help="the run'
     def body(cfg):
         if name:
             cfg.name = name
-        if not os.path.isdir(cfg.run_dir):
+        from aimfair_ray.storage import exists
+
+        if not exists(cfg.run_dir):
             raise AimfairError(f"no run at {cfg.run_dir}: run a stage first, or give --name / --set output_dir=")
         console.print(f"report: {write_report(cfg.run_dir)}", highlight=False)
 

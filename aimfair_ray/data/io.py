@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from aimfair_ray import AimfairError, manifest
 from aimfair_ray.data.codecs import decode_png
-from aimfair_ray.storage import atomic_dir, exists, is_complete, is_uri
+from aimfair_ray.storage import atomic_dir, exists, is_complete, is_uri, listdir
 
 SCHEMA = pa.schema(
     [
@@ -48,7 +48,7 @@ def write_split(ds, directory: str, redo: str, rows_per_file: int = 2048) -> str
 
     if isinstance(ds, pa.Table):
         ds = ray.data.from_arrow(ds.cast(SCHEMA))
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, direct=True) as tmp:  # on a store, Ray Data's write tasks write there from any node
         ds.write_parquet(tmp, min_rows_per_file=rows_per_file)
         write_manifest(tmp, redo)
     return directory
@@ -56,7 +56,7 @@ def write_split(ds, directory: str, redo: str, rows_per_file: int = 2048) -> str
 
 def write_manifest(directory: str, redo: str, fingerprint: str | None = None) -> dict:
     """The manifest of a finished split or set folder: its files, and its rows per cell (``y<c>_s<g>``)."""
-    t = read_table(directory, ["target", "group"]) if any(Path(directory).glob("*.parquet")) else None
+    t = read_table(directory, ["target", "group"]) if listdir(directory, "*.parquet") else None
     rows = {} if t is None else cell_rows(t)
     return manifest.write(directory, fingerprint, rows, redo=redo)
 
@@ -91,19 +91,22 @@ def check_split(directory: str, fix: str | None = None) -> None:
         raise AimfairError(f"{directory} is incomplete (no _COMPLETE marker): a write was interrupted; rerun the stage")
     manifest.verify(directory, fix)
     # Check the columns from a file footer: ds.schema() would start a Ray Data execution.
-    if not is_uri(directory):
-        import pyarrow.parquet as pq
+    import pyarrow.parquet as pq
 
-        files = sorted(Path(directory).glob("*.parquet"))
-        if not files:
-            raise AimfairError(f"{directory} holds no Parquet files")
-        try:
-            names = pq.read_schema(files[0]).names
-        except (pa.ArrowInvalid, OSError) as e:
-            raise unreadable(files[0], e, "rerun the stage that wrote it with --force") from None
-        missing = set(SCHEMA.names) - set(names)
-        if missing:
-            raise AimfairError(f"{directory}: not in the aimfair image schema, missing columns {sorted(missing)}")
+    from aimfair_ray.storage import filesystem
+
+    files = listdir(directory, "*.parquet")
+    if not files:
+        raise AimfairError(f"{directory} holds no Parquet files")
+    try:
+        fs, p = filesystem(files[0])
+        with fs.open_input_file(p) as f:
+            names = pq.read_schema(f).names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise unreadable(files[0], e, "rerun the stage that wrote it with --force") from None
+    missing = set(SCHEMA.names) - set(names)
+    if missing:
+        raise AimfairError(f"{directory}: not in the aimfair image schema, missing columns {sorted(missing)}")
 
 
 def read_split(directory: str):
@@ -117,7 +120,7 @@ def read_split(directory: str):
 def read_table(directory: str, columns: list[str] | None = None) -> pa.Table:
     """The Parquet files of a split or set directory as one table, without Ray (small reads: ids, labels)."""
     manifest.verify(directory)  # a damaged or unlisted shard is named as such, before it is read
-    files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
+    files = listdir(directory, "*.parquet")
     if not files:
         raise AimfairError(f"no Parquet files in {directory}")
     return pa.concat_tables([read_parquet(f, columns=columns) for f in files])
@@ -138,7 +141,7 @@ def files_sha(directory: str) -> str:
 def first_row(directory: str, columns: list[str]) -> dict:
     """The first row of a split or set directory (its first shard's), without reading the rest."""
     manifest.verify(directory)
-    files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
+    files = listdir(directory, "*.parquet")
     if not files:
         raise AimfairError(f"no Parquet files in {directory}")
     return read_parquet(files[0], columns=columns).slice(0, 1).to_pylist()[0]
@@ -166,7 +169,7 @@ def image_dataset(directories: list[str], image_size: int, cache_mb: float, keep
     for d in directories:
         check_split(d)
     rows = sum(len(k) if k is not None else read_table(d, ["id"]).num_rows for d, k in zip(directories, keep))
-    if rows * image_size * image_size * 3 > cache_mb * 2**20 or any(is_uri(d) for d in directories):
+    if rows * image_size * image_size * 3 > cache_mb * 2**20:
         prefixes = [d.split("://", 1)[-1].rstrip("/") + "/" for d in directories]
         ds = ray.data.read_parquet(list(directories), file_extensions=["parquet"], include_paths=True)
         if shuffle_seed is not None:

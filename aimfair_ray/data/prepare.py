@@ -17,7 +17,7 @@ from aimfair_ray.data.bias import count_cells, counts_dict, draw_biased_subset, 
 from aimfair_ray.data.codecs import decode_png, encode_png
 from aimfair_ray.data.io import check_split, read_table, write_split
 from aimfair_ray.data.readers import check_files, read_dataset
-from aimfair_ray.storage import exists, read_json, write_json
+from aimfair_ray.storage import exists, made_with, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -118,13 +118,13 @@ def prepare_data(cfg, force: bool = False, log=print) -> dict:
     """Build and write every split of ``cfg.data``; returns the dataset metadata."""
     data_dir = cfg.data_dir
     wanted = cfg.data.model_dump(mode="json")
+    meta = None if force else made_with(f"{data_dir}/dataset.json", wanted, "config")
+    if meta is not None:
+        for split in meta["splits"]:  # the files are the ones written: a damaged shard is named, not read
+            check_split(f"{data_dir}/{split}")
+        log(f"data: reusing {data_dir} (same data config; --force rebuilds it)")
+        return meta
     if not force and exists(f"{data_dir}/dataset.json"):
-        meta = read_json(f"{data_dir}/dataset.json")
-        if meta.get("config") == wanted:
-            for split in meta["splits"]:  # the files are the ones written: a damaged shard is named, not read
-                check_split(f"{data_dir}/{split}")
-            log(f"data: reusing {data_dir} (same data config; --force rebuilds it)")
-            return meta
         log("data: config changed, rebuilding")
     if cfg.data.dataset == "colored_mnist":
         built = cmnist.build(cfg.data)

@@ -5,7 +5,6 @@ synthetic set (generated, filtered or imported) and shown by the run report."""
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -16,10 +15,15 @@ from aimfair_ray.storage import atomic_write_bytes
 def first_per_cell(directory: str, per_cell: int = 6) -> dict[tuple[int, int], list[dict]]:
     """Up to ``per_cell`` rows of each cell (lowest ids first), reading the shards' small columns first
     and then only the chosen images."""
-    files = sorted(Path(directory).glob("*.parquet"))
+    from aimfair_ray.storage import filesystem, listdir
+
+    files = listdir(directory, "*.parquet")  # a local folder or one on an object store
     if not files:
         return {}
-    cols = [c for c in ("id", "target", "group", "prompt") if c in pq.read_schema(files[0]).names]
+    fs, first = filesystem(files[0])
+    with fs.open_input_file(first) as f:
+        names = pq.read_schema(f).names
+    cols = [c for c in ("id", "target", "group", "prompt") if c in names]
     rows = [dict(r, _file=str(f), _row=i) for f in files for i, r in enumerate(pq.read_table(f, columns=cols).to_pylist())]
     cells: dict[tuple[int, int], list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["id"]):

@@ -23,7 +23,7 @@ from aimfair_ray.data.prepare import EncodeImages, load_meta
 from aimfair_ray.data.readers import check_files
 from aimfair_ray.data.samples import write_samples
 from aimfair_ray.manifest import digest
-from aimfair_ray.storage import atomic_dir, exists, read_json, write_json
+from aimfair_ray.storage import atomic_dir, is_dir, made_with, write_json
 
 IMPORT = "import.json"
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -97,14 +97,15 @@ def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_d
     from aimfair_ray.runtime import ensure_ray
 
     key = _key(manifest, cfg)
-    if not force and exists(f"{out_dir}/{IMPORT}") and read_json(f"{out_dir}/{IMPORT}").get("key") == key:
+    done = None if force else made_with(f"{out_dir}/{IMPORT}", key, "key")
+    if done is not None:
         log(f"import: reusing {out_dir} (same manifest and data config)")
-        return read_json(f"{out_dir}/{IMPORT}")
+        return done
     meta = load_meta(cfg.data_dir)
     df = read_synthetic_manifest(manifest, meta["target_names"], meta["group_names"])
     name = generator or df["generator"].iloc[0] or f"manifest:{Path(manifest).name}"
     gen = json.dumps({"pipeline": name, "prompt_backend": None, "imported_from": str(Path(manifest).resolve())})
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, cfg.output_dir)
     enc = EncodeImages(cfg.data.image_size, cfg.data.skip_bad_images, cfg.data.resize)
 
     def tag(batch: pd.DataFrame) -> pd.DataFrame:
@@ -122,7 +123,7 @@ def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_d
     C, G = len(meta["target_names"]), len(meta["group_names"])
     counts = {f"y{y}_s{s}": int(((df["target"] == y) & (df["group"] == s)).sum()) for y in range(C) for s in range(G)}
     info = {"key": key, "kind": kind, "generator": name, "n": len(df), "cell_counts": counts}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, direct=True) as tmp:  # on a store, Ray Data's write tasks write there from any node
         ds.map_batches(encode, batch_format="pandas", batch_size=256).write_parquet(tmp, min_rows_per_file=2048)
         write_json(f"{tmp}/{IMPORT}", info)
         write_samples(tmp, f"{kind} set imported from {Path(manifest).name} ({name})", meta["target_names"],
@@ -140,7 +141,7 @@ def synthetic_source(cfg, path: str, kind: str, log=print) -> str:
         out = f"{cfg.paths.synthetic}/import-{kind}-{tag}"
         import_synthetic(cfg, path, kind, None, out, log=log)
         return out
-    if not Path(path).is_dir():
+    if not is_dir(path):
         raise AimfairError(f"synthetic set {path} is neither a directory in the aimfair image schema nor a "
                            f"manifest ({', '.join(MANIFEST_SUFFIXES)})")
     check_split(path)

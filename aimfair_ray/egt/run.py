@@ -168,7 +168,7 @@ def train_generator(cfg: Config, kind: str, force: bool = False, log=print, stag
     done = reuse_or_resume(stage, key, run_path, force, log=log, what="egt")
     if done is not None:
         return done
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, cfg.output_dir)
     cfg.save(stage)
     t0 = time.time()
     result = workgroup.run(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "kind": kind, "score": score},
@@ -226,9 +226,13 @@ def measure(cfg: Config, kind: str, trained: dict | None, model_dir: str | None,
 
     from aimfair_ray.runtime import ensure_ray
 
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, cfg.output_dir)
     tc = cfg.train
     cpus = tc.cpus_per_worker * tc.num_workers
+    from aimfair_ray.runtime import require
+
+    require("the EGT quality task", 1, cpus, tc.gpus_per_worker if tc.use_gpu else 0,
+            "train.num_workers, train.cpus_per_worker or train.gpus_per_worker")
     fn = ray.remote(num_cpus=cpus, num_gpus=tc.gpus_per_worker if tc.use_gpu else 0)(_quality)
     q, files = ray.get(fn.remote(cfg.model_dump(mode="json"), kind, trained, model_dir is not None, max(1, int(cpus)),
                                  quality))

@@ -51,8 +51,10 @@ class Checker:
     @classmethod
     def load(cls, path: str) -> "Checker":
         from aimfair_ray import manifest
+        from aimfair_ray.storage import local_copy
 
         manifest.verify(path, f"remove {path} (the filter trains it again)")
+        path = local_copy(path)  # on an object store: this node's copy
         c = cls(json.loads((Path(path) / "checker.json").read_text())["colors"])
         c.model.load_state_dict(load_file(str(Path(path) / "checker.safetensors")))
         return c

@@ -21,7 +21,6 @@ import hashlib
 import json
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,7 +32,19 @@ from aimfair_ray import AimfairError, manifest, progress
 from aimfair_ray.data.codecs import encode_png
 from aimfair_ray.data.io import SCHEMA, read_parquet, write_manifest
 from aimfair_ray.manifest import MANIFEST, digest
-from aimfair_ray.storage import COMPLETE, write_json
+from aimfair_ray.storage import (
+    COMPLETE,
+    atomic_write_bytes,
+    base_name,
+    exists,
+    join,
+    listdir,
+    made_with,
+    make_dir,
+    read_json,
+    remove,
+    write_json,
+)
 
 PLAN_COLUMNS = ["id", "target", "group", "prompt", "seed", "split"]
 
@@ -159,20 +170,25 @@ class DiffusionActor:
 
 
 def write_shard(batch: pd.DataFrame, out_dir: str) -> str:
-    """Commit one batch as one Parquet shard (temp file, then rename); the name hashes the
-    batch's ids, so writing the same batch again replaces its shard. Returns its path."""
+    """Commit one batch as one Parquet shard, whole (a local temp file renamed into place; one object
+    upload on a store), straight into ``out_dir`` from the node that drew it; the name hashes the batch's
+    ids, so writing the same batch again replaces its shard. Returns its path."""
     digest = hashlib.sha1("\n".join(batch["id"]).encode()).hexdigest()[:16]
-    path = Path(out_dir) / f"shard-{digest}.parquet"
-    tmp = path.with_name(f"{path.name}.tmp")
-    pq.write_table(pa.Table.from_pandas(batch, schema=SCHEMA, preserve_index=False), tmp)
-    tmp.replace(path)
-    return str(path)
+    path = join(out_dir, f"shard-{digest}.parquet")
+    atomic_write_bytes(path, _parquet_bytes(pa.Table.from_pandas(batch, schema=SCHEMA, preserve_index=False)))
+    return path
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def written_ids(out_dir: str) -> pa.Array:
     """The ids of a folder's committed shards, as one Arrow string column (compact: no Python objects)."""
     fix = "remove it and rerun to draw its images again, or rerun with --force"
-    chunks = [read_parquet(f, ["id"], fix)["id"] for f in sorted(Path(out_dir).glob("shard-*.parquet"))]
+    chunks = [read_parquet(f, ["id"], fix)["id"] for f in listdir(out_dir, "shard-*.parquet")]
     return pa.chunked_array([c for ch in chunks for c in ch.chunks], pa.string()).combine_chunks()
 
 
@@ -185,40 +201,39 @@ def _changed(old: dict, meta: dict) -> str:
     return ", ".join(diff) if diff else "the prompts"
 
 
-def _settle(out: Path, plan: Plan, meta: dict, force: bool, keep: bool, log=print) -> None:
+def _settle(out: str, plan: Plan, meta: dict, force: bool, keep: bool, log=print) -> None:
     """Make ``out`` hold only images of this plan's settings: a set made with other settings or prompts is
     drawn again (``keep``: refused), with ``force`` always; a lower count keeps the first ids of each cell."""
     fp = plan.fingerprint(meta)
-    path = out / FINGERPRINT
-    old = json.loads(path.read_text()) if path.is_file() else None
-    shards = sorted(out.glob("shard-*.parquet"))
-    if shards and (force or old is None or old["fingerprint"] != fp):
+    path = join(out, FINGERPRINT)
+    old = read_json(path) if exists(path) else None
+    same = made_with(path, fp, "fingerprint") is not None
+    shards = listdir(out, "shard-*.parquet")
+    if shards and (force or not same):
         why = "--force" if force else "it has no fingerprint" if old is None else _changed(old, meta)
         if keep:
             raise AimfairError(f"{out}: its images were made with other settings ({why}) and --keep keeps them: drop "
                                "--keep to draw the set again, or set the settings back")
-        log(f"images: {out.name}: drawing the set again ({why})")
-        for f in out.iterdir():
-            if f.is_file():
-                f.unlink()
+        log(f"images: {base_name(out)}: drawing the set again ({why})")
+        for f in listdir(out):
+            remove(f)
         shards = []
-    if old is None or old["fingerprint"] != fp:
-        write_json(str(path), {"fingerprint": fp, "meta": meta})
-    written = written_ids(str(out))
+    if not same:
+        write_json(path, {"fingerprint": fp, "meta": meta})
+    written = written_ids(out)
     planned = plan.ids()
     if len(written) and pc.sum(pc.is_in(written, value_set=planned)).as_py() != len(written):
         for f in shards:  # a lower count: the ids past it go, shard by shard (each rewritten whole)
-            t = pq.read_table(f)
+            t = read_parquet(f)
             hit = pc.is_in(t["id"], value_set=planned)
             if not pc.all(hit).as_py():
                 rest = t.filter(hit)
                 if rest.num_rows:
-                    pq.write_table(rest, f.with_name(f"{f.name}.tmp"))
-                    f.with_name(f"{f.name}.tmp").replace(f)
+                    atomic_write_bytes(f, _parquet_bytes(rest))
                 else:
-                    f.unlink()
-        (out / MANIFEST).unlink(missing_ok=True)
-        log(f"images: {out.name}: the plan is smaller now; kept its first {len(plan)} images")
+                    remove(f)
+        remove(join(out, MANIFEST))
+        log(f"images: {base_name(out)}: the plan is smaller now; kept its first {len(plan)} images")
 
 
 def _missing(plan: Plan, written: pa.Array, batch_size: int) -> np.ndarray:
@@ -262,26 +277,30 @@ def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | N
     bs = gcfg.batch_size
     ranges, done = [], {}
     for out_dir, plan in plans.items():
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob("*.tmp"):  # a killed run's unfinished shard
-            stale.unlink()
+        out = str(out_dir).rstrip("/")
+        make_dir(out)
+        for stale in listdir(out, "*.tmp") + listdir(out, ".*.tmp-*"):  # a killed run's unfinished shard (a disk)
+            remove(stale)
         _settle(out, plan, meta, force, keep, log)
         written = written_ids(out_dir)
         missing = _missing(plan, written, bs)
-        todo = [(str(out), i * bs, min((i + 1) * bs, len(plan))) for i in np.flatnonzero(missing)]
+        todo = [(out, i * bs, min((i + 1) * bs, len(plan))) for i in np.flatnonzero(missing)]
         done[out_dir] = len(plan) - int(missing.sum())
         ranges += todo
         if todo:
-            (out / COMPLETE).unlink(missing_ok=True)
-            (out / MANIFEST).unlink(missing_ok=True)
+            remove(join(out, COMPLETE))
+            remove(join(out, MANIFEST))
         else:  # a finished set: its files are the ones written
-            manifest.verify(str(out))
-        log(f"images: {out.name}: {len(plan)} planned, {done[out_dir]} already written, "
+            manifest.verify(out)
+        log(f"images: {base_name(out)}: {len(plan)} planned, {done[out_dir]} already written, "
             f"{len(plan) - done[out_dir]} to generate")
     t0, n = time.time(), {d: 0 for d in plans}
     if ranges:
         from aimfair_ray.generate.t2i import embedded_weights
+        from aimfair_ray.runtime import require
+
+        require("the diffusion actor pool", gcfg.actors, gcfg.cpus_per_actor, gcfg.gpus_per_actor,
+                "generate.actors, generate.cpus_per_actor or generate.gpus_per_actor")
 
         # one block per generation batch, so the actors share the work and each batch is committed when done
         ds = ray.data.from_items([{"out_dir": d, "start": i, "stop": j} for d, i, j in ranges],
@@ -290,25 +309,26 @@ def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | N
             fn_constructor_kwargs={"pipeline": gcfg.pipeline or str(embedded_weights()), "dtype": gcfg.dtype,
                                    "scheduler": gcfg.scheduler, "steps": gcfg.steps, "guidance": gcfg.guidance_scale,
                                    "size": gcfg.image_size, "negative_prompt": gcfg.negative_prompt,
-                                   "save_size": save_size, "meta": meta, "plans": {str(Path(d)): p for d, p in plans.items()},
+                                   "save_size": save_size, "meta": meta,
+                                   "plans": {str(d).rstrip("/"): p for d, p in plans.items()},
                                    "threads": max(1, int(gcfg.cpus_per_actor))},
             batch_size=1, batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=gcfg.actors),
             num_cpus=gcfg.cpus_per_actor, num_gpus=gcfg.gpus_per_actor or None,
         )
-        names = {str(Path(d)): d for d in plans}
+        names = {str(d).rstrip("/"): d for d in plans}
         shown = {d: 0 for d in plans}  # quarters of a set already logged: a line per quarter, a bar per batch
         for d in plans:
-            progress.update(f"images {Path(d).name}", done[d], len(plans[d]))
+            progress.update(f"images {base_name(d)}", done[d], len(plans[d]))
         for b in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for key, k in zip(b["out_dir"], b["images"]):
                 d = names[key]
                 n[d] += int(k)
                 written, planned = done[d] + n[d], len(plans[d])
-                progress.update(f"images {Path(d).name}", written, planned)
+                progress.update(f"images {base_name(d)}", written, planned)
                 if 4 * written // planned > shown[d]:
                     shown[d] = 4 * written // planned
-                    log(f"images: {Path(d).name}: {written}/{planned} written, "
+                    log(f"images: {base_name(d)}: {written}/{planned} written, "
                         f"{sum(n.values()) / (time.time() - t0):.2f} images/s")
     secs = time.time() - t0
     stats = {}
@@ -317,8 +337,8 @@ def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | N
         k = n[out_dir]
         stats[out_dir] = {"planned": len(plan), "generated_now": k, "seconds": round(secs, 2),
                           "images_per_s": round(k / secs, 3) if k else None}
-        if not (Path(out_dir) / MANIFEST).is_file():
-            write_json(str(Path(out_dir) / "stats.json"), stats[out_dir])
+        if not exists(join(out_dir, MANIFEST)):
+            write_json(join(out_dir, "stats.json"), stats[out_dir])
             write_manifest(out_dir, "aimfair generate images --force", plan.fingerprint(meta))
-        (Path(out_dir) / COMPLETE).touch()
+        atomic_write_bytes(join(out_dir, COMPLETE), b"")
     return stats

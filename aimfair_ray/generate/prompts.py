@@ -186,6 +186,10 @@ def write_batch(ds, gcfg):
         return ds.map_batches(template_batch, fn_kwargs={"task": gcfg.task}, batch_format="pandas")
     if gcfg.backend == "vllm":
         return _vllm(ds, gcfg)
+    from aimfair_ray.runtime import require
+
+    require("the LLM actor pool", gcfg.llm_actors, gcfg.llm_cpus, gcfg.llm_gpus,
+            "generate.llm_actors, generate.llm_cpus or generate.llm_gpus")
     return ds.map_batches(
         PromptWriter,
         fn_constructor_kwargs={"llm": gcfg.llm, "task": gcfg.task, "max_new_tokens": gcfg.max_new_tokens,

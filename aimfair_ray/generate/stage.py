@@ -22,7 +22,7 @@ from aimfair_ray.data.samples import write_samples
 from aimfair_ray.data.synthetic import IMPORT
 from aimfair_ray.generate.images import Plan, generate_images
 from aimfair_ray.generate.prompts import cells, generate_prompts
-from aimfair_ray.storage import atomic_dir, exists, read_json, write_json
+from aimfair_ray.storage import atomic_dir, exists, made_with, read_json, write_json
 
 SYNTHETIC_SETS = ("balanced", "imbalanced")
 
@@ -42,7 +42,7 @@ def run_prompts(cfg, force: bool = False, log=print) -> pd.DataFrame:
     check_task(cfg)
     out = f"{cfg.paths.synthetic}/prompts"
     key = _prompt_key(cfg)
-    if not force and exists(f"{out}/report.json") and read_json(f"{out}/report.json").get("config") == key:
+    if not force and made_with(f"{out}/report.json", key, "config") is not None:
         log(f"prompts: reusing {out}")
         return pd.read_parquet(f"{out}/prompts.parquet")
     table, report = generate_prompts(cfg.generate, log=log)
@@ -191,8 +191,10 @@ def checker_for(cfg, log=print):
     return ck
 
 
-def set_shards(directory: str) -> list[Path]:
-    files = sorted(Path(directory).glob("shard-*.parquet"))
+def set_shards(directory: str) -> list[str]:
+    from aimfair_ray.storage import listdir
+
+    files = listdir(directory, "shard-*.parquet")
     if not files:
         raise AimfairError(f"no synthetic images in {directory}: run `aimfair generate images` first")
     return files

@@ -144,7 +144,10 @@ def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32",
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     from aimfair_ray import manifest
+    from aimfair_ray.storage import is_uri, local_copy
 
+    if is_uri(str(path)):  # a pipeline on an object store: this node's copy of it
+        path = local_copy(str(path))
     torch_dtype = getattr(torch, dtype)
     manifest.verify(str(path))  # a pipeline this project wrote (EGT): its files as written
     adapter = Path(path) / "adapter.json"

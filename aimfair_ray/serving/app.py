@@ -50,6 +50,7 @@ from aimfair_ray.serving.bodies import (
 )
 from aimfair_ray.serving.cards import audit_page, login_page, model_card
 from aimfair_ray.serving.deployments import Classifier, ImageGenerator, TextGenerator, n_params, predict
+from aimfair_ray.storage import is_uri
 
 OPEN = ("/healthz", "/login")  # answered without the token
 STATIC = {"swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png"}
@@ -376,7 +377,7 @@ def build_app(args: dict) -> serve.Application:
         cards[i], images[i] = model_card(i, p, root)
     replicas = {} if a.classifier_replicas is None else {"num_replicas": a.classifier_replicas}
     local = in_ingress(a)
-    classifiers = {i: Classifier.options(name=f"Classifier-{i}", **replicas).bind(str(Path(p).resolve()), a.max_batch_size,
+    classifiers = {i: Classifier.options(name=f"Classifier-{i}", **replicas).bind(_where(p), a.max_batch_size,
                                                                        a.batch_wait_timeout_s)
                    for i, p in a.models.items() if i not in local}
     image_gen = None if a.image_pipeline is None else ImageGenerator.bind(
@@ -387,4 +388,9 @@ def build_app(args: dict) -> serve.Application:
     if a.token_file:
         limits["token_file"] = str(Path(a.token_file).resolve())
     return Api.bind(classifiers, cards, images, image_gen, text_gen, limits,
-                    {i: str(Path(a.models[i]).resolve()) for i in local})
+                    {i: _where(a.models[i]) for i in local})
+
+
+def _where(model_dir: str) -> str:
+    """A model folder as a replica on any node reads it: a URI as it is, a local path made absolute."""
+    return model_dir if is_uri(model_dir) else str(Path(model_dir).resolve())

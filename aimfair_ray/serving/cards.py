@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from aimfair_ray.storage import exists, is_uri, parent, read_bytes, read_json, read_text
+
 AUDIT_KEYS = ("acc", "wst", "std", "eo", "eod_worst", "dp", "group_acc", "n", "cell_counts", "warnings")
 
 
@@ -58,24 +60,26 @@ def model_card(model_id: str, model_dir: str, root: str = ".") -> tuple[dict, di
     from aimfair_ray.evaluate import group_acc_chart
     from aimfair_ray.models import check_checkpoint_dir
 
-    d = check_checkpoint_dir(model_dir).resolve()
+    d = check_checkpoint_dir(model_dir).resolve()  # on a store: this node's copy of the model folder
+    stage = parent(str(model_dir)) if is_uri(str(model_dir)) else str(d.parent)  # its config and audit, where they are
     meta = json.loads((d / "model.json").read_text())
-    config = yaml.safe_load((d.parent / "config.yaml").read_text()) if (d.parent / "config.yaml").is_file() else None
+    config = yaml.safe_load(read_text(f"{stage}/config.yaml")) if exists(f"{stage}/config.yaml") else None
     prov = dict(provenance(meta))
-    if prov.get("synthetic_set"):
+    if prov.get("synthetic_set") and not is_uri(prov["synthetic_set"]):
         prov["synthetic_set"] = shown_path(Path(prov["synthetic_set"]), root)
-    card = {"id": model_id, "path": shown_path(d, root), "backbone": meta["backbone"], "dataset": meta.get("dataset"),
+    shown = str(model_dir) if is_uri(str(model_dir)) else shown_path(d, root)
+    card = {"id": model_id, "path": shown, "backbone": meta["backbone"], "dataset": meta.get("dataset"),
             "target_names": meta["target_names"], "group_names": meta["group_names"], "image_size": meta["image_size"],
             "val_metrics": meta.get("metrics"), "provenance": prov, "config": card_config(config), "audit": None}
     samples = (meta.get("provenance") or {}).get("synthetic_set")
     chart = None
-    if (d.parent / "audit" / "audit.json").is_file():
-        a = json.loads((d.parent / "audit" / "audit.json").read_text())
+    if exists(f"{stage}/audit/audit.json"):
+        a = read_json(f"{stage}/audit/audit.json")
         card["audit"] = {k: a[k] for k in AUDIT_KEYS if k in a}
         chart = group_acc_chart(dict(a, target_names=meta["target_names"], group_names=meta["group_names"]),
                                 f"{model_id}: per-group accuracy", a.get("min_cell", 30))
-    grid = Path(samples, "samples.png") if samples else None  # read here: the card shows only a relative path
-    return card, {"chart": chart, "samples": grid.read_bytes() if grid and grid.is_file() else None}
+    grid = f"{samples}/samples.png" if samples else None  # read here: the card shows only a relative path
+    return card, {"chart": chart, "samples": read_bytes(grid) if grid and exists(grid) else None}
 
 
 def _render(template: str, **values) -> str:

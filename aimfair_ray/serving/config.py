@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from aimfair_ray import AimfairError
+from aimfair_ray.storage import is_uri
 
 
 def resolve(config: str, models: Optional[list[str]] = None, image_pipeline: Optional[str] = None,
@@ -38,7 +39,7 @@ def resolve(config: str, models: Optional[list[str]] = None, image_pipeline: Opt
                                "adapter.json of LoRA adapters, is missing); pass a pipeline folder, e.g. the model/ of "
                                "an `aimfair minmax image` run")
         args["image_pipeline"] = str(Path(image_pipeline).resolve())
-    args["models"] = {i: str(Path(p).resolve()) for i, p in (args.get("models") or {}).items()}
+    args["models"] = {i: p if is_uri(p) else str(Path(p).resolve()) for i, p in (args.get("models") or {}).items()}
     if token_file:
         args["token_file"] = str(Path(token_file).resolve())
     build_app(args)  # checks the args and every model folder

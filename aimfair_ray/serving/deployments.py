@@ -10,11 +10,11 @@ from ray import serve
 
 def n_params(model_dir: str) -> int:
     """A checkpoint's parameter count, from the safetensors header (nothing loaded)."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
-    with safe_open(str(Path(model_dir, "model.safetensors")), framework="pt") as f:
+    from aimfair_ray.models import check_checkpoint_dir
+
+    with safe_open(str(check_checkpoint_dir(model_dir) / "model.safetensors"), framework="pt") as f:
         return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,7 +17,20 @@ import yaml
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import Config
-from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, exists, read_json, write_json
+from aimfair_ray.storage import (
+    append_line,
+    atomic_write_bytes,
+    atomic_write_text,
+    exists,
+    is_uri,
+    local_copy,
+    made_with,
+    parent,
+    read_json,
+    read_text,
+    remove,
+    write_json,
+)
 from aimfair_ray.sweep.report import best_row, pareto_chart, pareto_front, summary_md, trials_csv
 from aimfair_ray.sweep.spec import HIGHER_IS_BETTER, SWEEP_METRICS, SweepSpec, check_space, concurrency, param_space, trial_config
 
@@ -45,9 +57,8 @@ def _train_and_record(cfg: Config, sp: SweepSpec, stage: str, sweep_stage: str, 
     ends: "trained" when this call ran (or resumed) the run, "reused" when it had already finished
     before an interruption (Tune reruns a trial it had not yet recorded as ended)."""
     res = _train(cfg, sp, stage, sweep_stage, baseline_dir, callbacks)
-    with open(Path(cfg.stage_dir(stage)) / "attempts.log", "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {'reused' if res.get('reused') else 'trained'} "
-                f"{json.dumps(params)}\n")
+    append_line(f"{cfg.stage_dir(stage)}/attempts.log", f"{time.strftime('%Y-%m-%dT%H:%M:%S')} "
+                f"{'reused' if res.get('reused') else 'trained'} {json.dumps(params)}")
     return res
 
 
@@ -101,24 +112,32 @@ def _trial_id(result) -> str:
     return (result.metrics or {}).get("trial_id") or (found.group(1) if found else Path(result.path).name)
 
 
+def _uri(path: Optional[str], storage: str) -> Optional[str]:
+    """A checkpoint's path as a reader elsewhere can open it: Ray gives a path on an object store without its scheme."""
+    if path and is_uri(storage) and not is_uri(path):
+        return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}"
+    return path
+
+
 def collect(grid, spec: SweepSpec, cfg: Config, sweep_stage: str) -> list[dict]:
     rows = []
     for r in grid:
         m = dict(r.metrics or {})
         tid = _trial_id(r)
-        stage_dir = Path(cfg.stage_dir(f"{sweep_stage}/trials/{tid}"))
-        attempts = stage_dir / "attempts.log"
+        stage_dir = cfg.stage_dir(f"{sweep_stage}/trials/{tid}")
+        attempts = f"{stage_dir}/attempts.log"
         # A trial that ran to its end exported its model; one that ASHA stopped did not.
-        done = (stage_dir / "result.json").is_file()
+        done = exists(f"{stage_dir}/result.json")
         status = "ERROR" if r.error else ("DONE" if done else "STOPPED")
         rows.append({
             "trial_id": tid, "status": status,
             "params": {k: (r.config or {}).get(k) for k in spec.space},
             "metrics": {k: m.get(k) for k in SWEEP_METRICS + ("objective", spec.time_attr) if k in m},
-            "checkpoint": m.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None),
-            "model_dir": str(stage_dir / "model") if (stage_dir / "model" / "_manifest.json").is_file()
-            or (stage_dir / "model" / "model.json").is_file() else None,
-            "trainings": attempts.read_text().split().count("trained") if attempts.is_file() else 0,
+            "checkpoint": _uri(m.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None),
+                               cfg.ray_storage),
+            "model_dir": f"{stage_dir}/model" if exists(f"{stage_dir}/model/_manifest.json")
+            or exists(f"{stage_dir}/model/model.json") else None,
+            "trainings": read_text(attempts).split().count("trained") if exists(attempts) else 0,
             "error": str(r.error).strip().splitlines()[-1][:300] if r.error else None,
         })
     return sorted(rows, key=lambda x: x["trial_id"])
@@ -131,15 +150,15 @@ def _egt_quality(cfg: Config, spec: SweepSpec, best: dict, log) -> Optional[dict
 
     from aimfair_ray.egt.run import CHECKPOINT, measure
 
-    stage = Path(best["model_dir"]).parent
-    path = stage / "quality.json"
-    if path.is_file():
-        return read_json(str(path))
-    if not (stage / CHECKPOINT).is_file():
+    stage = parent(best["model_dir"])
+    path = f"{stage}/quality.json"
+    if exists(path):
+        return read_json(path)
+    if not exists(f"{stage}/{CHECKPOINT}"):
         return None
     log(f"sweep: measuring the quality of the best trial {best['trial_id']}")
-    q = measure(trial_config(cfg, best["params"], spec), spec.egt, load_file(str(stage / CHECKPOINT)), None)
-    write_json(str(path), q)
+    q = measure(trial_config(cfg, best["params"], spec), spec.egt, load_file(f"{local_copy(stage)}/{CHECKPOINT}"), None)
+    write_json(path, q)
     return q
 
 
@@ -156,7 +175,8 @@ def _wandb_callback(cfg: Config, name: str, out_dir: str):
 def _absolute(cfg: Config) -> Config:
     """The config with local paths made absolute: Tune runs each trial in its own working directory."""
     raw = cfg.model_dump(mode="json")
-    raw["output_dir"] = str(Path(cfg.output_dir).absolute())
+    if not is_uri(cfg.output_dir):
+        raw["output_dir"] = str(Path(cfg.output_dir).absolute())
     for section, key in (("train", "storage_path"), ("data", "root"), ("generate", "pipeline"), ("generate", "llm")):
         v = raw[section][key]
         if v and "://" not in v and (key in ("storage_path", "root") or Path(v).exists()):
@@ -198,14 +218,14 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
 
         wandb_mode()  # fails now, not inside every trial, when online mode has no key
     baseline_dir = _prerequisites(cfg, spec)
-    resources = ensure_ray(cfg.ray)
+    resources = ensure_ray(cfg.ray, cfg.output_dir)
     t0 = time.time()
     first = trial_config(cfg, {}, spec)  # the base plus the sweep's overrides
     exp_name = f"{cfg.name}-sweep-{name}"
     exp_path = f"{cfg.ray_storage}/{exp_name}"
     if fresh:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(exp_path, ignore_errors=True)
+        remove(out)
+        remove(exp_path)
     if spec.kind == "selective":
         from aimfair_ray.train.finetune import compute_scores
 
@@ -226,17 +246,16 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 
     if exists(exp_path) and not Tuner.can_restore(exp_path):
-        shutil.rmtree(exp_path, ignore_errors=True)  # started but never saved a state: nothing to resume
+        remove(exp_path)  # started but never saved a state: nothing to resume
     if exists(f"{out}/sweep.json") and Tuner.can_restore(exp_path):
-        prev = json.loads(Path(out, "sweep.json").read_text())
-        if prev != json.loads(json.dumps(saved)):
+        if made_with(f"{out}/sweep.json", saved) is None:
             raise AimfairError(f"a different sweep named {name!r} exists at {out}; pass --name NEW, or --fresh to "
                                "discard it")
         tuner = Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                               restart_errored=False)
         before = tuner.get_results()
         done = sum(1 for r in before if r.error is None
-                   and Path(cfg.stage_dir(f"{sweep_stage}/trials/{_trial_id(r)}"), "result.json").is_file())
+                   and exists(cfg.stage_dir(f"{sweep_stage}/trials/{_trial_id(r)}/result.json")))
         log(f"sweep: resuming {exp_path}: {done} finished, {before.num_errors} failed, "
             f"{spec.n_trials - done - before.num_errors} to run (Tuner.restore)")
     else:

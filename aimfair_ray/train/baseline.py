@@ -18,7 +18,7 @@ from aimfair_ray.train.raytrain import RunSpec, fit
 def real_datasets(cfg: Config) -> dict:
     from aimfair_ray.runtime import ensure_ray
 
-    ensure_ray(cfg.ray)  # before any Ray Data call, which would otherwise start a default local cluster
+    ensure_ray(cfg.ray, cfg.output_dir)  # before any Ray Data call, which would otherwise start a default local cluster
     size, cache = cfg.data.image_size, cfg.train.cache_mb
     return {"train": image_dataset([cfg.paths.split("train")], size, cache, shuffle_seed=cfg.train.seed),
             "val": image_dataset([cfg.paths.split("val")], size, cache)}

@@ -30,7 +30,7 @@ from aimfair_ray.data.io import files_sha, first_row, image_dataset, read_table
 from aimfair_ray.data.synthetic import IMPORT, synthetic_source
 from aimfair_ray.distributed import allreduce, report_files, reuse_or_resume, worker_log
 from aimfair_ray.models import build_model, load_classifier, weights_sha
-from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, read_json, write_json
+from aimfair_ray.storage import atomic_dir, atomic_write_bytes, exists, local_copy, made_with, read_json, write_json
 from aimfair_ray.train import methods as registry
 from aimfair_ray.train import selective as sel
 from aimfair_ray.train.augment import augmenter
@@ -140,13 +140,12 @@ def compute_scores(cfg: Config, baseline_dir: str, force: bool = False, log=prin
     if done is not None:
         return done
     shared = cfg.paths.scores()  # the run's own scores (`aimfair finetune`), for a sweep or another stage
-    if not force and shared != stage and exists(f"{shared}/scores.json") and exists(f"{shared}/run.json") \
-            and read_json(f"{shared}/run.json") == json.loads(json.dumps(key)):
+    if not force and shared != stage and exists(f"{shared}/scores.json") and made_with(f"{shared}/run.json", key):
         with atomic_dir(stage) as tmp:
-            shutil.copytree(shared, tmp)
+            shutil.copytree(local_copy(shared), tmp, dirs_exist_ok=True)
         log(f"scores: reusing {shared} (same baseline and sets) -> {stage}")
         return read_json(f"{stage}/scores.json")
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, cfg.output_dir)
     init, meta, names, numels = _weights(baseline_dir)
     # One dataset, one read (its `set` column tells Rb, Sb, Su apart): one split coordinator, not three.
     dirs = [sources[s] for s in sel.SCORE_SETS]
@@ -244,7 +243,7 @@ def finetune(cfg: Config, method: str | None = None, force: bool = False, log=pr
     if not exists(f"{baseline_dir}/model.json"):
         raise AimfairError(f"no baseline at {baseline_dir}: run `aimfair train baseline` first")
     stage = stage or f"finetune/{method}"
-    ensure_ray(cfg.ray)  # before any Ray Data call, which would otherwise start a default local cluster
+    ensure_ray(cfg.ray, cfg.output_dir)  # before any Ray Data call, which would otherwise start a default local cluster
     # scoring and fine-tuning on one worker group (a sweep trial's run reports to Tune: a run of its own)
     shared = (workgroup.shared_workers(cfg.train, cfg.ray_storage, f"{cfg.name}-{stage.replace('/', '-')}")
               if callbacks is None else contextlib.nullcontext())

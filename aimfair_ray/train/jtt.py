@@ -64,7 +64,7 @@ def train_jtt(cfg: Config, force: bool = False, log=print, stage: str = "jtt") -
             "n_train": len(ids), "errors_sha": hashlib.sha1(",".join(sorted(errors)).encode()).hexdigest()[:16]}
 
     def datasets() -> dict:
-        ensure_ray(cfg.ray)
+        ensure_ray(cfg.ray, cfg.output_dir)
         size, cache = cfg.data.image_size, cfg.train.cache_mb
         return {"train": image_dataset([train_dir], size, cache, shuffle_seed=cfg.train.seed, weights=errors,
                                        default_weight=ok),

@@ -185,7 +185,7 @@ def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = Fa
                            before=read_inputs)
     if done is not None:
         return done
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, cfg.output_dir)
     cfg.save(stage)
     spec_d = asdict(spec)
     spec_d["train"] = spec.train.model_dump(mode="json")
