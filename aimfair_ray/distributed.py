@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +24,19 @@ import torch
 from aimfair_ray import AimfairError
 from aimfair_ray.models import META, WEIGHTS, load_optimizer, save_optimizer
 from aimfair_ray.models import load_weights as checked_weights
-from aimfair_ray.storage import exists, filesystem, is_uri, made_with, read_json, write_json
+from aimfair_ray.storage import (
+    atomic_dir,
+    base_name,
+    exists,
+    filesystem,
+    is_complete,
+    is_uri,
+    made_with,
+    read_json,
+    remove,
+    subdirs,
+    write_json,
+)
 
 # A child of Ray Train's logger: shown once on the driver (plain print() is echoed twice by Train V2).
 worker_log = logging.getLogger("ray.train.aimfair")
@@ -77,15 +90,21 @@ def deepspeed_engine(model, optimizer, batch_size: int, stage: int):
 
 
 # ---- checkpoints on the workers -----------------------------------------------------------------
+def job_checkpoints(run_path: str) -> list[str]:
+    """A shared worker group's job's whole checkpoints (``<run_path>/job/checkpoint_*``, on any storage), oldest first."""
+    return [d for d in subdirs(f"{run_path}/job", "checkpoint_*") if is_complete(d)]
+
+
 class _Job:
-    """A shared worker group's job (:mod:`workgroup`): its checkpoints in ``<run_path>/job/``, written by
-    rank 0 (temp folder, then rename), the best ``keep`` by ``metric`` and the latest kept."""
+    """A shared worker group's job (:mod:`workgroup`): its checkpoints in ``<run_path>/job/`` (a local folder or
+    an object store), each written whole by rank 0 (:func:`storage.atomic_dir`), the best ``keep`` by ``metric``
+    and the latest kept."""
 
     def __init__(self, run_path: str, keep: int, metric: Optional[str], mode: str):
-        self.dir, self.keep, self.metric, self.sign = Path(run_path, "job"), keep, metric, 1 if mode == "max" else -1
+        self.run_path, self.keep, self.metric, self.sign = run_path, keep, metric, 1 if mode == "max" else -1
 
-    def latest(self) -> Optional[Path]:
-        dirs = sorted(self.dir.glob("checkpoint_*"))
+    def latest(self) -> Optional[str]:
+        dirs = job_checkpoints(self.run_path)
         return dirs[-1] if dirs else None
 
     def report(self, metrics: dict, write: Callable[[str], None]) -> None:
@@ -94,17 +113,16 @@ class _Job:
         if ray.train.get_context().get_world_rank() != 0:
             return
         last = self.latest()
-        n = int(last.name.rsplit("_", 1)[1]) + 1 if last else 0
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir))
-        write(str(tmp))
-        (tmp / "metrics.json").write_text(json.dumps(metrics))
-        tmp.rename(self.dir / f"checkpoint_{n:06d}")
-        dirs = sorted(self.dir.glob("checkpoint_*"))
-        scored = {d: json.loads((d / "metrics.json").read_text()) for d in dirs}
+        n = int(base_name(last).rsplit("_", 1)[1]) + 1 if last else 0
+        with atomic_dir(f"{self.run_path}/job/checkpoint_{n:06d}") as tmp:
+            os.makedirs(tmp, exist_ok=True)
+            write(tmp)
+            write_json(f"{tmp}/metrics.json", metrics)
+        dirs = job_checkpoints(self.run_path)
+        scored = {d: read_json(f"{d}/metrics.json") for d in dirs}
         kept = sorted(dirs, key=lambda d: -self.sign * scored[d][self.metric])[:self.keep] if self.metric else dirs[-self.keep:]
         for d in set(dirs) - set(kept) - {dirs[-1]}:
-            shutil.rmtree(d, ignore_errors=True)
+            remove(d)
 
 
 _JOB: Optional[_Job] = None
@@ -129,7 +147,7 @@ def restore_checkpoint(load_weights, weights_file: str, optimizer=None) -> Optio
 
     if _JOB is not None:
         latest = _JOB.latest()
-        ckpt = ray.train.Checkpoint.from_directory(str(latest)) if latest else None
+        ckpt = ray.train.Checkpoint(latest) if latest else None  # a local folder or a URI
     else:
         ckpt = ray.train.get_checkpoint()
     if not ckpt:

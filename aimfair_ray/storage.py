@@ -78,6 +78,17 @@ def listdir(directory: str, pattern: str = "*") -> list[str]:
                   if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern))
 
 
+def subdirs(directory: str, pattern: str = "*") -> list[str]:
+    """The folders directly in ``directory`` whose names match ``pattern``, sorted, as full paths."""
+    import fnmatch
+
+    fs, p = filesystem(directory)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    return sorted(join(directory, i.base_name) for i in fs.get_file_info(pafs.FileSelector(p))
+                  if i.type == pafs.FileType.Directory and fnmatch.fnmatch(i.base_name, pattern))
+
+
 def remove(path: str) -> None:
     """Remove a file, or a folder with everything in it; nothing when it is not there."""
     fs, p = filesystem(path)

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import threading
-from pathlib import Path
 from typing import Callable, Optional
 
 from aimfair_ray import AimfairError
 from aimfair_ray.distributed import fit_or_raise, job_reports, make_trainer
-from aimfair_ray.storage import is_uri
+from aimfair_ray.storage import read_json
 
 _ACTIVE: Optional["SharedWorkers"] = None
 
@@ -94,9 +92,9 @@ class JobResult:
     def __init__(self, run_path: str):
         import ray.train
 
-        dirs = sorted(Path(run_path, "job").glob("checkpoint_*"))
-        self.checkpoints = [(ray.train.Checkpoint.from_directory(str(d)), json.loads((d / "metrics.json").read_text()))
-                            for d in dirs]
+        from aimfair_ray.distributed import job_checkpoints
+
+        self.checkpoints = [(ray.train.Checkpoint(d), read_json(f"{d}/metrics.json")) for d in job_checkpoints(run_path)]
         self.checkpoint = self.checkpoints[-1][0] if self.checkpoints else None
 
     def get_best_checkpoint(self, metric: str, mode: str):
@@ -185,7 +183,7 @@ def shared_workers(tc, storage_path: str, name: str):
     """Inside the block, every :func:`run` that can be a job runs on one worker group of ``tc``'s
     resources (started at the first job, closed at the end). Nested blocks use the outer group."""
     global _ACTIVE
-    if _ACTIVE is not None or is_uri(storage_path):
+    if _ACTIVE is not None:
         yield _ACTIVE
         return
     _ACTIVE = group = SharedWorkers(tc, storage_path, name)
