@@ -24,6 +24,15 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # started could not join it).
 os.environ["RAY_AUTH_MODE"] = "token"
 
+# W&B's settings models are built (pydantic parses their source with `ast`) here, before any Ray thread runs:
+# on CPython 3.11.7 an `ast.parse` in this process once failed with "SystemError: AST constructor recursion
+# depth mismatch" (CPython gh-106905: a counter the AST constructor shares, left wrong on an error path) when
+# W&B was first imported late in the session, inside test_train's W&B test.
+try:
+    import wandb  # noqa: F401
+except ImportError:  # the `wandb` extra is not installed: its tests skip
+    pass
+
 
 def bench_script(name: str):
     """A script of benchmarks/ as a module (they are scripts, not a package): tests use their pieces."""
