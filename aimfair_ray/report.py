@@ -153,7 +153,8 @@ def build_report(run_dir: str) -> str:
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     src = run_dir.rstrip("/")
-    run = Path(local_copy(src, skip=("ray", ".parquet", ".safetensors")))  # on a store: its records, fetched once
+    # on a store: its records, fetched once per content (not the last report, which would change the key each time)
+    run = Path(local_copy(src, skip=("ray", "report.html", ".parquet", ".safetensors")))
     data = _data(run, src)
     env = Environment(loader=PackageLoader("aimfair_ray", "templates"), autoescape=select_autoescape())
     return env.get_template("report.html").render(

@@ -53,7 +53,8 @@ def check_store(uri: str) -> None:
     probe = f"{uri.rstrip('/')}/.aimfair-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         atomic_write_bytes(probe, b"ok")
-        assert read_bytes(probe) == b"ok"
+        if read_bytes(probe) != b"ok":
+            raise OSError("what was written did not read back")
         remove(probe)
     except Exception as e:  # noqa: BLE001 - any failure is the same one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -73,8 +74,10 @@ def check_output_dir(output_dir: str) -> None:
 
     if is_uri(output_dir):
         return check_store(output_dir)
+    if output_dir in _STATE["checked"]:  # every stage calls this: the node listing only until the check passed
+        return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < 2 or output_dir in _STATE["checked"]:
+    if len(nodes) < 2:
         return
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

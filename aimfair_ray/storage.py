@@ -66,27 +66,25 @@ def parent(path: str) -> str:
     return str(path).rstrip("/").rsplit("/", 1)[0]
 
 
-def listdir(directory: str, pattern: str = "*") -> list[str]:
-    """The files directly in ``directory`` whose names match ``pattern`` (fnmatch), sorted, as full paths
-    (URIs stay URIs); none when the folder does not exist."""
+def _entries(directory: str, pattern: str, kind: pafs.FileType) -> list[str]:
     import fnmatch
 
     fs, p = filesystem(directory)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return []
     return sorted(join(directory, i.base_name) for i in fs.get_file_info(pafs.FileSelector(p))
-                  if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern))
+                  if i.type == kind and fnmatch.fnmatch(i.base_name, pattern))
+
+
+def listdir(directory: str, pattern: str = "*") -> list[str]:
+    """The files directly in ``directory`` whose names match ``pattern`` (fnmatch), sorted, as full paths
+    (URIs stay URIs); none when the folder does not exist."""
+    return _entries(directory, pattern, pafs.FileType.File)
 
 
 def subdirs(directory: str, pattern: str = "*") -> list[str]:
     """The folders directly in ``directory`` whose names match ``pattern``, sorted, as full paths."""
-    import fnmatch
-
-    fs, p = filesystem(directory)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        return []
-    return sorted(join(directory, i.base_name) for i in fs.get_file_info(pafs.FileSelector(p))
-                  if i.type == pafs.FileType.Directory and fnmatch.fnmatch(i.base_name, pattern))
+    return _entries(directory, pattern, pafs.FileType.Directory)
 
 
 def remove(path: str) -> None:
