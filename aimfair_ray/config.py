@@ -26,7 +26,8 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     dataset: Literal["colored_mnist", "celeba", "utkface", "manifest"] = "colored_mnist"
     root: Optional[str] = Field(None, description="dataset folder (CelebA, UTKFace) or manifest file: a path on "
-                                "the machines that read it (a cluster's /data/celeba); needed by data prepare")
+                                "the machines that read it (a cluster's /data/celeba) or a URI on object storage "
+                                "(s3://bucket/celeba), read by Ray Data's tasks; needed by data prepare")
     target: str = "digit_ge5"
     sensitive: str = "color"
     image_size: int = Field(32, ge=8, le=1024)

@@ -33,10 +33,24 @@ def local_path(path: str) -> str:
     return str(path)[len("file://"):] if str(path).startswith("file://") else str(path)
 
 
+_STORES: dict = {}  # (scheme, bucket, credentials and endpoint in the environment) -> its filesystem
+
+
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if is_uri(path):
+    """The pyarrow filesystem that holds ``path`` and the path in it. A store's filesystem is made once per
+    process and bucket (making one may ask the store for the bucket's region): a reader of many files, like
+    the data stage reading a dataset on S3, makes it once."""
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), str(Path(local_path(path)).absolute())
+    scheme, rest = str(path).split("://", 1)
+    if "?" in rest:  # options in the URI (endpoint_override=...): as given
         return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(local_path(path)).absolute())
+    bucket = rest.split("/", 1)[0]
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_", "GCS_"))))
+    key = (scheme, bucket, env)
+    if key not in _STORES:
+        _STORES[key] = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+    return _STORES[key], rest.rstrip("/")
 
 
 def exists(path: str) -> bool:
@@ -130,6 +144,56 @@ def made_with(path: str, key, field: str | None = None) -> dict | None:
     record = read_json(path)
     have = record if field is None else (record or {}).get(field)
     return record if have == json.loads(json.dumps(key, default=str)) else None
+
+
+def open_file(path: str):
+    """A seekable binary file on any storage (for pandas, PIL): ``with open_file(p) as f``."""
+    fs, p = filesystem(path)
+    return fs.open_input_file(p)
+
+
+def resolve(base_file: str, path: str) -> str:
+    """``path`` as written in the file ``base_file`` (a manifest): absolute paths and URIs as they are,
+    relative ones against the folder that holds ``base_file``, on the same storage."""
+    path = str(path)
+    if is_uri(path) or path.startswith("/"):
+        return path
+    return join(parent(absolute(base_file)), path)
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (symlinks resolved); a URI as it is."""
+    return str(path) if is_uri(path) else str(Path(local_path(path)).resolve())
+
+
+def stat(path: str) -> dict:
+    """A file's size and modification time (what a reuse key of a user's file holds); one line when missing."""
+    fs, p = filesystem(path)
+    info = fs.get_file_info(p)
+    if info.type != pafs.FileType.File:
+        raise AimfairError(f"{path} does not exist (or is not a file): check the path or URI")
+    return {"size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def files_under(directory: str, suffix: str = "") -> list[str]:
+    """Every file below ``directory`` (recursively) whose name ends with ``suffix``, sorted, as full paths:
+    one listing, on any storage."""
+    fs, root = filesystem(directory)
+    return sorted(join(directory, rel) for rel in published_files(fs, root) if rel.endswith(suffix))
+
+
+def missing_files(paths) -> list[str]:
+    """Those of ``paths`` that are not files. Files on a store are checked by listing each folder once
+    (not one request per file: a dataset may hold 200,000 images)."""
+    paths = [str(p) for p in paths]
+    local = [p for p in paths if not is_uri(p)]
+    gone = {p for p in local if not Path(local_path(p)).is_file()}
+    folders: dict[str, set] = {}
+    for p in paths:
+        if is_uri(p) and parent(p) not in folders:
+            folders[parent(p)] = set(listdir(parent(p)))
+    gone |= {p for p in paths if is_uri(p) and p not in folders[parent(p)]}
+    return [p for p in paths if p in gone]
 
 
 def read_text(path: str) -> str:
@@ -267,8 +331,9 @@ def work_dir(uri: str) -> str:
 
 def local_copy(directory: str, skip: tuple[str, ...] = ()) -> str:
     """A local folder holding ``directory``'s files: the folder itself when it is local; for an output on an
-    object store, a copy in this node's cache (:func:`cache_root`), keyed by the sha256 of its listing
-    (its manifest's, when it has one), fetched once per content and whole (into a temporary folder, then
+    object store, a copy in this node's cache (:func:`cache_root`), keyed by the sha256 of its manifest
+    (``_manifest.json``, which lists its files' sha256; of its listing, names, sizes and times, where it has
+    none) and its URI, fetched once per content and whole (into a temporary folder, then
     renamed). A reader on any node calls this; nothing is assumed of another node's disk. ``skip``: top
     folders and file suffixes left out (a report reads a run's records, not its shards or weights)."""
     import hashlib
@@ -280,8 +345,11 @@ def local_copy(directory: str, skip: tuple[str, ...] = ()) -> str:
              if rel.split("/", 1)[0] not in skip and not rel.endswith(tuple(x for x in skip if x.startswith(".")))}
     if not files:
         raise AimfairError(f"nothing at {directory}: run the stage that writes it first (or check the URI)")
-    key = hashlib.sha256(json.dumps(sorted((rel, i.size, i.mtime_ns) for rel, i in files.items()),
-                                    default=str).encode() + directory.encode() + repr(skip).encode()).hexdigest()[:32]
+    if "_manifest.json" in files:  # what the output holds, by its files' sha256 (manifest.py)
+        content = read_bytes(f"{directory.rstrip('/')}/_manifest.json")
+    else:
+        content = json.dumps(sorted((rel, i.size, i.mtime_ns) for rel, i in files.items()), default=str).encode()
+    key = hashlib.sha256(content + directory.rstrip("/").encode() + repr(skip).encode()).hexdigest()[:32]
     final = cache_root() / key
     if final.is_dir():
         return str(final)

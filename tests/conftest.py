@@ -119,6 +119,18 @@ def cli(args, env, cwd=None):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def _cmdlines() -> dict[int, list[str]]:
+    """Every process's whole argument list, by pid, from /proc (a process gone meanwhile is skipped)."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                out[int(pid)] = f.read().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            continue
+    return out
+
+
 def wait_for(what, cond, proc, timeout=240):
     """Until ``cond()``; fails with the process's output if it ends first, or when ``timeout`` s have passed."""
     deadline = time.time() + timeout

@@ -1,4 +1,3 @@
-from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -38,103 +37,9 @@ def test_help_on_every_command():
         assert res.exit_code == 0 and "Usage" in res.output
 
 
-def _cmdlines() -> dict[int, list[str]]:
-    """Every process's whole argument list, by pid, from /proc (a process gone meanwhile is skipped)."""
-    import os
-
-    out = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                out[int(pid)] = f.read().decode(errors="replace").split("\0")[:-1]
-        except OSError:
-            continue
-    return out
-
-
-def test_aimfair_serve_runs_the_config_on_loopback_until_sigterm(ray_cluster, ray_head, s3, tmp_path):
-    """`aimfair serve` with the shipped config's layout, one model on S3 (`--model mine=s3://...`: the replica
-    reads it from the store into its node's cache) and no generators; a SIGTERM stops it. Its token (from
-    --token-file) is in no written file, log, console line or process argument list."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import requests
-    import torch
-    import yaml
-
-    from aimfair_ray.models import build_model, save_classifier
-
-    torch.manual_seed(0)
-    meta = {"backbone": "small_cnn", "width": 8, "num_classes": 2, "image_size": 32, "mean": [0.5] * 3,
-            "std": [0.5] * 3, "target_names": ["a", "b"], "group_names": ["g0", "g1"]}
-    model = f"{s3}/serve-{tmp_path.name}/m/model"
-    save_classifier(build_model("small_cnn", 2, 32, width=8), meta, model)
-    cfg = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "serve", "config.yaml")))
-    cfg["applications"][0]["args"].update(image_pipeline=None, text_model=None)
-    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    token = os.urandom(16).hex()
-    (tmp_path / "token").write_text(token)
-    args = [os.path.join(os.path.dirname(sys.executable), "aimfair"), "serve", "--config", str(tmp_path / "serve.yaml"),
-            "--model", f"mine={model}", "--port", str(port), "--token-file", str(tmp_path / "token"),
-            "--out", str(tmp_path / "out")]
-    proc = subprocess.Popen(args, env=dict(os.environ, RAY_ADDRESS=ray_cluster), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or the app still deploying
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise AssertionError(f"aimfair serve did not come up: {proc.stdout.read()[-4000:]}")
-            time.sleep(1)
-        ok = requests.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {token}"}, timeout=10)
-        assert ok.status_code == 200 and [m["id"] for m in ok.json()["models"]] == ["mine"]
-        import base64
-
-        import numpy as np
-
-        from aimfair_ray.data.codecs import encode_png
-
-        image = base64.b64encode(encode_png(np.full((32, 32, 3), 128, np.uint8))).decode()
-        got = requests.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "mine", "images": [image]},
-                            headers={"Authorization": f"Bearer {token}"}, timeout=60)
-        assert got.status_code == 200 and got.json()["predictions"][0]["label"] in ("a", "b"), got.text
-        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
-        written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
-        app0 = written["applications"][0]
-        assert written["http_options"] == {"host": "127.0.0.1", "port": port} and list(app0["args"]["models"]) == ["mine"]
-        # the config's options for other models and for the disabled generators are dropped
-        assert {d["name"] for d in app0["deployments"]} == {"Api"}
-        assert app0["args"]["token_file"] == str(tmp_path / "token")
-        # whole argument lists from /proc (ps cuts them at the terminal width): the server's own is exactly
-        # the arguments given, to the last one, and no process's holds the token
-        cmdlines = _cmdlines()
-        argv = cmdlines[proc.pid]  # the interpreter, then the entry script (its shebang) and our arguments
-        assert args[0] in argv and argv[argv.index(args[0]):] == args, argv
-        assert not [pid for pid, other in cmdlines.items() if any(token in a for a in other)]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-        from ray import serve
-
-        serve.shutdown()  # `serve run` killed on a timeout leaves its app (route /) on the session cluster
-    assert token not in out and "token_file" in (tmp_path / "out" / "config.yaml").read_text()
-    for f in list((tmp_path / "out").rglob("*")) + list(Path(ray_head["temp_dir"]).rglob("*")):
-        if f.is_file() and not f.is_symlink() and f.stat().st_size < 50 * 2**20:
-            assert token.encode() not in f.read_bytes(), f  # Serve's controller and replica logs included
-    res = CliRunner().invoke(app, ["serve", "--token", token])
+def test_serve_refuses_a_token_on_the_command_line_and_a_missing_model_before_ray(tmp_path):
+    """(`aimfair serve` itself runs on the share-nothing cluster: tests/test_share_nothing.py.)"""
+    res = CliRunner().invoke(app, ["serve", "--token", "abc"])
     assert res.exit_code == 2 and "--token-file" in res.output and "process list" in res.output
     res = CliRunner().invoke(app, ["serve", "--model", f"x={tmp_path / 'nope'}"])
     assert res.exit_code == 2 and "does not exist" in res.output

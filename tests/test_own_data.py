@@ -207,22 +207,27 @@ def _cli(args: list[str]):
 
 
 @pytest.fixture(scope="module")
-def own_data(ray_cluster, tmp_path_factory):
-    """A user's CelebA-format folder and two manifests of their own synthetic images."""
+def own_data(ray_cluster, s3, tmp_path_factory):
+    """A user's CelebA-format folder and two manifests of their own synthetic images, on this disk and on S3."""
+    from aimfair_ray.storage import upload_dir
+
     root = tmp_path_factory.mktemp("own")
     make_sorted_celeba(root / "celeba")
     syn = root / "mysyn"
     balanced = make_manifest(syn, {(y, g): 10 for y in (0, 1) for g in (0, 1)}, "balanced.csv", seed=1)
     imbalanced = make_manifest(syn, {(0, 0): 9, (0, 1): 1, (1, 0): 2, (1, 1): 9}, "imbalanced.csv", seed=2)  # 21: odd
-    return root, balanced, imbalanced
+    store = f"{s3}/{root.name}"
+    upload_dir(str(root), store)
+    return root, balanced, imbalanced, store
 
 
 def test_your_own_celeba_and_synthetic_images_end_to_end_and_reproducible(own_data):
-    """The user's commands in order; then the same run again with the manifests given directly:
+    """The user's commands in order, their data and images on S3 (`data.root=s3://...`: the driver reads the label
+    files, Ray Data's tasks the images); then the same run again with the manifests on this disk given directly:
     identical audit figures."""
-    root, balanced, imbalanced = own_data
+    root, balanced, imbalanced, store = own_data
     common = ["--preset", "celeba", "--config", "cpu"] + [a for s in TINY_FACES + [
-        f"data.root={root / 'celeba'}", "data.n_train=300", "data.n_val=40", f"output_dir={root / 'runs'}"]
+        f"data.root={store}/celeba", "data.n_train=300", "data.n_val=40", f"output_dir={root / 'runs'}"]
         for a in ("--set", s)]
     run1 = common + ["--set", "name=first"]
     out = _cli(["data", "prepare", *run1])
@@ -230,13 +235,16 @@ def test_your_own_celeba_and_synthetic_images_end_to_end_and_reproducible(own_da
     assert meta["majority"] == [0, 1] and meta["splits"]["train"]["cell_counts"] == \
         {"y0_s0": 135, "y0_s1": 15, "y1_s0": 15, "y1_s1": 135}, out
     _cli(["train", "baseline", *run1])
-    _cli(["data", "import-synthetic", balanced, "--as", "balanced", "--generator", "my-sdxl", *run1])
-    _cli(["data", "import-synthetic", imbalanced, "--as", "imbalanced", "--generator", "my-sdxl", *run1])
+    _cli(["data", "import-synthetic", f"{store}/mysyn/balanced.csv", "--as", "balanced", "--generator", "my-sdxl", *run1])
+    _cli(["data", "import-synthetic", f"{store}/mysyn/imbalanced.csv", "--as", "imbalanced", "--generator", "my-sdxl",
+          *run1])
     out = _cli(["finetune", "--method", "selective", *run1])
     assert "(n)" in out and "!)" in out and "audit.min_cell 30" in out  # cell sizes and the small-cell warning
     _cli(["audit", *run1])
 
     first = root / "runs/first"
+    assert json.loads((first / "synthetic/balanced/import.json").read_text())["key"]["manifest"] == \
+        f"{store}/mysyn/balanced.csv"
     syn_rows = read_table(str(first / "synthetic/balanced")).to_pandas()
     assert len(syn_rows) == 40 and set(syn_rows["source"]) == {"synthetic"} and syn_rows["prompt"].notna().all()
     model = json.loads((first / "finetune/selective/model/model.json").read_text())
@@ -249,7 +257,7 @@ def test_your_own_celeba_and_synthetic_images_end_to_end_and_reproducible(own_da
     from aimfair_ray.pipeline import ensure_synthetic
 
     msgs = []
-    sets = TINY_FACES + [f"data.root={root / 'celeba'}", "data.n_train=300", "data.n_val=40",
+    sets = TINY_FACES + [f"data.root={store}/celeba", "data.n_train=300", "data.n_val=40",
                          f"output_dir={root / 'runs'}", "name=first"]
     ensure_synthetic(load_config("celeba", ["cpu"], sets), log=msgs.append)
     assert msgs and "using the synthetic sets that exist" in msgs[0], msgs

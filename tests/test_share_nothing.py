@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, bench_script, cli, wait_for
+from conftest import TINY, _cmdlines, _free_ports, bench_script, cli, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = os.path.dirname(sys.executable)
@@ -55,6 +55,12 @@ def _sets(items):
     return [x for s in items for x in ("--set", s)]
 
 
+def _pipeline_sets(store):
+    """The tiny demo chain's run on the store (the pipeline test makes it; the Serve and sweep tests use it)."""
+    return TINY + [f"output_dir={store}/runs", f"generate.pipeline={store}/models/t2i", "train.num_workers=2",
+                   "train.epochs=1", "finetune.epochs=1", "generate.actors=2"]
+
+
 def test_a_local_output_dir_on_a_cluster_of_nodes_is_refused_in_one_line(cluster):
     """Each node writes a token into output_dir; the driver sees only its own, so the run stops before any work."""
     local = os.path.join(cluster["private"], "runs")
@@ -84,8 +90,7 @@ def test_the_pipeline_job_runs_on_nodes_that_share_only_s3_and_a_rerun_reuses_it
     from aimfair_ray.storage import exists, read_json, read_text
 
     out_dir = f"{store}/runs"
-    sets = TINY + [f"output_dir={out_dir}", f"generate.pipeline={store}/models/t2i", "train.num_workers=2",
-                   "train.epochs=1", "finetune.epochs=1", "generate.actors=2"]
+    sets = _pipeline_sets(store)
     args = ["submit", "pipeline", "--address", cluster["dashboard"], "--working-dir", str(ROOT), "--", *_sets(sets)]
     env = {k: v for k, v in cluster["env"].items() if k != "RAY_ADDRESS"}
     res = _aimfair(args, env, timeout=900)
@@ -125,6 +130,116 @@ def test_the_pipeline_job_runs_on_nodes_that_share_only_s3_and_a_rerun_reuses_it
     assert again.stdout.count("train: reusing") == 2
     listed = _aimfair(["jobs", "list", "--address", cluster["dashboard"]], env, timeout=120)
     assert listed.returncode == 0 and listed.stdout.count("SUCCEEDED") >= 2 and "pipeline" in listed.stdout
+
+
+def test_aimfair_serve_answers_from_a_model_on_the_store_until_sigterm(cluster, store, tmp_path):
+    """`aimfair serve --model base=s3://...` (the pipeline run's baseline) with the shipped config's layout and no
+    generators: the Api replica, on a worker node (the head has no CPUs), copies the model from the store into its
+    node's cache and answers `/v1/classify`; a SIGTERM stops it. Its token (from --token-file) is in no written file
+    the test can see, console line or process argument list. Serve's proxy runs on the head only: the nodes share
+    this machine's loopback, where a port holds one proxy (a real cluster keeps `proxy_location: EveryNode`)."""
+    import base64
+    import time
+
+    import numpy as np
+    import requests
+    import yaml
+
+    from aimfair_ray.data.codecs import encode_png
+    from aimfair_ray.storage import read_json
+
+    model = f"{store}/runs/cmnist/baseline/model"
+    meta = read_json(f"{model}/model.json")
+    cfg = yaml.safe_load(open(ROOT / "serve" / "config.yaml"))
+    cfg["applications"][0]["args"].update(image_pipeline=None, text_model=None)
+    cfg["proxy_location"] = "HeadOnly"
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    port = _free_ports(1)[0]
+    token = os.urandom(16).hex()
+    (tmp_path / "token").write_text(token)
+    args = [os.path.join(BIN, "aimfair"), "serve", "--config", str(tmp_path / "serve.yaml"), "--model", f"base={model}",
+            "--port", str(port), "--token-file", str(tmp_path / "token"), "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(args, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or the app still deploying
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise AssertionError(f"aimfair serve did not come up: {proc.stdout.read()[-4000:]}")
+            time.sleep(1)
+        ok = requests.get(f"http://127.0.0.1:{port}/v1/models", headers=auth, timeout=10)
+        assert ok.status_code == 200 and [m["id"] for m in ok.json()["models"]] == ["base"]
+        size = meta["image_size"]
+        image = base64.b64encode(encode_png(np.full((size, size, 3), 128, np.uint8))).decode()
+        got = requests.post(f"http://127.0.0.1:{port}/v1/classify", json={"model": "base", "images": [image]},
+                            headers=auth, timeout=60)
+        assert got.status_code == 200 and got.json()["predictions"][0]["label"] in meta["target_names"], got.text
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
+        written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+        app0 = written["applications"][0]
+        assert written["http_options"] == {"host": "127.0.0.1", "port": port} and app0["args"]["models"] == {"base": model}
+        assert {d["name"] for d in app0["deployments"]} == {"Api"}  # no options for what the app does not build
+        assert app0["args"]["token_file"] == str(tmp_path / "token")
+        # whole argument lists from /proc (ps cuts them at the terminal width): the server's own is exactly
+        # the arguments given, and no process's holds the token
+        cmdlines = _cmdlines()
+        argv = cmdlines[proc.pid]  # the interpreter, then the entry script (its shebang) and our arguments
+        assert args[0] in argv and argv[argv.index(args[0]):] == args, argv
+        assert not [pid for pid, other in cmdlines.items() if any(token in a for a in other)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:  # killed on a timeout: its app (route /) would stay on the cluster
+            subprocess.run([os.path.join(BIN, "serve"), "shutdown", "-y", "-a", cluster["dashboard"]], env=cluster["env"],
+                           capture_output=True, timeout=120)
+    assert proc.returncode == 0 and token not in out and "token_file" in (tmp_path / "out" / "config.yaml").read_text()
+    for f in list((tmp_path / "out").rglob("*")) + list(Path(cluster["private"], "ray").rglob("*")):
+        if f.is_file() and not f.is_symlink() and f.stat().st_size < 50 * 2**20:
+            assert token.encode() not in f.read_bytes(), f  # the head's Serve controller and proxy logs included
+
+
+SELECTIVE_SPACE = """\
+kind: selective
+space:
+  finetune.lr: {grid: [0.001, 0.01]}
+objective: {val_acc: 1.0, val_eo: -0.5}
+pareto: [val_acc, val_eo]
+max_concurrent_trials: 2
+asha: {enabled: false}
+overrides: [train.num_workers=1]
+"""
+
+
+def test_a_selective_sweep_of_two_trials_runs_on_the_store(cluster, store, tmp_path):
+    """`aimfair sweep selective` on the pipeline run's baseline and synthetic sets on S3: 2 trials at once, Tune's
+    experiment and each trial's fine-tuning on the store, ranked by val_acc - 0.5 val_eo; the best trial's model
+    audited from the store."""
+    from aimfair_ray.storage import read_bytes, read_json
+
+    space = tmp_path / "selective.yaml"
+    space.write_text(SELECTIVE_SPACE)
+    res = _aimfair(["sweep", "selective", "--space", str(space), "--name", "s", *_sets(_pipeline_sets(store))],
+                   cluster["env"])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
+    run = f"{store}/runs/cmnist"
+    out = f"{run}/sweep/s"
+    data = read_json(f"{out}/trials.json")
+    rows = data["trials"]
+    assert [r["status"] for r in rows] == ["DONE", "DONE"] and all(r["trainings"] == 1 for r in rows)
+    assert {r["params"]["finetune.lr"] for r in rows} == {0.001, 0.01}
+    for r in rows:
+        m = r["metrics"]
+        assert m["objective"] == pytest.approx(m["val_acc"] - 0.5 * m["val_eo"])
+        assert r["model_dir"].startswith(f"{out}/trials/") and r["checkpoint"].startswith(f"{run}/ray/")
+    assert data["best"]["metrics"]["objective"] == max(r["metrics"]["objective"] for r in rows)
+    assert {"acc", "wst", "eo"} <= set(data["best_test_audit"]) and any(r["pareto"] for r in rows)
+    assert read_bytes(f"{out}/pareto.png")[:4] == b"\x89PNG"
 
 
 EGT_SPACE = """\
@@ -198,7 +313,8 @@ def test_egt_text_runs_on_the_store(cluster, store):
 def test_a_worker_node_lost_mid_generation_and_mid_training_resumes_from_the_store(cluster, store):
     """A worker node killed while `generate images` runs (an actor on it), then one killed while `train baseline`
     runs (a Train worker on it): both finish on the nodes left, with exactly the planned ids, and the Train run
-    resumes on another node from the checkpoint on S3 (no node could have read it from the lost one's disk)."""
+    resumes on another node from the checkpoint on S3 (no node could have read it from the lost one's disk); each
+    epoch after that checkpoint runs once."""
     from aimfair_ray.generate.images import written_ids
     from aimfair_ray.storage import exists, read_json, read_text
 
@@ -234,6 +350,9 @@ def test_a_worker_node_lost_mid_generation_and_mid_training_resumes_from_the_sto
     log = read_text(f"{out_dir}/cmnist/logs/workers.log")
     assert "resuming from checkpoint after epoch" in out and "resuming from checkpoint after epoch" in log, \
         f"lost {hosting}: {out[-3000:]}"
+    resumed_at = int(log.split("resuming from checkpoint after epoch ")[1].split()[0])
+    after = log.split("resuming from checkpoint after epoch")[1]  # each epoch after the checkpoint runs once
+    assert [after.count(f"epoch {e}/3 ") for e in (1, 2, 3)] == [0] * resumed_at + [1] * (3 - resumed_at), log[-3000:]
     assert [h["epoch"] for h in read_json(f"{out_dir}/cmnist/baseline/result.json")["history"]] == [1, 2, 3]
 
 

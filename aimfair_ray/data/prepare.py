@@ -17,7 +17,7 @@ from aimfair_ray.data.bias import count_cells, counts_dict, draw_biased_subset, 
 from aimfair_ray.data.codecs import decode_png, encode_png
 from aimfair_ray.data.io import check_split, read_table, write_split
 from aimfair_ray.data.readers import check_files, read_dataset
-from aimfair_ray.storage import exists, made_with, read_json, write_json
+from aimfair_ray.storage import exists, is_uri, made_with, read_bytes, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -37,9 +37,11 @@ class EncodeImages:
         self.size, self.skip_bad, self.resize = size, skip_bad, resize
 
     def _load(self, path: str) -> bytes:
+        import io
+
         from PIL import Image
 
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(read_bytes(path)) if is_uri(path) else path) as im:
             im = im.convert("RGB")
             w, h = im.size
             s = min(w, h)

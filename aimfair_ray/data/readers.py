@@ -9,18 +9,22 @@ where the dataset defines one, ``split``. Images are read later, in Ray Data.
   sensitive attribute.
 - A manifest: CSV or Parquet with ``path``, ``target`` and ``group`` columns
   (optional ``split``); relative paths resolve against the manifest's folder.
+
+``data.root`` may be a local path or a URI (``s3://``, ``gs://``): the readers list and read the small
+label files through :mod:`aimfair_ray.storage`, and the image paths stay URIs, read by Ray Data's tasks
+on whichever node runs them (nothing is downloaded whole to the driver).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from aimfair_ray import AimfairError
+from aimfair_ray.storage import base_name, exists, files_under, join, missing_files, open_file, read_text, resolve
 from aimfair_ray.tasks import UTK_NAMES
 
 SPLIT_NAMES = {0: "train", 1: "val", 2: "test"}
@@ -34,8 +38,8 @@ class Labeled:
     skipped: list[str] = field(default_factory=list)
 
 
-def _need(path: Path, what: str) -> Path:
-    if not path.exists():
+def _need(path: str, what: str) -> str:
+    if not exists(path):
         raise AimfairError(f"{what} not found: {path}")
     return path
 
@@ -49,10 +53,9 @@ def _pick(name: str, available: list[str], role: str, dataset: str) -> str:
 
 
 def read_celeba(root: str, target: str, sensitive: str) -> Labeled:
-    root_p = Path(root)
-    img_dir = _need(root_p / "img_align_celeba", "CelebA image folder")
-    attr_file = _need(root_p / "list_attr_celeba.txt", "CelebA attribute file")
-    lines = attr_file.read_text().splitlines()
+    img_dir = _need(join(root, "img_align_celeba"), "CelebA image folder")
+    attr_file = _need(join(root, "list_attr_celeba.txt"), "CelebA attribute file")
+    lines = read_text(attr_file).splitlines()
     names = lines[1].split()
     _pick(target, names, "target", "CelebA")
     _pick(sensitive, names, "sensitive", "CelebA")
@@ -61,17 +64,17 @@ def read_celeba(root: str, target: str, sensitive: str) -> Labeled:
     if bad:
         raise AimfairError(f"{attr_file}: {len(bad)} rows do not have {len(names)} attribute values, e.g. {bad[:3]}")
     attrs = pd.DataFrame([r[1:] for r in rows], index=[r[0] for r in rows], columns=names).astype(int)
-    part_file = root_p / "list_eval_partition.txt"
+    part_file = join(root, "list_eval_partition.txt")
     df = pd.DataFrame(
         {
             "id": attrs.index,
-            "path": [str(img_dir / f) for f in attrs.index],
+            "path": [join(img_dir, f) for f in attrs.index],
             "target": (attrs[target].to_numpy() > 0).astype(int),
             "group": (attrs[sensitive].to_numpy() > 0).astype(int),
         }
     )
-    if part_file.exists():
-        part = dict(ln.split() for ln in part_file.read_text().splitlines() if ln.strip())
+    if exists(part_file):
+        part = dict(ln.split() for ln in read_text(part_file).splitlines() if ln.strip())
         missing = [f for f in attrs.index if f not in part]
         if missing:
             raise AimfairError(f"{part_file}: no partition for {len(missing)} images, e.g. {missing[:3]}")
@@ -89,17 +92,17 @@ def _age_names(edges: list[int]) -> list[str]:
 
 
 def read_utkface(root: str, target: str, sensitive: str, age_bins: list[int]) -> Labeled:
-    root_p = _need(Path(root), "UTKFace folder")
+    root_p = _need(str(root).rstrip("/"), "UTKFace folder")
     _pick(target, list(UTK_ATTRS), "target", "UTKFace")
     _pick(sensitive, list(UTK_ATTRS), "sensitive", "UTKFace")
     recs, skipped = [], []
-    for p in sorted(root_p.rglob("*.jpg")):
-        m = UTK_RE.match(p.name)
+    for p in files_under(root_p, ".jpg"):
+        m = UTK_RE.match(base_name(p))
         if not m:
-            skipped.append(str(p))
+            skipped.append(p)
             continue
         age, gender, race = int(m.group(1)), int(m.group(2)), int(m.group(3))
-        recs.append({"id": p.name, "path": str(p), "gender": gender, "race": race, "race_white": int(race == 0),
+        recs.append({"id": base_name(p), "path": p, "gender": gender, "race": race, "race_white": int(race == 0),
                      "age_bin": int(np.searchsorted(age_bins, age, side="right"))})
     if not recs:
         raise AimfairError(f"no UTKFace images named [age]_[gender]_[race]_[datetime].jpg under {root_p}")
@@ -109,7 +112,7 @@ def read_utkface(root: str, target: str, sensitive: str, age_bins: list[int]) ->
     return Labeled(out, names[target], names[sensitive], skipped)
 
 
-def _codes(col: pd.Series, what: str, path: Path) -> tuple[np.ndarray, list[str]]:
+def _codes(col: pd.Series, what: str, path: str) -> tuple[np.ndarray, list[str]]:
     if col.isna().any():
         raise AimfairError(f"{path}: column {what!r} has {int(col.isna().sum())} empty values")
     if pd.api.types.is_integer_dtype(col):
@@ -121,20 +124,18 @@ def _codes(col: pd.Series, what: str, path: Path) -> tuple[np.ndarray, list[str]
 
 
 def read_manifest(path: str) -> Labeled:
-    p = _need(Path(path), "manifest")
-    if p.suffix == ".csv":
-        df = pd.read_csv(p)
-    elif p.suffix in (".parquet", ".pq"):
-        df = pd.read_parquet(p)
-    else:
+    p = _need(str(path), "manifest")
+    if not p.endswith((".csv", ".parquet", ".pq")):
         raise AimfairError(f"manifest {p}: use a .csv or .parquet file")
+    with open_file(p) as f:
+        df = pd.read_csv(f) if p.endswith(".csv") else pd.read_parquet(f)
     missing = {"path", "target", "group"} - set(df.columns)
     if missing:
         raise AimfairError(f"manifest {p}: missing columns {sorted(missing)}; found {list(df.columns)}; "
                            "needs path, target and group (split optional)")
     target, tnames = _codes(df["target"], "target", p)
     group, gnames = _codes(df["group"], "group", p)
-    paths = [str(q if Path(q).is_absolute() else (p.parent / q)) for q in df["path"].astype(str)]
+    paths = [resolve(p, q) for q in df["path"].astype(str)]
     out = pd.DataFrame({"id": [f"m{i:07d}" for i in range(len(df))], "path": paths, "target": target, "group": group})
     if "split" in df.columns:
         bad = set(df["split"]) - {"train", "val", "test"}
@@ -159,8 +160,8 @@ def read_dataset(dcfg) -> Labeled:
 
 
 def check_files(paths) -> None:
-    """Every image file must exist; the error lists the missing ones by path."""
-    missing = [p for p in paths if not Path(p).is_file()]
+    """Every image file must exist (on any storage); the error lists the missing ones by path."""
+    missing = missing_files(paths)
     if missing:
         shown = "\n  ".join(missing[:20])
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""

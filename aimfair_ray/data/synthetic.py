@@ -12,7 +12,6 @@ Target and group values are the real data's names (or their indices); anything e
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,17 +22,17 @@ from aimfair_ray.data.prepare import EncodeImages, load_meta
 from aimfair_ray.data.readers import check_files
 from aimfair_ray.data.samples import write_samples
 from aimfair_ray.manifest import digest
-from aimfair_ray.storage import atomic_dir, is_dir, made_with, write_json
+from aimfair_ray.storage import absolute, atomic_dir, base_name, exists, is_dir, made_with, open_file, resolve, stat, write_json
 
 IMPORT = "import.json"
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 
 
 def is_manifest(path: str) -> bool:
-    return Path(path).suffix in MANIFEST_SUFFIXES
+    return str(path).endswith(MANIFEST_SUFFIXES)
 
 
-def _codes(values: pd.Series, names: list[str], what: str, manifest: Path) -> np.ndarray:
+def _codes(values: pd.Series, names: list[str], what: str, manifest: str) -> np.ndarray:
     """Labels as the real data's indices: its names, or integers in range."""
     if pd.api.types.is_integer_dtype(values):
         bad = sorted(set(values[(values < 0) | (values >= len(names))].tolist()))
@@ -51,10 +50,11 @@ def _codes(values: pd.Series, names: list[str], what: str, manifest: Path) -> np
 
 def read_synthetic_manifest(manifest: str, target_names: list[str], group_names: list[str]) -> pd.DataFrame:
     """The manifest as ``id, path, target, group, prompt, generator`` with the real data's codes."""
-    p = Path(manifest)
-    if not p.is_file():
+    p = str(manifest)
+    if not exists(p):
         raise AimfairError(f"synthetic manifest {p} does not exist")
-    df = pd.read_csv(p) if p.suffix == ".csv" else pd.read_parquet(p)
+    with open_file(p) as f:
+        df = pd.read_csv(f) if p.endswith(".csv") else pd.read_parquet(f)
     missing = {"path", "target", "group"} - set(df.columns)
     if missing:
         raise AimfairError(f"synthetic manifest {p}: missing columns {sorted(missing)}; found {list(df.columns)}; "
@@ -70,7 +70,7 @@ def read_synthetic_manifest(manifest: str, target_names: list[str], group_names:
     out = pd.DataFrame({
         # ids from the paths, not the row order: reordering the manifest changes nothing a model learns
         "id": ["syn-" + hashlib.sha1(r.encode()).hexdigest()[:16] for r in rel],
-        "path": [str(q if Path(q).is_absolute() else p.parent / q) for q in rel],
+        "path": [resolve(p, q) for q in rel],
         "target": _codes(df["target"], target_names, "target", p),
         "group": _codes(df["group"], group_names, "group", p),
         "prompt": df["prompt"].astype(str) if "prompt" in df.columns else None,
@@ -81,9 +81,7 @@ def read_synthetic_manifest(manifest: str, target_names: list[str], group_names:
 
 
 def _key(manifest: str, cfg) -> dict:
-    st = Path(manifest).stat()
-    return {"manifest": str(Path(manifest).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "data": cfg.data.model_dump(mode="json")}
+    return {"manifest": absolute(manifest), **stat(manifest), "data": cfg.data.model_dump(mode="json")}
 
 
 def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_dir: str, force: bool = False,
@@ -103,8 +101,8 @@ def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_d
         return done
     meta = load_meta(cfg.data_dir)
     df = read_synthetic_manifest(manifest, meta["target_names"], meta["group_names"])
-    name = generator or df["generator"].iloc[0] or f"manifest:{Path(manifest).name}"
-    gen = json.dumps({"pipeline": name, "prompt_backend": None, "imported_from": str(Path(manifest).resolve())})
+    name = generator or df["generator"].iloc[0] or f"manifest:{base_name(manifest)}"
+    gen = json.dumps({"pipeline": name, "prompt_backend": None, "imported_from": absolute(manifest)})
     ensure_ray(cfg.ray, cfg.output_dir)
     enc = EncodeImages(cfg.data.image_size, cfg.data.skip_bad_images, cfg.data.resize)
 
@@ -126,7 +124,7 @@ def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_d
     with atomic_dir(out_dir, direct=True) as tmp:  # on a store, Ray Data's write tasks write there from any node
         ds.map_batches(encode, batch_format="pandas", batch_size=256).write_parquet(tmp, min_rows_per_file=2048)
         write_json(f"{tmp}/{IMPORT}", info)
-        write_samples(tmp, f"{kind} set imported from {Path(manifest).name} ({name})", meta["target_names"],
+        write_samples(tmp, f"{kind} set imported from {base_name(manifest)} ({name})", meta["target_names"],
                       meta["group_names"])
         write_manifest(tmp, f"aimfair data import-synthetic {manifest} --as {kind} --force", digest(key))
     log(f"import: {len(df)} images from {manifest} -> {out_dir} as the {kind} set (generator {name}); cells {counts}")
@@ -137,7 +135,7 @@ def synthetic_source(cfg, path: str, kind: str, log=print) -> str:
     """A ``finetune.synthetic*`` path as a set directory: a directory in the image schema as it is,
     a manifest imported into the run (once)."""
     if is_manifest(path):
-        tag = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:10]
+        tag = hashlib.sha1(absolute(path).encode()).hexdigest()[:10]
         out = f"{cfg.paths.synthetic}/import-{kind}-{tag}"
         import_synthetic(cfg, path, kind, None, out, log=log)
         return out
