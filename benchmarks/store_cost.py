@@ -79,7 +79,7 @@ def share_nothing(env: dict | None = None):
     private = os.path.join(tmp, "node")
     os.makedirs(os.path.join(private, "ray"))
     gcs, dash, agent, agent_grpc, env_agent, metrics, client = free_ports(7)
-    env = dict(env or os.environ, RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="10",
+    env = dict(env or os.environ, RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="6",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PATH=f"{BIN}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     if env.get("RAY_AUTH_MODE") != "token":  # token auth, as Ray 2.60 heads have it once a token exists

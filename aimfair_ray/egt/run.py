@@ -32,7 +32,7 @@ import torch
 from aimfair_ray import manifest
 from aimfair_ray.config import Config
 from aimfair_ray.egt.tasks import check_kind, get
-from aimfair_ray.storage import atomic_dir, exists, read_json, write_json
+from aimfair_ray.storage import atomic_dir, made_with, write_json
 
 CHECKPOINT = "trained.safetensors"  # the trained tensors in a Ray Train checkpoint
 
@@ -251,9 +251,9 @@ def pretrained_quality(cfg: Config, kind: str, log=print) -> dict:
     path = cfg.stage_dir(f"egt/{kind}/pretrained{'-conditional' if Task.conditional_eval(cfg) else ''}/quality.json")
     key = {"kind": kind, "sub": Task.settings(cfg).model_dump(mode="json"), "data_seed": cfg.data.seed,
            "colors": cfg.data.colors, "conditional": Task.conditional_eval(cfg)}
-    key = json.loads(json.dumps(key))
-    if exists(path) and read_json(path).get("key") == key:
-        return read_json(path)
+    done = made_with(path, key, "key")
+    if done is not None:
+        return done
     log(f"egt: measuring the pretrained {kind} model")
     q = dict(measure(cfg, kind, None, None), key=key)
     write_json(path, q)
