@@ -1,17 +1,10 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import AuditConfig, load_config
-from aimfair_ray.data.prepare import prepare_data
 from aimfair_ray.evaluate import audit
 from aimfair_ray.train.baseline import train_baseline
 
@@ -51,39 +44,6 @@ def test_train_without_data_says_what_to_run(ray_cluster, tmp_path):
     cfg = load_config("cmnist", overrides=[f"output_dir={tmp_path}"])
     with pytest.raises(AimfairError, match="aimfair data prepare"):
         train_baseline(cfg, log=lambda *_: None)
-
-
-def _cli(args, env, **kw):
-    return subprocess.Popen([sys.executable, "-m", "aimfair_ray.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
-
-
-def test_interrupted_run_resumes_from_last_checkpoint(ray_cluster, tmp_path):
-    """One Ray Train worker, killed mid-run and resumed through the CLI (two workers: the `trained` fixture)."""
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
-    sets = TINY + [f"output_dir={tmp_path}", "train.epochs=4", "train.num_workers=1", "train.keep_checkpoints=4"]
-    args = ["train", "baseline"] + [x for s in sets for x in ("--set", s)]
-    prepare_data(load_config("cmnist", overrides=sets), log=lambda *_: None)
-    run_dir = tmp_path / "cmnist" / "ray" / "cmnist-baseline"
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # the checkpoints Ray Train has registered
-    proc = _cli(args, env)
-    deadline = time.time() + 240
-    while not (snapshot.is_file() and json.loads(snapshot.read_text())["checkpoint_results"]):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # interrupt the driver hard, mid-run
-    proc.wait()
-    assert not (tmp_path / "cmnist" / "baseline" / "result.json").exists()
-    time.sleep(3)  # let Ray reap the dead driver's actors
-    out, _ = _cli(args, env).communicate(timeout=400)
-    assert "resuming the interrupted run" in out and "resuming from checkpoint after epoch" in out, out[-3000:]
-    resumed_at = int(out.split("resuming from checkpoint after epoch ")[1].split()[0])
-    assert 1 <= resumed_at < 4
-    result = json.loads((tmp_path / "cmnist" / "baseline" / "result.json").read_text())
-    assert [h["epoch"] for h in result["history"]] == list(range(1, 5))
-    assert all(h["world_size"] == 1 for h in result["history"]) and 0 <= result["best"]["val_acc"] <= 1
-    assert f"epoch {resumed_at}/4" not in out.split("resuming from checkpoint")[1]  # finished epochs not rerun
 
 
 def test_wandb_offline_logs_metrics_and_chart(trained, tmp_path, monkeypatch):
