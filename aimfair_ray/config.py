@@ -314,6 +314,9 @@ class AuditConfig(_Strict):
     actors: int = Field(1, ge=1, description="prediction actors in the pool")
     cpus_per_actor: float = Field(0.5, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    n_bootstrap: int = Field(1000, ge=0, description="bootstrap replicates for the 95% intervals of ACC, WST, STD, "
+                             "EO and DP (rows resampled within each (target, group) cell); 0: no intervals")
+    bootstrap_seed: int = Field(0, description="the bootstrap's seed: the same predictions give the same intervals")
 
 
 class Phrasing(_Strict):

@@ -7,7 +7,7 @@ import numpy as np
 
 from aimfair_ray import AimfairError
 from aimfair_ray.data.io import check_split, decode_batch, files_sha, read_split, read_table
-from aimfair_ray.metrics import fairness_report
+from aimfair_ray.metrics import INTERVAL_METRICS, bootstrap_intervals, fairness_report
 from aimfair_ray.models import check_checkpoint_dir, load_classifier, weights_sha
 from aimfair_ray.storage import atomic_write_bytes, exists, made_with, read_json, write_json
 
@@ -75,6 +75,47 @@ def small_cells(report: dict, min_cell: int, what: str = "test images", knob: st
             for k in report["group_acc"] if counts.get(k, min_cell) < min_cell]
 
 
+ONE_CLASS = 0.98  # a model that predicts one class for this share of the images or more: EO and DP measure nothing
+
+
+def one_class(report: dict, target_names: list | None = None) -> list[str]:
+    """A warning when the model predicts (nearly) one class for every image: its EO and DP are then ~0 by
+    construction, a constant, not a fair classifier."""
+    per_class = np.asarray(list(report["confusion"].values())).sum((0, 1))  # predictions per class
+    share = per_class.max() / max(per_class.sum(), 1)
+    if share < ONE_CLASS:
+        return []
+    c = int(per_class.argmax())
+    name = target_names[c] if target_names else f"class {c}"
+    return [f"the model predicts {name} for {share:.1%} of the {int(per_class.sum())} images: its EO and DP are "
+            "trivially near 0 (they measure nothing here) and ACC is that class's share; check the model "
+            "(eval-mode BatchNorm statistics, pretrained weights, the learning rate) before reading this audit"]
+
+
+def with_evidence(report: dict, y, p, s, n_boot: int, seed: int = 0, target_names: list | None = None) -> dict:
+    """``report`` with what a reader needs to judge it: 95% bootstrap intervals of ACC, WST, STD, EO and DP
+    (``n_boot`` replicates resampled within each (target, group) cell, seeded; none for 0) and the one-class
+    warning (``trivial``: True when EO and DP are ~0 by construction)."""
+    n_cls, n_grp = len(report["confusion"]["s0"]), len(report["confusion"])
+    report["intervals"] = bootstrap_intervals(y, p, s, n_cls, n_grp, n_boot, seed) if n_boot else {}
+    report["n_bootstrap"], report["interval_level"] = n_boot, 0.95
+    said = one_class(report, target_names)
+    report["trivial"] = bool(said)
+    report["warnings"] = list(report.get("warnings", [])) + said
+    return report
+
+
+def fmt(report: dict, metric: str, digits: int = 4) -> str:
+    """A metric with its interval, e.g. ``0.8123 [0.790, 0.831]``, and ``(trivial)`` for a one-class model's EO/DP."""
+    out = f"{report[metric]:.{digits}f}"
+    ci = report.get("intervals", {}).get(metric)
+    if ci:
+        out += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    if report.get("trivial") and metric in ("eo", "eod_worst", "dp"):
+        out += " (trivial)"
+    return out
+
+
 WORST, BAR, LOW = "#c0392b", "#2e86c1", 0.012  # LOW: the drawn height of a 0.000 bar, so it stays visible
 
 
@@ -121,7 +162,8 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
     acfg = acfg or AuditConfig()
     title = title or f"audit of {model_dir}"
     check_checkpoint_dir(model_dir)  # a missing or pickled checkpoint: a clear error before anything else
-    key = _audit_key(model_dir, split_dir, title, acfg.min_cell)
+    key = _audit_key(model_dir, split_dir, title, acfg.min_cell) | {"n_bootstrap": acfg.n_bootstrap,
+                                                                     "bootstrap_seed": acfg.bootstrap_seed}
     if made_with(f"{out_dir}/run.json", key) is not None \
             and exists(f"{out_dir}/audit.json") and exists(f"{out_dir}/group_acc.png"):
         return read_json(f"{out_dir}/audit.json")  # the same weights on the same files: nothing to redo
@@ -134,6 +176,7 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
     report.update({"model_dir": model_dir, "split_dir": split_dir,
                    "target_names": meta["target_names"], "group_names": meta["group_names"],
                    "min_cell": acfg.min_cell, "warnings": small_cells(report, acfg.min_cell)})
+    with_evidence(report, p["target"], p["pred"], p["group"], acfg.n_bootstrap, acfg.bootstrap_seed, meta["target_names"])
     write_json(f"{out_dir}/audit.json", report)
     atomic_write_bytes(f"{out_dir}/group_acc.png", group_acc_chart(report, title, acfg.min_cell))
     write_json(f"{out_dir}/run.json", key)
@@ -153,8 +196,9 @@ def _cell(r: dict, c: str) -> str:
 
 
 def table(reports: dict[str, dict]):
-    """A rich table: one row per model, headline metrics and each cell's accuracy with its n (a cell
-    under ``audit.min_cell`` images in red with a "!"); the warnings as its caption."""
+    """A rich table: one row per model, headline metrics with their 95% intervals (``[lo, hi]``; EO and DP
+    marked trivial for a one-class model) and each cell's accuracy with its n (a cell under ``audit.min_cell``
+    images in red with a "!"); the warnings as its caption."""
     from rich.table import Table
 
     first = next(iter(reports.values()))
@@ -164,7 +208,7 @@ def table(reports: dict[str, dict]):
         t.add_column(col, justify="right" if col != "model" else "left")
     warnings = []
     for name, r in reports.items():
-        t.add_row(name, *[f"{r[k]:.4f}" for k in ("acc", "wst", "std", "eo", "eod_worst", "dp")], str(r["n"]),
+        t.add_row(name, *[fmt(r, k) for k in ("acc", "wst", "std", "eo", "eod_worst", "dp")], str(r["n"]),
                   *[_cell(r, c) for c in cells])
         warnings += [f"{name}: {w}" for w in r.get("warnings", [])]
     if warnings:
@@ -172,4 +216,4 @@ def table(reports: dict[str, dict]):
     return t
 
 
-__all__ = ["audit", "predict_split", "table", "group_acc_chart"]
+__all__ = ["audit", "predict_split", "table", "group_acc_chart", "with_evidence", "fmt", "INTERVAL_METRICS"]

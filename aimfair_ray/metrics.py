@@ -90,3 +90,66 @@ def fairness_report(y_true, y_pred, groups, n_classes: int | None = None, n_grou
 
 
 HEADLINE = ("acc", "wst", "std", "eo")  # the audit's headline metrics (tables, the audit page)
+
+
+# Confidence intervals: the headline metrics from a (true class, group, predicted class) count table, and a
+# bootstrap that resamples the rows within each (true class, group) cell.
+INTERVAL_METRICS = ("acc", "wst", "std", "eo", "dp")
+
+
+def count_table(y_true, y_pred, groups, n_classes: int, n_groups: int) -> np.ndarray:
+    """``k[y, s, p]``: how many rows of true class y and group s were predicted p."""
+    k = np.zeros((n_classes, n_groups, n_classes), dtype=np.int64)
+    np.add.at(k, (_arr(y_true).astype(int), _arr(groups).astype(int), _arr(y_pred).astype(int)), 1)
+    return k
+
+
+def _gap(rates: np.ndarray) -> np.ndarray:
+    """max - min over the last axis, NaNs (no rows) left out; 0 where fewer than two rates exist."""
+    ok = ~np.isnan(rates)
+    hi = np.where(ok, rates, -np.inf).max(-1)
+    lo = np.where(ok, rates, np.inf).min(-1)
+    return np.where(ok.sum(-1) >= 2, hi - lo, 0.0)
+
+
+def metrics_from_counts(k: np.ndarray) -> dict[str, np.ndarray]:
+    """ACC, WST, STD, EO and DP of count tables ``k`` (shape ``(..., C, G, C)``), as :func:`fairness_report`
+    defines them (a binary target's one-vs-rest mean equals its positive-class figures)."""
+    n_cls = k.shape[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cell_n = k.sum(-1)                                          # (..., C, G)
+        correct = np.stack([k[..., c, :, c] for c in range(n_cls)], -2)  # (..., C, G)
+        present = cell_n.reshape(-1, *cell_n.shape[-2:]).max(0) > 0  # cells with rows
+        cell_acc = (correct / cell_n)[..., present]                  # (..., P)
+        group_n = cell_n.sum(-2)                                     # (..., G)
+        live = group_n.reshape(-1, group_n.shape[-1]).max(0) > 0     # groups with rows (fairness_report: np.unique(s))
+        tpr, fpr, sel = [], [], []
+        for c in range(n_cls):
+            pos_n, tp = cell_n[..., c, :], k[..., c, :, c]
+            neg_n = group_n - pos_n
+            fp = k[..., :, :, c].sum(-2) - tp
+            tpr.append(_gap(np.where(pos_n > 0, tp / pos_n, np.nan)[..., live]))
+            fpr.append(_gap(np.where(neg_n > 0, fp / neg_n, np.nan)[..., live]))
+            sel.append(_gap((k[..., :, :, c].sum(-2) / group_n)[..., live]))
+        dtpr, dfpr, dsel = (np.mean(v, axis=0) for v in (tpr, fpr, sel))
+    return {"acc": correct.sum((-2, -1)) / cell_n.sum((-2, -1)), "wst": cell_acc.min(-1), "std": cell_acc.std(-1),
+            "eo": (dtpr + dfpr) / 2, "dp": dsel}
+
+
+def bootstrap_intervals(y_true, y_pred, groups, n_classes: int, n_groups: int, n_boot: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of ACC, WST, STD, EO and DP: each replicate redraws every (true class,
+    group) cell's rows with replacement, keeping its size (the test set's design), so a replicate's predictions
+    in a cell are a multinomial draw from that cell's observed predictions. Seeded: the same inputs and seed
+    give the same intervals."""
+    k = count_table(y_true, y_pred, groups, n_classes, n_groups)
+    rng = np.random.default_rng(seed)
+    boot = np.zeros((n_boot, *k.shape), dtype=np.int64)
+    for c in range(n_classes):
+        for g in range(n_groups):
+            n = int(k[c, g].sum())
+            if n:
+                boot[:, c, g] = rng.multinomial(n, k[c, g] / n, size=n_boot)
+    reps = metrics_from_counts(boot)
+    q = (1 - level) / 2
+    return {m: [float(np.quantile(reps[m], q)), float(np.quantile(reps[m], 1 - q))] for m in INTERVAL_METRICS}

@@ -102,7 +102,24 @@ def _tv_pretrained(tvm, name: str, num_classes: int) -> nn.Module:
     return model
 
 
+BN_MOMENTUM = 0.1  # PyTorch's default: the running statistics follow the training data within tens of batches
+
+
+def torch_bn_momentum(model: nn.Module) -> nn.Module:
+    """Every BatchNorm's momentum at PyTorch's default. A port's TensorFlow convention (EfficientNet-Lite's 0.01)
+    leaves the running statistics near their initial values after a short fine-tuning, and the model in eval mode
+    then predicts one class for every image. (Momentum is no weight: checkpoints load the same.)"""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None:
+            m.momentum = BN_MOMENTUM
+    return model
+
+
 def build_model(backbone: str, num_classes: int, image_size: int = 32, pretrained: bool = False, width: int = 32) -> nn.Module:
+    return torch_bn_momentum(_build(backbone, num_classes, image_size, pretrained, width))
+
+
+def _build(backbone: str, num_classes: int, image_size: int, pretrained: bool, width: int) -> nn.Module:
     if backbone == "small_cnn":
         return SmallCNN(num_classes, width)
     if backbone == "resnet18":

@@ -30,7 +30,9 @@ def test_report_opens_in_headless_chromium_with_every_section(synth, tmp_path):
         assert f'id="{section}"' in dom, (section, out.stderr[-2000:])
     assert "<td>train</td><td>400</td>" in dom  # the data's cell counts
     assert "<h3>balanced</h3>" in dom and "<h3>imbalanced</h3>" in dom and "backend <b>template</b>" in dom
-    assert f"{rep['acc']:.4f}" in dom and f"{rep['wst']:.4f}" in dom  # the baseline's audit
+    assert f"{rep['acc']:.4f}" in dom and f"{rep['wst']:.4f}" in dom  # the baseline's audit, with its interval
+    lo, hi = rep["intervals"]["wst"]
+    assert f'<small class="ci">[{lo:.3f}, {hi:.3f}]</small>' in dom
     # real grid, one grid per synthetic set, the per-cell comparison chart: all inlined
     assert dom.count('src="data:image/png;base64,') >= 4 and "<img" in dom
     assert "ray</td><td>2.60.0" in dom and "Resolved config" in dom

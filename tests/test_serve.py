@@ -35,7 +35,12 @@ def _model(root, name, seed, with_audit=True):
     rep = None
     if with_audit:
         rng = np.random.default_rng(seed)
-        rep = fairness_report(rng.integers(0, 2, 40), rng.integers(0, 2, 40), rng.integers(0, 2, 40), 2, 2)
+        y, p, g = (rng.integers(0, 2, 40) for _ in range(3))
+        rep = fairness_report(y, p, g, 2, 2)
+        if seed == 0:  # the other: an audit written before audits had intervals
+            from aimfair_ray.evaluate import with_evidence
+
+            with_evidence(rep, y, p, g, 200)
         (root / name / "audit").mkdir()
         (root / name / "audit" / "audit.json").write_text(json.dumps(rep))
     return model, rep
@@ -153,7 +158,7 @@ def test_models_card_and_batched_classify_json_and_multipart(served):
 
 
 def test_live_audit_matches_the_metrics_on_the_models_own_predictions(served):
-    from aimfair_ray.metrics import fairness_report
+    from aimfair_ray.metrics import bootstrap_intervals, fairness_report
 
     targets, groups = [0, 1, 1], [1, 0, 1]
     r = requests.post(f"{served['url']}/v1/audit", json={"images": [_png(i) for i in IMGS], "targets": targets,
@@ -164,6 +169,10 @@ def test_live_audit_matches_the_metrics_on_the_models_own_predictions(served):
     for k in ("acc", "wst", "std", "eo"):
         assert got[k] == pytest.approx(want[k])
     assert got["group_acc"] == pytest.approx(want["group_acc"])
+    pred = _expected(served["model"], IMGS).argmax(1)  # the intervals of the offline audit (1000 resamples, seed 0)
+    want_ci = bootstrap_intervals(targets, pred, groups, 2, 2, 1000, 0)
+    assert set(got["intervals"]) == set(want_ci) and all(got["intervals"][m] == pytest.approx(v) for m, v in want_ci.items())
+    assert got["n_bootstrap"] == 1000
 
 
 def test_generators_give_deterministic_pngs_and_text(served):
@@ -275,6 +284,10 @@ def test_audit_page_in_headless_chromium_shows_every_models_wst(served, tmp_path
     assert "Served models and their fairness audit" in dom, out.stderr[-2000:]
     for mid, rep in served["audits"].items():
         assert f"id=\"model-{mid}\"" in dom and f"WST {rep['wst']:.4f}" in dom
+        if "intervals" in rep:  # the audit's 95% interval beside the figure; an older audit says it has none
+            lo, hi = rep["intervals"]["wst"]
+            assert f'<td class="ci-wst">[{lo:.3f}, {hi:.3f}]</td>' in dom
+    assert dom.count("no intervals in this audit") == 1
     assert dom.count("data:image/png;base64,") == 2  # each model's per-group accuracy chart
     # with the token on, a browser signs in at /login (form -> session cookie) and lands on the audit page
     path, dom = signed_in_dom(f"{served['url']}/login", TOKEN, tmp_path / "profile2")

@@ -28,6 +28,9 @@ def test_two_workers_train_and_audit(trained, tmp_path):
     assert {k: local[k] for k in ("acc", "wst", "eo", "group_acc", "confusion")} == \
         {k: rep[k] for k in ("acc", "wst", "eo", "group_acc", "confusion")}
     assert AUDIT_KEYS <= set(saved) and saved["n"] == 200 == rep["n"]
+    lo, hi = saved["intervals"]["acc"]  # 95% bootstrap intervals, seeded: the pool's audit and the local one agree
+    assert saved["n_bootstrap"] == 1000 and lo <= saved["acc"] <= hi and local["intervals"] == rep["intervals"]
+    assert set(saved["intervals"]) == {"acc", "wst", "std", "eo", "dp"}
     assert set(saved["group_acc"]) == {"y0_s0", "y0_s1", "y1_s0", "y1_s1"}
     assert (tmp_path / "audit" / "group_acc.png").read_bytes()[:4] == b"\x89PNG"
     # the same weights on the same split: the audit is reused, not predicted again

@@ -79,7 +79,9 @@ def quiet_console(cfg: Config) -> None:
 
 
 def headline(name: str, r: dict) -> None:
-    console.print(f"[bold]{name}[/]: ACC {r['acc']:.4f}  WST {r['wst']:.4f}  STD {r['std']:.4f}  EO {r['eo']:.4f}",
+    from aimfair_ray.evaluate import fmt
+
+    console.print(f"[bold]{name}[/]: " + "  ".join(f"{m.upper()} {fmt(r, m)}" for m in ("acc", "wst", "std", "eo")),
                   highlight=False)
 
 

@@ -311,6 +311,7 @@ class Api:
 
     @api.post("/v1/audit")
     async def audit(self, req: AuditRequest):
+        from aimfair_ray.evaluate import with_evidence
         from aimfair_ray.metrics import fairness_report
 
         mid = self._model(req.model)
@@ -324,8 +325,10 @@ class Api:
                                 f"0..{n_grp - 1} ({card['group_names']})")
         images = await self._decode([_b64(t) for t in req.images], mid)
         preds = await self._predict(mid, images, "audit")
-        rep = fairness_report(req.targets, [p["target"] for p in preds], req.groups, n_cls, n_grp)
+        pred = [p["target"] for p in preds]
+        rep = fairness_report(req.targets, pred, req.groups, n_cls, n_grp)
         rep["warnings"] = small_samples(rep, n_grp, card["group_names"], self.limits["min_cell"])
+        with_evidence(rep, req.targets, pred, req.groups, 1000, 0, card["target_names"])  # 95% intervals, ~ms
         return {"model": mid, "audit": rep, "target_names": card["target_names"], "group_names": card["group_names"]}
 
     @api.post("/v1/generate/image")

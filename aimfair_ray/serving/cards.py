@@ -11,7 +11,8 @@ from typing import Optional
 
 from aimfair_ray.storage import exists, is_uri, parent, read_bytes, read_json, read_text
 
-AUDIT_KEYS = ("acc", "wst", "std", "eo", "eod_worst", "dp", "group_acc", "n", "cell_counts", "warnings")
+AUDIT_KEYS = ("acc", "wst", "std", "eo", "eod_worst", "dp", "group_acc", "n", "cell_counts", "warnings", "intervals",
+              "interval_level", "n_bootstrap", "trivial")
 
 
 def provenance(meta: dict) -> dict:
