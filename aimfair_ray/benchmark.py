@@ -185,24 +185,47 @@ def paired(per_seed: dict[int, dict[str, dict]], ref: str = "selective", against
     return out
 
 
+def verdict(d: dict, higher: bool) -> str:
+    """What a paired difference (``ref - other`` over seeds, with its 95% interval) says: "better" or "worse" when
+    the interval excludes 0, else that the data do not decide at this many seeds."""
+    lo, hi = d["ci95"]
+    if d["n"] > 1 and (lo > 0 if higher else hi < 0):
+        return "better"
+    if d["n"] > 1 and (hi < 0 if higher else lo > 0):
+        return "worse"
+    return f"not decided at {d['n']} seed{'s' if d['n'] != 1 else ''}"
+
+
 def targets(table: dict, pair: dict) -> list[dict]:
-    """The issue's three targets for selective, measured."""
+    """The paper's claims for selective, checked two-sided, each with what the paired per-seed differences
+    decide ("decided": better / worse / not decided at n seeds; for the ACC claim, inside / outside ±2 points)."""
     out = []
     if "selective" in table and "baseline" in table:
         s, b = table["selective"], table["baseline"]
         gain = 100 * (s["wst"]["mean"] - b["wst"]["mean"])
-        out.append({"target": "WST at least 10 points above the baseline", "measured": f"{gain:+.1f} points",
-                    "met": gain >= 10})
+        d = pair.get("baseline", {}).get("wst")
+        above = d is not None and d["n"] > 1 and d["ci95"][0] > 0
+        out.append({"target": "WST at least 10 points above the baseline, the paired interval above 0",
+                    "measured": f"{gain:+.1f} points" + (f" [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+                                                         if d else ""),
+                    "met": gain >= 10 and above, "decided": verdict(d, True) if d else "no paired seeds"})
+        d = pair.get("baseline", {}).get("eo")
         out.append({"target": "EO at most half the baseline's", "measured":
-                    f"{100 * s['eo']['mean']:.1f} vs {100 * b['eo']['mean']:.1f}", "met": s["eo"]["mean"] <= b["eo"]["mean"] / 2})
+                    f"{100 * s['eo']['mean']:.1f} vs {100 * b['eo']['mean']:.1f}", "met": s["eo"]["mean"] <= b["eo"]["mean"] / 2,
+                    "decided": verdict(d, False) if d else "no paired seeds"})
     if "selective" in table and "full" in table:
         gap = 100 * (table["selective"]["acc"]["mean"] - table["full"]["acc"]["mean"])
-        out.append({"target": "ACC within 2 points of full fine-tuning", "measured": f"{gap:+.1f} points",
-                    "met": abs(gap) <= 2 or gap > 0})
+        d = pair.get("full", {}).get("acc")
+        lo, hi = (100 * d["ci95"][0], 100 * d["ci95"][1]) if d else (float("nan"),) * 2
+        decided = ("no paired seeds" if not d else "inside ±2 points" if -2 <= lo and hi <= 2
+                   else "outside ±2 points" if hi < -2 or lo > 2 else f"not decided at {d['n']} seeds")
+        out.append({"target": "ACC within ±2 points of full fine-tuning", "measured": f"{gap:+.1f} points"
+                    + (f" [{lo:+.1f}, {hi:+.1f}]" if d else ""), "met": abs(gap) <= 2, "decided": decided})
     if "random" in pair:
         w, n = pair["random"]["wst"]["wins"], pair["random"]["wst"]["n"]
-        out.append({"target": "WST above random in at least 4 of 5 seeds", "measured": f"{w} of {n}",
-                    "met": w >= math.ceil(0.8 * n)})
+        need = math.ceil(0.8 * n)
+        out.append({"target": f"WST above random in at least {need} of {n} seeds (8 of 10)", "measured": f"{w} of {n}",
+                    "met": w >= need, "decided": verdict(pair["random"]["wst"], True)})
     return out
 
 
@@ -248,12 +271,13 @@ def to_markdown(table: dict, seeds: list[int], title: str, select_metric: str = 
                   "selective is better):", ""]
         lines += markdown_table(["selective vs", *(k.upper() for k in HEADLINE)], [
             [o, *(f"{100 * d[k]['mean']:+.1f} [{100 * d[k]['ci95'][0]:+.1f}, {100 * d[k]['ci95'][1]:+.1f}] "
-                  f"{d[k]['wins']}/{d[k]['n']}" for k in HEADLINE)] for o, d in pair.items()])
+                  f"{d[k]['wins']}/{d[k]['n']}, {verdict(d[k], HIGHER[k])}" for k in HEADLINE)] for o, d in pair.items()])
     goals = targets(table, pair or {})
     if goals:
-        lines += ["", "Targets (selective):", ""]
-        lines += markdown_table(["target", "measured", "met"],
-                                [[g["target"], g["measured"], "yes" if g["met"] else "**no**"] for g in goals])
+        lines += ["", "Targets (selective): the paper's claims, checked two-sided; \"decided\" is what the paired "
+                  "per-seed differences settle at this many seeds:", ""]
+        lines += markdown_table(["target", "measured", "met", "decided"],
+                                [[g["target"], g["measured"], "yes" if g["met"] else "**no**", g["decided"]] for g in goals])
     rows_help = {m: h for m, h in EXTRA_ROWS.items() if m in table}
     if rows_help:
         lines += ["", *[f"- `{m}`: {h}" for m, h in rows_help.items()]]
@@ -292,6 +316,42 @@ def chart(table: dict, title: str) -> bytes:
     return figure_png(fig)
 
 
+def render(result: dict) -> str:
+    """The markdown tables of a benchmark's ``results.json``: the same file always gives the same page (a page
+    re-rendered after the tables' code changed says so, with the command that did it)."""
+    c = result["config"]
+    title = f"AIM-Fair on {c['data']['dataset']} ({c['model']['backbone']})"
+    n_run = result.get("n_seeds_run", len(result["seeds"]))
+    header = [f"Command: `{result['command']}`" if result.get("command") else "",
+              f"Machine: {result['machine']}. Wall time of this command: {result['wall_s'] / 60:.1f} min for {n_run} "
+              "seed(s) (finished runs are reused: a rerun, or a --finished-only table, takes only the audits)."
+              + (" Tabulated with --finished-only: each row over the seeds whose run finished."
+                 if result.get("finished_only") else ""), ""]
+    if result.get("rendered"):
+        r = result["rendered"]
+        header[-1:] = [f"Tables re-rendered from the JSON on {r['date']} by `{r['command']}` (the runs' figures are "
+                       "unchanged; the claims and verdicts follow the current code).", ""]
+    return to_markdown(result["table"], result["seeds"], title, result["select_metric"], result["paired"], header)
+
+
+def rerender(path: str, command: str) -> str:
+    """Recompute a published benchmark's paired differences and claims from its per-seed figures, and write its
+    ``.json`` and ``.md`` again (``path`` without the suffix): for when the tables' code changed, not the runs."""
+    import datetime
+
+    from aimfair_ray.storage import read_json
+
+    result = read_json(f"{path}.json")
+    per_seed = {int(s): r for s, r in result["per_seed"].items()}
+    result["paired"] = paired(per_seed)
+    result["targets"] = targets(result["table"], result["paired"])
+    result["rendered"] = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          "machine": machine()}
+    write_json(f"{path}.json", result)
+    atomic_write_text(f"{path}.md", render(result))
+    return f"{path}.md"
+
+
 def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print, publish: str | None = None,
                       command: str | None = None, finished_only: bool = False) -> dict:
     """Every seed's rows, then the tables. ``publish``: also write ``<publish>.{md,json,png}`` with
@@ -322,12 +382,8 @@ def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print, pu
               "wall_s": wall, "machine": machine(), "command": command, "config": cfg.outcome(),
               "per_seed": {str(s): {m: {k: r[k] for k in HEADLINE + ("eod_worst", "dp", "group_acc", "cell_counts")}
                                     for m, r in res.items()} for s, res in per_seed.items()}}
-    header = [f"Command: `{command}`" if command else "", f"Machine: {machine()}. Wall time of this command: "
-              f"{wall / 60:.1f} min for {len(seeds)} seed(s) (finished runs are reused: a rerun, or a "
-              f"--finished-only table, takes only the audits)." + (
-                  " Tabulated with --finished-only: each row over the seeds whose run finished." if finished_only else ""),
-              ""]
-    md = to_markdown(table, sorted(per_seed), title, cfg.train.select_metric, pair, header)
+    result["n_seeds_run"] = len(seeds)
+    md = render(result)
     png = chart(table, title)
     write_json(f"{out}/results.json", result)
     atomic_write_text(f"{out}/results.md", md)

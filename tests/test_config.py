@@ -54,3 +54,14 @@ def test_cli_bad_set_exits_nonzero():
     assert "train.optimizer" in res.output and "'adamw'" in res.output
     ok = CliRunner().invoke(app, ["config", "show", "--set", "train.epochs=4"])
     assert ok.exit_code == 0 and "epochs: 4" in ok.output
+
+
+@pytest.mark.parametrize("preset", ["cmnist", "celeba", "utkface"])
+def test_every_preset_loads_imagenet_weights_wherever_its_backbone_has_them(preset):
+    """No preset turns the weights off: with efficientnet_lite0 they load unless the user sets model.pretrained=false
+    (a CelebA run with them off trained a baseline that predicted one class)."""
+    root = [] if preset == "cmnist" else ["data.root=/nonexistent"]
+    assert load_config(preset, overrides=root + ["model.backbone=efficientnet_lite0"]).model.use_pretrained
+    assert not load_config(preset, overrides=root + ["model.backbone=efficientnet_lite0",
+                                                    "model.pretrained=false"]).model.use_pretrained
+    assert not load_config(preset, overrides=root + ["model.backbone=resnet18"]).model.use_pretrained  # none to load

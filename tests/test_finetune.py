@@ -120,6 +120,8 @@ def test_finetune_trains_only_the_chosen_tensors(synth, one_group):
     msgs = []
     res = finetune(cfg, "selective", log=msgs.append)
     assert any("on 16 synthetic + 8 real images" in m for m in msgs), msgs
+    small = res["selection"]["trainable_fraction"] < 0.01  # the warning names finetune.k exactly when it should
+    assert any("raise finetune.k" in m for m in msgs) == small, (res["selection"]["trainable_fraction"], msgs)
     base = load_file(f"{result['model_dir']}/model.safetensors")
     tuned = load_file(f"{res['model_dir']}/model.safetensors")
     chosen = set(res["selection"]["trainable"])

@@ -174,3 +174,13 @@ def test_group_weights_ema_smooths_the_ascent():
     assert torch.equal(again.avg, gw.avg) and torch.equal(again.seen, gw.seen)
     with pytest.raises(ValueError, match="EMA decay"):
         GroupWeights(2, eta=1.0, ema=1.0)
+
+
+def test_a_k_based_selection_of_under_one_percent_of_the_weights_warns_naming_finetune_k():
+    from aimfair_ray.train.finetune import small_selection
+
+    info = {"method": "selective", "n_trainable_tensors": 2, "n_tensors": 149, "trainable_fraction": 0.0001, "k": 0.5}
+    said = small_selection(info, 0.5)
+    assert said.startswith("selective chose 2 of 149 tensors, 0.01% of the weights") and "raise finetune.k (now 0.5)" in said
+    assert small_selection(dict(info, trainable_fraction=0.2), 0.5) is None  # enough weights
+    assert small_selection(dict(info, method="linear", k=None), None) is None  # no k to raise: the head by design

@@ -130,6 +130,24 @@ def benchmark_aimfair_cmd(seeds: int = typer.Option(5, "--seeds", min=1, help="n
     run_with_config(body, preset, config, set_)
 
 
+@bench_app.command("render")
+def benchmark_render_cmd(prefix: str = typer.Argument(..., help="a published AIM-Fair benchmark without its suffix, "
+                                                      "e.g. benchmarks/results/aimfair-cmnist")):
+    """Recompute a published AIM-Fair benchmark's paired differences, claims and verdicts from the per-seed figures
+    in PREFIX.json, and write PREFIX.json and PREFIX.md again (saying so, with this command): for when the tables'
+    code changed, not the runs. Trains nothing."""
+    from aimfair_ray.benchmark import rerender
+    from aimfair_ray.storage import exists
+
+    def go():
+        if not exists(f"{prefix}.json"):
+            raise AimfairError(f"no {prefix}.json: give a published benchmark's path without .json, e.g. "
+                               "benchmarks/results/aimfair-cmnist")
+        log(f"benchmark: wrote {rerender(prefix, 'aimfair ' + ' '.join(sys.argv[1:]))}")
+
+    run(go)
+
+
 @top.command("sweep")
 def sweep_cmd(kind: str = typer.Argument(..., help="selective (AIM-Fair k, lr) | minmax (Group DRO eta, EMA decay) | "
                                                     "egt-image | egt-text (EGT update rule, eta, EMA decay, noise buckets)"),

@@ -188,6 +188,16 @@ def load_grads(cfg: Config, names: list[str], stage: str = "finetune/scores") ->
 
 # ---- choosing what trains ------------------------------------------------------------------
 SMALL_SELECTION = 0.01  # a k-based choice training under this share of the weights is warned about, naming finetune.k
+
+
+def small_selection(info: dict, k) -> str | None:
+    """The warning for a k-based selection (``info`` as selection.json has it) that trains under
+    ``SMALL_SELECTION`` of the weights: such a fine-tuning can barely move the model. None otherwise."""
+    if info.get("k") is None or info["trainable_fraction"] >= SMALL_SELECTION:
+        return None
+    return (f"{info['method']} chose {info['n_trainable_tensors']} of {info['n_tensors']} tensors, "
+            f"{100 * info['trainable_fraction']:.2f}% of the weights (< {100 * SMALL_SELECTION:.0f}%): the fine-tuning "
+            f"can barely move the model; raise finetune.k (now {k}) to train more")
 def choose(cfg: Config, method: str, baseline_dir: str, force: bool = False, log=print,
            scores_stage: str = "finetune/scores") -> dict:
     """The tensors (and element masks) a registered method trains, with the scores behind the choice."""
@@ -272,10 +282,8 @@ def _finetune(cfg: Config, method: str, force: bool, log, stage: str, baseline_d
     log(f"finetune: {method}: training {info['n_trainable_tensors']}/{info['n_tensors']} tensors "
         f"({100 * info['trainable_fraction']:.1f}% of the weights) on {n_syn} {'real' if real_set else 'synthetic'}"
         + (f" + {n_real} real" if n_real else "") + " images")
-    if info["k"] is not None and info["trainable_fraction"] < SMALL_SELECTION:
-        log(f"finetune: warning: {method} chose {info['n_trainable_tensors']} of {info['n_tensors']} tensors, "
-            f"{100 * info['trainable_fraction']:.2f}% of the weights (< {100 * SMALL_SELECTION:.0f}%): the fine-tuning "
-            f"can barely move the model; raise finetune.k (now {ft.k}) to train more")
+    if said := small_selection(info, ft.k):
+        log(f"finetune: warning: {said}")
     tc = cfg.train.model_copy(update={"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "seed": ft.seed,
                                       "optimizer": ft.optimizer, "lr_steps": ft.lr_steps,
                                       "augment": ft.augment or cfg.train.augment})
