@@ -185,6 +185,16 @@ def paired(per_seed: dict[int, dict[str, dict]], ref: str = "selective", against
     return out
 
 
+def versus_baseline(per_seed: dict[int, dict[str, dict]]) -> dict:
+    """Every row minus the baseline, paired per seed (as :func:`paired` gives it, with the row as ``ref``)."""
+    out = {}
+    for m in (m for m in rows() if m != "baseline"):
+        d = paired(per_seed, ref=m, against=("baseline",))
+        if d:
+            out[m] = d["baseline"]
+    return out
+
+
 def verdict(d: dict, higher: bool) -> str:
     """What a paired difference (``ref - other`` over seeds, with its 95% interval) says: "better" or "worse" when
     the interval excludes 0, else that the data do not decide at this many seeds."""
@@ -242,7 +252,7 @@ def _pct(v: dict, key: str = "mean") -> str:
 
 
 def to_markdown(table: dict, seeds: list[int], title: str, select_metric: str = "val_acc", pair: dict | None = None,
-                header: list[str] | None = None) -> str:
+                header: list[str] | None = None, vs_base: dict | None = None) -> str:
     def cell(r, k):
         v = r.get(k)
         return "—" if v is None else f"{_pct(v)} ± {_pct(v, 'std')}"
@@ -266,6 +276,12 @@ def to_markdown(table: dict, seeds: list[int], title: str, select_metric: str = 
     lines += markdown_table(["row", *(k.upper() for k in HEADLINE)],
                             [[m, *(f"[{100 * r[k]['ci95'][0]:.1f}, {100 * r[k]['ci95'][1]:.1f}]" for k in HEADLINE)]
                              for m, r in table.items()])
+    if vs_base:
+        lines += ["", "Each row minus the baseline, paired per seed (points; 95% interval; seeds where the row is "
+                  "better; what the interval decides):", ""]
+        lines += markdown_table(["row vs baseline", *(k.upper() for k in HEADLINE)], [
+            [m, *(f"{100 * d[k]['mean']:+.1f} [{100 * d[k]['ci95'][0]:+.1f}, {100 * d[k]['ci95'][1]:+.1f}] "
+                  f"{d[k]['wins']}/{d[k]['n']}, {verdict(d[k], HIGHER[k])}" for k in HEADLINE)] for m, d in vs_base.items()])
     if pair:
         lines += ["", "Paired per-seed differences, selective minus the row (points; 95% interval; seeds where "
                   "selective is better):", ""]
@@ -331,7 +347,8 @@ def render(result: dict) -> str:
         r = result["rendered"]
         header[-1:] = [f"Tables re-rendered from the JSON on {r['date']} by `{r['command']}` (the runs' figures are "
                        "unchanged; the claims and verdicts follow the current code).", ""]
-    return to_markdown(result["table"], result["seeds"], title, result["select_metric"], result["paired"], header)
+    return to_markdown(result["table"], result["seeds"], title, result["select_metric"], result["paired"], header,
+                       result.get("versus_baseline"))
 
 
 def rerender(path: str, command: str) -> str:
@@ -344,6 +361,7 @@ def rerender(path: str, command: str) -> str:
     result = read_json(f"{path}.json")
     per_seed = {int(s): r for s, r in result["per_seed"].items()}
     result["paired"] = paired(per_seed)
+    result["versus_baseline"] = versus_baseline(per_seed)
     result["targets"] = targets(result["table"], result["paired"])
     result["rendered"] = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "machine": machine()}
@@ -378,6 +396,7 @@ def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print, pu
     wall = time.time() - t0
     result = {"seeds": sorted(per_seed), "finished_only": finished_only, "select_metric": cfg.train.select_metric,
               "selection": selection_rule(cfg.train.select_metric), "table": table, "paired": pair,
+              "versus_baseline": versus_baseline(per_seed),
               "targets": targets(table, pair), "rows": {m: EXTRA_ROWS.get(m, m) for m in table},
               "wall_s": wall, "machine": machine(), "command": command, "config": cfg.outcome(),
               "per_seed": {str(s): {m: {k: r[k] for k in HEADLINE + ("eod_worst", "dp", "group_acc", "cell_counts")}

@@ -191,7 +191,7 @@ def test_jtt_upweights_exactly_the_misclassified_rows():
 
 
 def test_benchmark_aggregations_and_paired_differences():
-    from aimfair_ray.benchmark import aggregate, official, paired, targets, to_markdown, verdict
+    from aimfair_ray.benchmark import aggregate, official, paired, targets, to_markdown, verdict, versus_baseline
 
     def audit(acc, wst, cells):
         return {"acc": acc, "wst": wst, "std": float(np.std(list(cells.values()))), "eo": 1 - wst, "group_acc": cells}
@@ -222,6 +222,11 @@ def test_benchmark_aggregations_and_paired_differences():
     assert wst_goal["met"] is True and wst_goal["decided"] == "better"
     acc_goal = goals["ACC within ±2 points of full fine-tuning"]
     assert acc_goal["met"] is False and acc_goal["decided"] == "outside ±2 points", acc_goal
+    vs = versus_baseline(steady)  # each row minus the baseline, paired: selective's WST +29..31 points, decided
+    assert set(vs) == {"full", "selective"} and verdict(vs["selective"]["wst"], True) == "better"
+    assert vs["selective"]["wst"]["mean"] == pytest.approx(0.7 - 0.41) and vs["full"]["acc"]["wins"] == 3
+    md = to_markdown(aggregate(steady), [0, 1, 2], "t", vs_base=vs)
+    assert "| row vs baseline |" in md and "| selective | +2.0 [" in md
     assert verdict({"ci95": [-0.05, -0.01], "n": 4}, False) == "better" and verdict({"ci95": [0.01, 0.2], "n": 4}, False) \
         == "worse" and verdict({"ci95": [0.1, 0.1], "n": 1}, True) == "not decided at 1 seed"
     # a row that finished for some seeds only is summarised over those, and says how many
