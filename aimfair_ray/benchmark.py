@@ -195,6 +195,23 @@ def versus_baseline(per_seed: dict[int, dict[str, dict]]) -> dict:
     return out
 
 
+def _ci(d: dict) -> str:
+    """A paired difference's 95% interval in points, e.g. ``[-2.9, +28.5]``."""
+    return f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+
+
+def _paired_cell(d: dict, k: str) -> str:
+    """A paired-table cell: mean difference, its interval, the wins, and what the interval decides."""
+    return f"{100 * d[k]['mean']:+.1f} {_ci(d[k])} {d[k]['wins']}/{d[k]['n']}, {verdict(d[k], HIGHER[k])}"
+
+
+def comparisons(table: dict, per_seed: dict[int, dict[str, dict]]) -> dict:
+    """What a benchmark's JSON derives from its per-seed figures: selective against the other rows, every row
+    against the baseline, and the paper's claims."""
+    pair = paired(per_seed)
+    return {"paired": pair, "versus_baseline": versus_baseline(per_seed), "targets": targets(table, pair)}
+
+
 def verdict(d: dict, higher: bool) -> str:
     """What a paired difference (``ref - other`` over seeds, with its 95% interval) says: "better" or "worse" when
     the interval excludes 0, else that the data do not decide at this many seeds."""
@@ -216,8 +233,7 @@ def targets(table: dict, pair: dict) -> list[dict]:
         d = pair.get("baseline", {}).get("wst")
         above = d is not None and d["n"] > 1 and d["ci95"][0] > 0
         out.append({"target": "WST at least 10 points above the baseline, the paired interval above 0",
-                    "measured": f"{gain:+.1f} points" + (f" [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
-                                                         if d else ""),
+                    "measured": f"{gain:+.1f} points" + (f" {_ci(d)}" if d else ""),
                     "met": gain >= 10 and above, "decided": verdict(d, True) if d else "no paired seeds"})
         d = pair.get("baseline", {}).get("eo")
         out.append({"target": "EO at most half the baseline's", "measured":
@@ -279,15 +295,13 @@ def to_markdown(table: dict, seeds: list[int], title: str, select_metric: str = 
     if vs_base:
         lines += ["", "Each row minus the baseline, paired per seed (points; 95% interval; seeds where the row is "
                   "better; what the interval decides):", ""]
-        lines += markdown_table(["row vs baseline", *(k.upper() for k in HEADLINE)], [
-            [m, *(f"{100 * d[k]['mean']:+.1f} [{100 * d[k]['ci95'][0]:+.1f}, {100 * d[k]['ci95'][1]:+.1f}] "
-                  f"{d[k]['wins']}/{d[k]['n']}, {verdict(d[k], HIGHER[k])}" for k in HEADLINE)] for m, d in vs_base.items()])
+        lines += markdown_table(["row vs baseline", *(k.upper() for k in HEADLINE)],
+                                [[m, *(_paired_cell(d, k) for k in HEADLINE)] for m, d in vs_base.items()])
     if pair:
         lines += ["", "Paired per-seed differences, selective minus the row (points; 95% interval; seeds where "
                   "selective is better):", ""]
-        lines += markdown_table(["selective vs", *(k.upper() for k in HEADLINE)], [
-            [o, *(f"{100 * d[k]['mean']:+.1f} [{100 * d[k]['ci95'][0]:+.1f}, {100 * d[k]['ci95'][1]:+.1f}] "
-                  f"{d[k]['wins']}/{d[k]['n']}, {verdict(d[k], HIGHER[k])}" for k in HEADLINE)] for o, d in pair.items()])
+        lines += markdown_table(["selective vs", *(k.upper() for k in HEADLINE)],
+                                [[o, *(_paired_cell(d, k) for k in HEADLINE)] for o, d in pair.items()])
     goals = targets(table, pair or {})
     if goals:
         lines += ["", "Targets (selective): the paper's claims, checked two-sided; \"decided\" is what the paired "
@@ -360,9 +374,7 @@ def rerender(path: str, command: str) -> str:
 
     result = read_json(f"{path}.json")
     per_seed = {int(s): r for s, r in result["per_seed"].items()}
-    result["paired"] = paired(per_seed)
-    result["versus_baseline"] = versus_baseline(per_seed)
-    result["targets"] = targets(result["table"], result["paired"])
+    result.update(comparisons(result["table"], per_seed))
     result["rendered"] = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "machine": machine()}
     write_json(f"{path}.json", result)
@@ -390,14 +402,12 @@ def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print, pu
 
         raise AimfairError("no finished runs to tabulate: run `aimfair benchmark aimfair` without --finished-only")
     table = aggregate(per_seed)
-    pair = paired(per_seed)
     out = cfg.stage_dir("benchmark/aimfair")
     title = f"AIM-Fair on {cfg.data.dataset} ({cfg.model.backbone})"
     wall = time.time() - t0
     result = {"seeds": sorted(per_seed), "finished_only": finished_only, "select_metric": cfg.train.select_metric,
-              "selection": selection_rule(cfg.train.select_metric), "table": table, "paired": pair,
-              "versus_baseline": versus_baseline(per_seed),
-              "targets": targets(table, pair), "rows": {m: EXTRA_ROWS.get(m, m) for m in table},
+              "selection": selection_rule(cfg.train.select_metric), "table": table, **comparisons(table, per_seed),
+              "rows": {m: EXTRA_ROWS.get(m, m) for m in table},
               "wall_s": wall, "machine": machine(), "command": command, "config": cfg.outcome(),
               "per_seed": {str(s): {m: {k: r[k] for k in HEADLINE + ("eod_worst", "dp", "group_acc", "cell_counts")}
                                     for m, r in res.items()} for s, res in per_seed.items()}}
@@ -414,4 +424,4 @@ def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print, pu
         atomic_write_text(f"{publish}.md", md)
         atomic_write_bytes(f"{publish}.png", png)
         log(f"benchmark: published {publish}.md, .json and .png")
-    return {"dir": out, "table": table, "seeds": sorted(per_seed), "paired": pair}
+    return {"dir": out, "table": table, "seeds": sorted(per_seed), "paired": result["paired"]}

@@ -7,7 +7,7 @@ import numpy as np
 
 from aimfair_ray import AimfairError
 from aimfair_ray.data.io import check_split, decode_batch, files_sha, read_split, read_table
-from aimfair_ray.metrics import INTERVAL_METRICS, bootstrap_intervals, fairness_report
+from aimfair_ray.metrics import INTERVAL_LEVEL, bootstrap_intervals, fairness_report
 from aimfair_ray.models import check_checkpoint_dir, load_classifier, weights_sha
 from aimfair_ray.storage import atomic_write_bytes, exists, made_with, read_json, write_json
 
@@ -98,7 +98,7 @@ def with_evidence(report: dict, y, p, s, n_boot: int, seed: int = 0, target_name
     warning (``trivial``: True when EO and DP are ~0 by construction)."""
     n_cls, n_grp = len(report["confusion"]["s0"]), len(report["confusion"])
     report["intervals"] = bootstrap_intervals(y, p, s, n_cls, n_grp, n_boot, seed) if n_boot else {}
-    report["n_bootstrap"], report["interval_level"] = n_boot, 0.95
+    report["n_bootstrap"], report["interval_level"] = n_boot, INTERVAL_LEVEL
     said = one_class(report, target_names)
     report["trivial"] = bool(said)
     report["warnings"] = list(report.get("warnings", [])) + said
@@ -162,8 +162,7 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
     acfg = acfg or AuditConfig()
     title = title or f"audit of {model_dir}"
     check_checkpoint_dir(model_dir)  # a missing or pickled checkpoint: a clear error before anything else
-    key = _audit_key(model_dir, split_dir, title, acfg.min_cell) | {"n_bootstrap": acfg.n_bootstrap,
-                                                                     "bootstrap_seed": acfg.bootstrap_seed}
+    key = _audit_key(model_dir, split_dir, title, acfg)
     if made_with(f"{out_dir}/run.json", key) is not None \
             and exists(f"{out_dir}/audit.json") and exists(f"{out_dir}/group_acc.png"):
         return read_json(f"{out_dir}/audit.json")  # the same weights on the same files: nothing to redo
@@ -183,10 +182,11 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
     return report
 
 
-def _audit_key(model_dir: str, split_dir: str, title: str, min_cell: int) -> dict | None:
-    """What decides an audit: the weights, the split's files, and the chart's title."""
-    return {"weights": weights_sha(model_dir), "split": str(split_dir), "title": title, "min_cell": min_cell,
-            "files": files_sha(split_dir)}
+def _audit_key(model_dir: str, split_dir: str, title: str, acfg) -> dict | None:
+    """What decides an audit: the weights, the split's files, the chart's title, the small-cell bar and the
+    bootstrap's replicates and seed."""
+    return {"weights": weights_sha(model_dir), "split": str(split_dir), "title": title, "min_cell": acfg.min_cell,
+            "files": files_sha(split_dir), "n_bootstrap": acfg.n_bootstrap, "bootstrap_seed": acfg.bootstrap_seed}
 
 
 def _cell(r: dict, c: str) -> str:
@@ -216,4 +216,4 @@ def table(reports: dict[str, dict]):
     return t
 
 
-__all__ = ["audit", "predict_split", "table", "group_acc_chart", "with_evidence", "fmt", "INTERVAL_METRICS"]
+__all__ = ["audit", "predict_split", "table", "group_acc_chart", "with_evidence", "fmt"]

@@ -95,6 +95,7 @@ HEADLINE = ("acc", "wst", "std", "eo")  # the audit's headline metrics (tables, 
 # Confidence intervals: the headline metrics from a (true class, group, predicted class) count table, and a
 # bootstrap that resamples the rows within each (true class, group) cell.
 INTERVAL_METRICS = ("acc", "wst", "std", "eo", "dp")
+INTERVAL_LEVEL = 0.95
 
 
 def count_table(y_true, y_pred, groups, n_classes: int, n_groups: int) -> np.ndarray:
@@ -137,7 +138,7 @@ def metrics_from_counts(k: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def bootstrap_intervals(y_true, y_pred, groups, n_classes: int, n_groups: int, n_boot: int = 1000, seed: int = 0,
-                        level: float = 0.95) -> dict[str, list[float]]:
+                        level: float = INTERVAL_LEVEL) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of ACC, WST, STD, EO and DP: each replicate redraws every (true class,
     group) cell's rows with replacement, keeping its size (the test set's design), so a replicate's predictions
     in a cell are a multinomial draw from that cell's observed predictions. Seeded: the same inputs and seed

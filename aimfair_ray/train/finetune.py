@@ -198,6 +198,8 @@ def small_selection(info: dict, k) -> str | None:
     return (f"{info['method']} chose {info['n_trainable_tensors']} of {info['n_tensors']} tensors, "
             f"{100 * info['trainable_fraction']:.2f}% of the weights (< {100 * SMALL_SELECTION:.0f}%): the fine-tuning "
             f"can barely move the model; raise finetune.k (now {k}) to train more")
+
+
 def choose(cfg: Config, method: str, baseline_dir: str, force: bool = False, log=print,
            scores_stage: str = "finetune/scores") -> dict:
     """The tensors (and element masks) a registered method trains, with the scores behind the choice."""
