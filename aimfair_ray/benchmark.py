@@ -154,6 +154,20 @@ def official(cell_accs: list[dict]) -> dict:
     return {"wst": float(avg.min()), "std": float(avg.std()), "cells": dict(zip(cells, avg.tolist()))}
 
 
+def one_class(audit: dict) -> bool:
+    """Whether an audit's model predicts (nearly) one class for every image: its ``trivial`` flag, or, in a
+    per-seed record from before audits carried it, read off a two-class audit's cell accuracies and counts."""
+    from aimfair_ray.evaluate import ONE_CLASS
+
+    if "trivial" in audit:
+        return bool(audit["trivial"])
+    acc, n = audit.get("group_acc", {}), audit.get("cell_counts", {})
+    if not acc or set(acc) != set(n) or {k.split("_")[0] for k in acc} != {"y0", "y1"}:
+        return False
+    ones = sum(n[k] * (acc[k] if k.startswith("y1") else 1 - acc[k]) for k in acc)  # images predicted class 1
+    return max(ones, sum(n.values()) - ones) >= ONE_CLASS * sum(n.values())
+
+
 def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """Per row, over the seeds that have it: each metric's summary (per-seed values), the official
     aggregation, and the seeds."""
@@ -166,6 +180,7 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
             if vals:
                 row[k] = summary(vals)
         row["official"] = official([r["group_acc"] for r in have.values()])
+        row["one_class_seeds"] = sorted(s for s, r in have.items() if one_class(r))
         table[m] = row
     return table
 
@@ -236,9 +251,12 @@ def targets(table: dict, pair: dict) -> list[dict]:
                     "measured": f"{gain:+.1f} points" + (f" {_ci(d)}" if d else ""),
                     "met": gain >= 10 and above, "decided": verdict(d, True) if d else "no paired seeds"})
         d = pair.get("baseline", {}).get("eo")
+        one = s.get("one_class_seeds", [])
         out.append({"target": "EO at most half the baseline's", "measured":
-                    f"{100 * s['eo']['mean']:.1f} vs {100 * b['eo']['mean']:.1f}", "met": s["eo"]["mean"] <= b["eo"]["mean"] / 2,
-                    "decided": verdict(d, False) if d else "no paired seeds"})
+                    f"{100 * s['eo']['mean']:.1f} vs {100 * b['eo']['mean']:.1f}"
+                    + (f" ({len(one)} seed(s) one-class: EO 0 by construction)" if one else ""),
+                    "met": s["eo"]["mean"] <= b["eo"]["mean"] / 2 and not one,
+                    "decided": ("not decided: one-class models" if one else verdict(d, False) if d else "no paired seeds")})
     if "selective" in table and "full" in table:
         gap = 100 * (table["selective"]["acc"]["mean"] - table["full"]["acc"]["mean"])
         d = pair.get("full", {}).get("acc")
@@ -283,6 +301,8 @@ def to_markdown(table: dict, seeds: list[int], title: str, select_metric: str = 
         trained = "100%" if tf is None else f"{100 * tf['mean']:.1f}%"
         name = f"{m} (group labels)" if m in GROUP_LABELS else m
         off = r.get("official", {})
+        one = r.get("one_class_seeds", [])
+        name += f" ({len(one)} one-class)" if one else ""
         body.append([name, len(r.get("seeds", seeds)), cell(r, "acc"), cell(r, "wst"), cell(r, "std"), cell(r, "eo"),
                      f"{100 * off['wst']:.1f}" if off else "—", f"{100 * off['std']:.1f}" if off else "—", trained,
                      "—" if et is None else f"{et['mean']:.2f}"])
@@ -308,6 +328,9 @@ def to_markdown(table: dict, seeds: list[int], title: str, select_metric: str = 
                   "per-seed differences settle at this many seeds:", ""]
         lines += markdown_table(["target", "measured", "met", "decided"],
                                 [[g["target"], g["measured"], "yes" if g["met"] else "**no**", g["decided"]] for g in goals])
+    if any(r.get("one_class_seeds") for r in table.values()):
+        lines += ["", "A row marked *one-class* has seeds whose model predicts (nearly) one class for every test image: "
+                  "its EO and DP are 0 by construction there, not a fairness gain."]
     rows_help = {m: h for m, h in EXTRA_ROWS.items() if m in table}
     if rows_help:
         lines += ["", *[f"- `{m}`: {h}" for m, h in rows_help.items()]]
@@ -374,6 +397,8 @@ def rerender(path: str, command: str) -> str:
 
     result = read_json(f"{path}.json")
     per_seed = {int(s): r for s, r in result["per_seed"].items()}
+    for m, row in result["table"].items():
+        row["one_class_seeds"] = sorted(s for s, r in per_seed.items() if m in r and one_class(r[m]))
     result.update(comparisons(result["table"], per_seed))
     result["rendered"] = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "machine": machine()}
@@ -409,7 +434,8 @@ def benchmark_aimfair(cfg: Config, seeds: list[int], methods=None, log=print, pu
               "selection": selection_rule(cfg.train.select_metric), "table": table, **comparisons(table, per_seed),
               "rows": {m: EXTRA_ROWS.get(m, m) for m in table},
               "wall_s": wall, "machine": machine(), "command": command, "config": cfg.outcome(),
-              "per_seed": {str(s): {m: {k: r[k] for k in HEADLINE + ("eod_worst", "dp", "group_acc", "cell_counts")}
+              "per_seed": {str(s): {m: {k: r[k] for k in HEADLINE + ("eod_worst", "dp", "group_acc", "cell_counts", "trivial")
+                                    if k in r}
                                     for m, r in res.items()} for s, res in per_seed.items()}}
     result["n_seeds_run"] = len(seeds)
     md = render(result)

@@ -234,6 +234,19 @@ def test_benchmark_aggregations_and_paired_differences():
     part = aggregate(per_seed)["jtt"]
     assert part["seeds"] == [2] and part["wst"]["values"] == [0.6]
     assert "| jtt | 1 |" in to_markdown(aggregate(per_seed), [0, 1, 2], "t")
+    # a selective model that predicts one class on seed 1 (its trivial flag, or read off the cells of an older
+    # record): its EO of 0 meets no claim, and the table says which rows have such seeds
+    from aimfair_ray.benchmark import one_class
+
+    n = {"y0_s0": 250, "y0_s1": 250, "y1_s0": 250, "y1_s1": 250}
+    assert one_class({"group_acc": {"y0_s0": 1.0, "y0_s1": 1.0, "y1_s0": 0.0, "y1_s1": 0.01}, "cell_counts": n})
+    assert not one_class({"group_acc": {"y0_s0": 0.9, "y0_s1": 1.0, "y1_s0": 0.2, "y1_s1": 0.1}, "cell_counts": n})
+    steady[1]["selective"].update(eo=0.0, trivial=True)
+    table = aggregate(steady)
+    assert table["selective"]["one_class_seeds"] == [1] and table["baseline"]["one_class_seeds"] == []
+    eo_goal = {g["target"]: g for g in targets(table, paired(steady))}["EO at most half the baseline's"]
+    assert eo_goal["met"] is False and eo_goal["decided"] == "not decided: one-class models", eo_goal
+    assert "| selective (1 one-class) | 3 |" in to_markdown(table, [0, 1, 2], "t")
 
 
 def test_the_llama_egt_preset_is_valid_and_its_data_fits_bold():
@@ -262,3 +275,16 @@ def test_the_published_aimfair_table_is_its_json_rendered():
     result = json.loads(prefix.with_suffix(".json").read_text())
     assert render(result) == prefix.with_suffix(".md").read_text()
     assert "not decided at 5 seeds" in render(result) and result["rendered"]["command"].startswith("aimfair benchmark render")
+
+
+def test_the_readme_figures_are_their_results_files_rendered():
+    """Every figures block in the README is what its renderer makes of its results file: a figure typed by hand,
+    or a results file published without rendering the page again, fails here."""
+    from aimfair_ray.figures import BLOCK, ROOT, synced
+
+    text = (ROOT / "README.md").read_text()
+    blocks = BLOCK.findall(text)
+    assert any(b[1] == "aimfair" and b[2] == "benchmarks/results/aimfair-cmnist.json" for b in blocks)
+    assert synced(text) == (text, [])
+    tampered = text.replace("| baseline | 5 | ", "| baseline | 5 | 1", 1)
+    assert tampered != text and synced(tampered)[1] == ["benchmarks/results/aimfair-cmnist.json"]
