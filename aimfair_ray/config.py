@@ -260,7 +260,17 @@ class EGTImageConfig(_Strict):
 
 
 class EGTTextConfig(_Strict):
-    """EGT on a causal LM with BOLD's gender-grouped sentences (group 1, female, is the minority)."""
+    """EGT on a causal LM with a corpus of texts in two groups: BOLD's gender-grouped sentences (group 1,
+    female, is the minority) or the user's own file (``data``)."""
+
+    data: Optional[str] = Field(None, description="your corpus: a .jsonl, .csv or .parquet file (path or s3://, gs:// "
+                                "URI) with a text and a group column; null: BOLD's actors and actresses")
+    text_column: str = Field("text", description="the corpus's text column")
+    group_column: str = Field("group", description="the corpus's group column (two values)")
+    groups: Optional[list[str]] = Field(None, description="the two group values, majority first (group 1, the "
+                                        "minority, gets minority_share); null: the more frequent value first")
+    unit_column: Optional[str] = Field(None, description="rows with the same value (a person, a document) stay on "
+                                       "one side of the fine-tuning/evaluation split; null: each row its own unit")
 
     model: Optional[str] = Field(None, description="HF model folder, hub id or .gguf file; null: the bundled SmolLM2-135M")
     train_layers: int = Field(4, ge=0, description="train the top N transformer blocks and the final norm; 0: all")

@@ -2,6 +2,7 @@
 the results table. The toy problems of the objective itself are in test_minmax.py."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,15 +78,50 @@ def test_sd_lora_minmax_on_ray_train(sd_lora_egt):
 
 
 def test_text_sets_split_people_and_follow_the_share():
-    from aimfair_ray.egt.text import bold_gender, text_sets
+    from aimfair_ray.config import EGTTextConfig
+    from aimfair_ray.egt.text import bold_gender, corpus, text_sets
 
-    tr, ev = text_sets(200, 0.1, 40, data_seed=0, seed=0)
+    bold = corpus(EGTTextConfig())
+    assert bold.groups == ["male", "female"]
+    tr, ev = text_sets(bold, 200, 0.1, 40, data_seed=0, seed=0)
     assert len(tr.texts) == 200 and int(tr.groups.sum()) == 20
     assert len(ev.texts) == 80 and int(ev.groups.sum()) == 40
     people = {s: p for rows in bold_gender().values() for p, s in rows}
     assert not {people[t] for t in tr.texts} & {people[t] for t in ev.texts}
-    tr2, ev2 = text_sets(200, 0.1, 40, data_seed=0, seed=1)
+    tr2, ev2 = text_sets(bold, 200, 0.1, 40, data_seed=0, seed=1)
     assert ev2.texts == ev.texts and tr2.texts != tr.texts  # the evaluation set is the same for every seed
+
+
+def test_a_users_corpus_gives_its_groups_units_and_one_line_refusals(tmp_path):
+    """Your own texts (JSONL, CSV or Parquet): its two groups (the more frequent first unless egt.text.groups says),
+    units kept on one side of the split, and every unusable file refused in one line naming the setting."""
+    import pandas as pd
+
+    from aimfair_ray import AimfairError
+    from aimfair_ray.config import EGTTextConfig
+    from aimfair_ray.egt.text import corpus, text_sets
+
+    rows = [{"body": f"note {i} from the {g} office", "region": g, "author": f"{g}-{i % 7}"}
+            for g, n in (("north", 60), ("south", 30)) for i in range(n)]
+    pd.DataFrame(rows).to_json(tmp_path / "c.jsonl", orient="records", lines=True)
+    pd.DataFrame(rows).to_csv(tmp_path / "c.csv", index=False)
+    t = EGTTextConfig(data=str(tmp_path / "c.jsonl"), text_column="body", group_column="region", unit_column="author")
+    c = corpus(t)
+    assert c.groups == ["north", "south"] and len(c.rows["south"]) == 30
+    tr, ev = text_sets(c, 40, 0.25, 8, data_seed=0, seed=0)
+    assert int(tr.groups.sum()) == 10 and len(ev.texts) == 16
+    author = {r["body"]: r["author"] for r in rows}
+    assert not {author[x] for x in tr.texts} & {author[x] for x in ev.texts}
+    flipped = corpus(t.model_copy(update={"data": str(tmp_path / "c.csv"), "groups": ["south", "north"]}))
+    assert flipped.groups == ["south", "north"] and flipped.rows["north"] == c.rows["north"]
+    for update, said in [({"text_column": "text"}, "no column 'text' (columns: body, region, author): set egt.text.text_column"),
+                         ({"groups": ["north", "east"]}, "two groups in column 'region', found 'north' (60), 'south' (30)"),
+                         ({"data": str(tmp_path / "c.txt")}, "give a .jsonl, .csv or .parquet file"),
+                         ({"data": str(tmp_path / "gone.csv")}, "does not exist")]:
+        with pytest.raises(AimfairError, match=re.escape(said)):
+            corpus(t.model_copy(update=update))
+    with pytest.raises(AimfairError, match="group 'north': 8 held-out and 51 train texts, fewer than the 8 and 200"):
+        text_sets(c, 400, 0.5, 8, data_seed=0, seed=0)
 
 
 def test_results_table_and_targets():

