@@ -24,7 +24,8 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    dataset: Literal["colored_mnist", "celeba", "utkface", "manifest"] = "colored_mnist"
+    dataset: str = Field("colored_mnist", description="a dataset registered in data/datasets.py: colored_mnist, "
+                         "celeba, utkface or manifest")
     root: Optional[str] = Field(None, description="dataset folder (CelebA, UTKFace) or manifest file: a path on "
                                 "the machines that read it (a cluster's /data/celeba) or a URI on object storage "
                                 "(s3://bucket/celeba), read by Ray Data's tasks; needed by data prepare")
@@ -66,13 +67,20 @@ class DataConfig(_Strict):
         """The bias of val's draw; None: no biased draw (natural)."""
         return None if self.val_bias == "natural" else self.val_bias or self.bias
 
+    @field_validator("dataset")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from aimfair_ray.data.datasets import DATASETS
+
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; choose one of {', '.join(repr(k) for k in DATASETS)}")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
-        if self.dataset == "colored_mnist":
-            if self.target != "digit_ge5" or self.sensitive != "color":
-                raise ValueError("colored_mnist has target 'digit_ge5' and sensitive 'color' only")
-            if len(self.colors) < 2:
-                raise ValueError("colored_mnist needs at least 2 colors")
+        from aimfair_ray.data.datasets import get
+
+        get(self.dataset).check(self)  # what the dataset can't serve
         if abs(sum(self.split_fractions) - 1) > 1e-6:
             raise ValueError("split_fractions must add up to 1")
         if min(self.split_fractions) <= 0:
@@ -413,9 +421,15 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _prompt_task(self) -> "Config":
+        from aimfair_ray import AimfairError
+        from aimfair_ray.data.datasets import get
         from aimfair_ray.tasks import resolve
 
-        task = resolve(self.generate.task, self.data)
+        try:
+            reg = get(self.data.dataset).task(self.data)
+        except AimfairError:
+            reg = None  # an attribute pair with no phrasing: the generate stage says what to set
+        task = resolve(self.generate.task, reg)
         if task != self.generate.task:
             self.generate.task = task
         return self

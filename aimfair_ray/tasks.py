@@ -1,4 +1,4 @@
-"""Prompt tasks: what the CSDG prompts describe for each dataset, registered by dataset.
+"""Prompt tasks: what the CSDG prompts describe; each dataset's entry (``data/datasets.py``) names its own.
 
 A task (:class:`aimfair_ray.config.TaskConfig`) names each class and group with the phrases a
 prompt must use (the phrase check), the wording templates and the LLM say, context axes, the
@@ -197,23 +197,11 @@ def face_task(dataset: str, target: str, sensitive: str) -> TaskConfig:
                       instruction=FACE_INSTRUCTION.replace("{pair}", pair))
 
 
-def registered(dcfg) -> TaskConfig | None:
-    """The dataset's own task, or None (a manifest: the user's to describe)."""
-    if dcfg.dataset == "colored_mnist":
-        return DIGIT_TASK
-    if dcfg.dataset in ("celeba", "utkface"):
-        return face_task(dcfg.dataset, dcfg.target, dcfg.sensitive)
-    return None
-
-
-def resolve(task: TaskConfig, dcfg) -> TaskConfig:
-    """``task`` with its null fields filled: from the data's registered task when the classes and groups
-    are its own (or not given), else generic wording. A pair with no face phrasing stays without
-    classes and groups (the generate stage then says what to set): other stages never need them."""
-    try:
-        reg = registered(dcfg)
-    except AimfairError:
-        reg = None
+def resolve(task: TaskConfig, reg: TaskConfig | None) -> TaskConfig:
+    """``task`` with its null fields filled: from ``reg``, the dataset's own task (its registry entry's), when
+    the classes and groups are its own (or not given), else generic wording. With no dataset task (a manifest,
+    or a pair with no face phrasing) it stays without classes and groups (the generate stage then says what
+    to set): other stages never need them."""
     given = (task.classes, task.groups)
     if given != (None, None) and reg is not None and (reg.classes, reg.groups) != given:
         reg = None  # the user's own classes or groups: the registered wording would not fit them

@@ -183,3 +183,41 @@ def test_missing_and_corrupt_images_reported_by_path(ray_cluster, tmp_path):
     cfg = load_config("cmnist", overrides=base + ["data.skip_bad_images=true"])
     meta = prepare_data(cfg, log=lambda *_: None)
     assert read_split(f"{cfg.data_dir}/train").count() == meta["splits"]["train"]["n"] == 7  # 8 train rows, 1 bad
+
+
+# ---- the dataset registry ---------------------------------------------------------------------
+def test_a_registered_dataset_is_all_that_config_generate_and_the_filter_ask():
+    """One registry entry per dataset: config validation and its one-line list of datasets, the prompt task that
+    fills generate.task, the filter's default checker (refused in one line where none fits), the reader."""
+    from aimfair_ray.config import TaskConfig
+    from aimfair_ray.data.datasets import DATASETS, Dataset, default_checker, read_dataset, register
+    from aimfair_ray.data.readers import Labeled
+    from aimfair_ray.generate.stage import checker_kind
+
+    with pytest.raises(AimfairError, match="unknown dataset 'imagenet'; choose one of 'colored_mnist', 'celeba'"):
+        load_config("cmnist", overrides=["data.dataset=imagenet"])
+    assert checker_kind(load_config("cmnist")) == "digits"
+    assert default_checker(load_config("celeba").data) == "gender"  # Smiling / Male
+    for preset, sets in (("celeba", ["data.sensitive=Young"]), ("celeba", ["data.dataset=manifest"])):
+        d = load_config(preset, overrides=sets).data
+        with pytest.raises(AimfairError, match="generate.filter has no checker for .*generate.checker=clip"):
+            default_checker(d)
+    with pytest.raises(AimfairError, match="colored_mnist needs at least 2 colors"):
+        load_config("cmnist", overrides=["data.colors=[[1,2,3]]"])
+
+    task = TaskConfig(subject="a leaf", classes=[{"name": "healthy", "phrases": ["healthy"]},
+                                                 {"name": "sick", "phrases": ["sick"]}],
+                      groups=[{"name": "sun", "phrases": ["sunlit"]}, {"name": "shade", "phrases": ["shaded"]}])
+    frame = pd.DataFrame({"id": ["a"], "path": ["/x.png"], "target": [0], "group": [1]})
+    register(Dataset("leaves", "a test's leaves", task=lambda d: task, checker=lambda d: None,
+                     read=lambda d: Labeled(frame, ["healthy", "sick"], ["sun", "shade"])))
+    try:
+        cfg = load_config("celeba", overrides=["data.dataset=leaves", "data.target=sick", "data.sensitive=shade",
+                                               "data.root=/nowhere"])
+        assert cfg.generate.task.subject == "a leaf" and [c.name for c in cfg.generate.task.classes] == ["healthy", "sick"]
+        assert read_dataset(cfg.data).frame.equals(frame)
+        with pytest.raises(AimfairError, match="no checker for leaves"):
+            checker_kind(cfg)
+        assert checker_kind(load_config("celeba", overrides=["data.dataset=leaves", "generate.checker=clip"])) == "clip"
+    finally:
+        DATASETS.pop("leaves")

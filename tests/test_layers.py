@@ -27,6 +27,7 @@ SHARED_DATA = {"data.codecs", "data.captions", "data.io", "data.feed", "data.cmn
 ALLOWED = {
     ("", "generate"), ("", "generate.t2i"),  # diffusers finds a saved pipeline's classes as aimfair_ray.<Class>
     ("config", "train.methods"),             # config validation reads the fine-tuning methods' registry
+    ("config", "data.datasets"),             # ... and the datasets' registry (a dataset's checks and prompt task)
 }
 
 

@@ -128,7 +128,7 @@ def test_refusals_are_one_line(tmp_path):
         check_task(cfg)  # a manifest's classes are the user's to phrase
     with pytest.raises(AimfairError, match="no face phrasing for celeba attribute 'Attractive'.*set generate.task"):
         check_task(load_config("celeba", overrides=["data.target=Attractive"]))  # loads: only generation needs it
-    from aimfair_ray.data.readers import read_dataset
+    from aimfair_ray.data.datasets import read_dataset
 
     with pytest.raises(AimfairError, match=r"needs data.root.*--set data.root=/data/celeba"):
         read_dataset(load_config("celeba").data)

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 
 from aimfair_ray import AimfairError
-from aimfair_ray.data import cmnist
 from aimfair_ray.data.bias import count_cells, counts_dict, draw_biased_subset, resolve_majority
 from aimfair_ray.data.codecs import decode_png, encode_png
+from aimfair_ray.data.datasets import get, read_dataset
 from aimfair_ray.data.io import check_split, read_table, write_split
-from aimfair_ray.data.readers import check_files, read_dataset
+from aimfair_ray.data.readers import check_files
 from aimfair_ray.storage import exists, is_uri, made_with, read_bytes, read_json, write_json
 
 SPLITS = ("train", "val", "test")
@@ -128,10 +128,8 @@ def prepare_data(cfg, force: bool = False, log=print) -> dict:
         return meta
     if not force and exists(f"{data_dir}/dataset.json"):
         log("data: config changed, rebuilding")
-    if cfg.data.dataset == "colored_mnist":
-        built = cmnist.build(cfg.data)
-    else:
-        built = _real_tables(cfg)
+    ds = get(cfg.data.dataset)
+    built = ds.build(cfg.data) if ds.build else _real_tables(cfg)
     for split, table in built["tables"].items():
         try:
             write_split(table, f"{data_dir}/{split}", "aimfair data prepare --force")
@@ -140,7 +138,7 @@ def prepare_data(cfg, force: bool = False, log=print) -> dict:
             if found:
                 raise AimfairError(found[-1].strip()) from None
             raise
-        if cfg.data.dataset != "colored_mnist":  # count what was written (bad images may be skipped)
+        if not ds.build:  # read from files: count what was written (bad images may be skipped)
             written = read_table(f"{data_dir}/{split}", ["target", "group"]).to_pandas()  # labels only: no Ray Data
             C, G = len(built["target_names"]), len(built["group_names"])
             built["cell_counts"][split] = counts_dict(count_cells(written["target"], written["group"], C, G))

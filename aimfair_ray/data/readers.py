@@ -145,20 +145,6 @@ def read_manifest(path: str) -> Labeled:
     return Labeled(out, tnames, gnames)
 
 
-def read_dataset(dcfg) -> Labeled:
-    if dcfg.dataset != "colored_mnist" and not dcfg.root:
-        what = "manifest file" if dcfg.dataset == "manifest" else f"{dcfg.dataset} folder"
-        raise AimfairError(f"dataset {dcfg.dataset!r} needs data.root, the {what} on the machines that read it: "
-                           f"--set data.root=/data/{dcfg.dataset}")
-    if dcfg.dataset == "celeba":
-        return read_celeba(dcfg.root, dcfg.target, dcfg.sensitive)
-    if dcfg.dataset == "utkface":
-        return read_utkface(dcfg.root, dcfg.target, dcfg.sensitive, dcfg.age_bins)
-    if dcfg.dataset == "manifest":
-        return read_manifest(dcfg.root)
-    raise AimfairError(f"no file reader for dataset {dcfg.dataset!r}")
-
-
 def check_files(paths) -> None:
     """Every image file must exist (on any storage); the error lists the missing ones by path."""
     missing = missing_files(paths)

@@ -79,19 +79,30 @@ def prompts_dry_run(cfg) -> dict:
     return out
 
 
+def _own_task(cfg):
+    """The dataset's own prompt task (None where it has none, or none for this attribute pair)."""
+    from aimfair_ray.data.datasets import get
+
+    try:
+        return get(cfg.data.dataset).task(cfg.data)
+    except AimfairError:
+        return None
+
+
 def check_task(cfg) -> None:
     """The prompt task must describe the run's data: the digit task (the default) refuses other
     datasets, and the task's classes and groups must match the prepared data's, one for one."""
-    from aimfair_ray.tasks import DIGIT_TASK, registered
+    from aimfair_ray.data.datasets import get
+    from aimfair_ray.tasks import DIGIT_TASK
 
     task = cfg.generate.task
     if task.classes is None or task.groups is None:
-        registered(cfg.data)  # a face pair with no phrasing says so
+        get(cfg.data.dataset).task(cfg.data)  # a face pair with no phrasing says so
         raise AimfairError(f"generate.task has no classes or groups for the {cfg.data.dataset} data: set "
                            "generate.task.classes and generate.task.groups (a name and phrases for each, in the data's "
                            "order) and generate.task.subject, or bring your own synthetic sets with "
                            "`aimfair data import-synthetic`")
-    if cfg.data.dataset != "colored_mnist" and (task.classes, task.groups) == (DIGIT_TASK.classes, DIGIT_TASK.groups):
+    if (task.classes, task.groups) == (DIGIT_TASK.classes, DIGIT_TASK.groups) and _own_task(cfg) is not DIGIT_TASK:
         raise AimfairError(f"generate.task describes handwritten digits (the Colored MNIST task), not the "
                            f"{cfg.data.dataset} data: set generate.task (subject, classes, groups) for it, or bring "
                            "your own synthetic sets with `aimfair data import-synthetic`")
@@ -160,10 +171,13 @@ def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print, force
 
 
 def checker_kind(cfg) -> str:
-    """``generate.checker``, with auto resolved: digits for Colored MNIST, gender for faces."""
+    """``generate.checker``, with auto resolved by the dataset's entry (digits for Colored MNIST, gender where an
+    attribute is gender; one line where it has none)."""
+    from aimfair_ray.data.datasets import default_checker
+
     if cfg.generate.checker != "auto":
         return cfg.generate.checker
-    return "digits" if cfg.data.dataset == "colored_mnist" else "gender"
+    return default_checker(cfg.data)
 
 
 def checker_for(cfg, log=print):
@@ -177,9 +191,10 @@ def checker_for(cfg, log=print):
         from aimfair_ray.generate.face_checker import ClipChecker
 
         return ClipChecker(cfg.generate.clip_model, cfg.generate.task, batch_size=cfg.generate.checker_batch_size)
+    from aimfair_ray.data.datasets import get
     from aimfair_ray.generate.checker import Checker, train_checker
 
-    if cfg.data.dataset != "colored_mnist":
+    if get(cfg.data.dataset).checker(cfg.data) != "digits":
         raise AimfairError("generate.checker=digits checks Colored MNIST digits only: use generate.checker=gender "
                            "or clip for faces, or generate.filter=false")
     path = cfg.paths.checker
