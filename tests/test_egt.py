@@ -161,5 +161,7 @@ def test_minmax_cli_rejects_bad_input():
     assert res.exit_code == 2 and "unknown --objectives" in res.output
     res = CliRunner().invoke(app, ["minmax", "text", "--set", "egt.minority_share=1.5"])
     assert res.exit_code == 2 and "minority_share" in res.output
+    res = CliRunner().invoke(app, ["minmax", "image", "--preset", "celeba", "--set", "data.root=/tmp"])
+    assert res.exit_code == 2 and "from colored_mnist only, not data.dataset celeba" in res.output  # not digits
     res = CliRunner().invoke(app, ["serve", "--image-pipeline", "/nonexistent/model"])
     assert res.exit_code == 2 and "no diffusers pipeline there" in res.output

@@ -29,6 +29,7 @@ class Dataset:
     checker: Callable = lambda dcfg: None              # dcfg -> "digits" | "gender" | None: the filter's default
     check: Callable = lambda dcfg: None                # dcfg -> None; ValueError names what it can't serve
     needs_root: bool = True                            # reads data.root
+    egt_image: bool = False                            # EGT image can draw its group sets from it
 
 
 DATASETS: dict[str, Dataset] = {}
@@ -55,6 +56,14 @@ def read_dataset(dcfg):
         raise AimfairError(f"dataset {ds.name!r} needs data.root, the {what} on the machines that read it: "
                            f"--set data.root=/data/{ds.name}")
     return ds.read(dcfg)
+
+
+def egt_image_source(dcfg) -> None:
+    """EGT image draws its group sets from the dataset, or says in one line that it can't."""
+    if not get(dcfg.dataset).egt_image:
+        can = ", ".join(n for n, d in DATASETS.items() if d.egt_image)
+        raise AimfairError(f"aimfair minmax image draws its group sets from {can} only, not data.dataset "
+                           f"{dcfg.dataset}: run it with --preset cmnist (EGT on face images is not built yet)")
 
 
 def default_checker(dcfg) -> str:
@@ -118,7 +127,7 @@ def _read_manifest(d):
 
 register(Dataset("colored_mnist", "handwritten digits (< 5 vs >= 5) in coloured strokes, built from the bundled MNIST "
                  "digits", task=_digit_task, build=_cmnist_build, checker=lambda d: "digits",
-                 check=_cmnist_check, needs_root=False))
+                 check=_cmnist_check, needs_root=False, egt_image=True))
 register(Dataset("celeba", "CelebA's folder layout; any two of its 40 attributes", read=_read_celeba,
                  task=_face_task("celeba"), checker=_gender_in("Male")))
 register(Dataset("utkface", "UTKFace's file names; gender, race, race_white or age_bin", read=_read_utkface,

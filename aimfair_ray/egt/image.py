@@ -315,6 +315,9 @@ class ImageTask(EGTTask):
 
     @staticmethod
     def data_key(cfg) -> dict:
+        from aimfair_ray.data.datasets import egt_image_source
+
+        egt_image_source(cfg.data)  # on the driver, before any work
         return {"colors": cfg.data.colors, "color_jitter": cfg.data.color_jitter, "seed": cfg.data.seed}
 
     @staticmethod
