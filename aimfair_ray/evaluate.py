@@ -156,7 +156,8 @@ def group_acc_chart(report: dict, title: str, min_cell: int = 30) -> bytes:
 
 def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | None = None) -> dict:
     """Evaluate ``model_dir`` on ``split_dir`` with the resources of ``acfg`` (an AuditConfig;
-    None: its defaults); write audit.json and group_acc.png into ``out_dir``."""
+    None: its defaults); write audit.json and group_acc.png into ``out_dir``, and the model's card
+    (``README.md`` in the Hugging Face format) with the audit's figures."""
     from aimfair_ray.config import AuditConfig
 
     acfg = acfg or AuditConfig()
@@ -165,7 +166,9 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
     key = _audit_key(model_dir, split_dir, title, acfg)
     if made_with(f"{out_dir}/run.json", key) is not None \
             and exists(f"{out_dir}/audit.json") and exists(f"{out_dir}/group_acc.png"):
-        return read_json(f"{out_dir}/audit.json")  # the same weights on the same files: nothing to redo
+        report = read_json(f"{out_dir}/audit.json")  # the same weights on the same files: nothing to redo
+        write_card(model_dir, report)
+        return report
     _, meta = load_classifier(model_dir)
     p = predict_split(model_dir, split_dir, acfg.batch_size, acfg.actors, acfg.cpus_per_actor, acfg.gpus_per_actor,
                       acfg.local_max_rows)
@@ -179,7 +182,23 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
     write_json(f"{out_dir}/audit.json", report)
     atomic_write_bytes(f"{out_dir}/group_acc.png", group_acc_chart(report, title, acfg.min_cell))
     write_json(f"{out_dir}/run.json", key)
+    write_card(model_dir, report)
     return report
+
+
+def write_card(model_dir: str, report: dict) -> None:
+    """The model folder's Hugging Face card (``README.md``) with this audit's figures and intervals."""
+    import yaml
+
+    from aimfair_ray.modelcard import CARD, classifier_card
+    from aimfair_ray.models import META
+    from aimfair_ray.storage import atomic_write_text, base_name, parent, read_text
+
+    meta = read_json(f"{model_dir}/{META}")
+    conf = f"{parent(model_dir)}/config.yaml"
+    config = yaml.safe_load(read_text(conf)) if exists(conf) else None
+    card = classifier_card(meta, report, config, split=base_name(report.get("split_dir", "test")))
+    atomic_write_text(f"{model_dir}/{CARD}", str(card))
 
 
 def _audit_key(model_dir: str, split_dir: str, title: str, acfg) -> dict | None:

@@ -192,9 +192,12 @@ def load_weights(directory: str | Path, meta: dict) -> dict:
 
 
 def save_classifier(model: nn.Module, meta: dict, directory: str) -> str:
+    from aimfair_ray.modelcard import CARD, classifier_card
+
     with atomic_dir(directory) as tmp:
         Path(tmp).mkdir(parents=True, exist_ok=True)
         write_classifier(model, meta, tmp)
+        (Path(tmp) / CARD).write_text(str(classifier_card(meta)))  # the audit writes it again with its figures
     return directory
 
 

@@ -103,6 +103,12 @@ def test_the_pipeline_job_runs_on_nodes_that_share_only_s3_and_a_rerun_reuses_it
     assert line and f"ACC {base['acc']:.4f}" in line[0]
     tuned = read_json(f"{run}/finetune/selective/audit/audit.json")
     assert {"acc", "wst", "eo", "group_acc"} <= set(tuned)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(read_text(f"{run}/finetune/selective/model/README.md"))  # the fine-tuned model's card, on S3
+    assert card.data.fairness_audit["wst"] == {"value": round(tuned["wst"], 4),
+                                               "ci": [round(v, 4) for v in tuned["intervals"]["wst"]]}
+    assert card.data.provenance["method"] == "selective" and card.data.provenance["synthetic_share"] > 0
     for d in ("data/train", "data/test", "synthetic/balanced", "synthetic/imbalanced", "baseline/model",
               "finetune/selective/model"):
         assert exists(f"{run}/{d}/_COMPLETE"), d

@@ -16,7 +16,7 @@ def test_two_workers_train_and_audit(trained, tmp_path):
     hist = result["history"]
     assert [h["epoch"] for h in hist] == [1, 2] and all(h["world_size"] == 2 for h in hist)
     model_dir = Path(result["model_dir"])
-    assert sorted(p.name for p in model_dir.iterdir()) == ["_COMPLETE", "model.json", "model.safetensors"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["README.md", "_COMPLETE", "model.json", "model.safetensors"]
     # every checkpoint Ray kept is safetensors + JSON, never a pickle
     ckpts = [c for c in Path(result["run_path"]).glob("checkpoint_*") if c.is_dir()]
     assert ckpts and all({p.suffix for p in c.iterdir()} <= {".safetensors", ".json"} for c in ckpts)
@@ -32,6 +32,14 @@ def test_two_workers_train_and_audit(trained, tmp_path):
     assert saved["n_bootstrap"] == 1000 and lo <= saved["acc"] <= hi and local["intervals"] == rep["intervals"]
     assert set(saved["intervals"]) == {"acc", "wst", "std", "eo", "dp"}
     assert set(saved["group_acc"]) == {"y0_s0", "y0_s1", "y1_s0", "y1_s1"}
+    # the folder's Hugging Face card, written again by the audit: WST with its interval in model-index
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(model_dir / "README.md")
+    wst = next(r for r in card.data.eval_results if r.metric_type == "worst_group_accuracy")
+    lo, hi = saved["intervals"]["wst"]
+    assert wst.metric_value == round(saved["wst"], 4) and f"95% interval [{lo:.3f}, {hi:.3f}]" in wst.metric_name
+    assert card.data.fairness_audit["wst"]["ci"] == [round(lo, 4), round(hi, 4)] and "Audit on the test split" in card.text
     assert (tmp_path / "audit" / "group_acc.png").read_bytes()[:4] == b"\x89PNG"
     # the same weights on the same split: the audit is reused, not predicted again
     mtime = (tmp_path / "audit" / "group_acc.png").stat().st_mtime_ns

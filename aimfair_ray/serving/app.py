@@ -244,7 +244,8 @@ class Api:
     @api.get("/v1/models")
     def models(self) -> dict:
         return {"models": [{"id": i, "backbone": c["backbone"], "provenance": c["provenance"],
-                            "audit": {k: c["audit"][k] for k in ("acc", "wst", "std", "eo")} if c["audit"] else None}
+                            "audit": {k: c["audit"][k] for k in ("acc", "wst", "std", "eo")} if c["audit"] else None,
+                            "model_card": c.get("model_card")}
                            for i, c in self.cards.items()]}
 
     @api.get("/v1/models/{model_id}/card")

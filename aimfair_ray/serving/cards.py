@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from aimfair_ray.modelcard import CARD, card_config
 from aimfair_ray.storage import exists, is_uri, parent, read_bytes, read_json, read_text
 
 AUDIT_KEYS = ("acc", "wst", "std", "eo", "eod_worst", "dp", "group_acc", "n", "cell_counts", "warnings", "intervals",
@@ -27,29 +28,19 @@ def provenance(meta: dict) -> dict:
             "method": method}
 
 
-# What a reader of a card needs from the training config: the data, the model and how it was trained
-# (no local paths, storage URIs or cluster settings).
-CARD_CONFIG = {"data": ("dataset", "target", "sensitive", "image_size", "bias", "seed"),
-               "model": ("backbone", "pretrained", "width"),
-               "train": ("epochs", "batch_size", "lr", "optimizer", "seed"),
-               "finetune": ("method", "k", "score_mode", "epochs", "lr", "optimizer", "mix_real"),
-               "generate": ("pipeline", "backend", "steps", "guidance_scale", "n_balanced_per_cell", "filter"),
-               "group_dro": ("eta", "epochs"), "jtt": ("epochs", "upweight")}
-
-
-def card_config(config: Optional[dict]) -> Optional[dict]:
-    if not config:
-        return None
-    return {sec: {k: config[sec][k] for k in keys if k in (config.get(sec) or {})}
-            for sec, keys in CARD_CONFIG.items() if isinstance(config.get(sec), dict)}
-
-
 def shown_path(path: Path, root: str) -> str:
     """A model folder as a card shows it: relative to the serving root, else its last three parts."""
     try:
         return str(path.relative_to(Path(root).resolve()))
     except ValueError:
         return "/".join(path.parts[-3:])
+
+
+def _hf_card(d: Path) -> Optional[dict]:
+    """The metadata of the folder's Hugging Face model card (``README.md``), or None when it has none."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(d / CARD).data.to_dict() if (d / CARD).is_file() else None
 
 
 def model_card(model_id: str, model_dir: str, root: str = ".") -> tuple[dict, dict]:
@@ -71,7 +62,8 @@ def model_card(model_id: str, model_dir: str, root: str = ".") -> tuple[dict, di
     shown = str(model_dir) if is_uri(str(model_dir)) else shown_path(d, root)
     card = {"id": model_id, "path": shown, "backbone": meta["backbone"], "dataset": meta.get("dataset"),
             "target_names": meta["target_names"], "group_names": meta["group_names"], "image_size": meta["image_size"],
-            "val_metrics": meta.get("metrics"), "provenance": prov, "config": card_config(config), "audit": None}
+            "val_metrics": meta.get("metrics"), "provenance": prov, "config": card_config(config), "audit": None,
+            "model_card": _hf_card(d)}
     samples = (meta.get("provenance") or {}).get("synthetic_set")
     chart = None
     if exists(f"{stage}/audit/audit.json"):
