@@ -7,7 +7,7 @@ import numpy as np
 
 from aimfair_ray import AimfairError
 from aimfair_ray.data.io import check_split, decode_batch, files_sha, read_split, read_table
-from aimfair_ray.metrics import INTERVAL_LEVEL, bootstrap_intervals, fairness_report
+from aimfair_ray.metrics import INTERVAL_LEVEL, bootstrap_intervals, cell_intervals, fairness_report
 from aimfair_ray.models import check_checkpoint_dir, load_classifier, weights_sha
 from aimfair_ray.storage import atomic_write_bytes, exists, made_with, read_json, write_json
 
@@ -98,6 +98,7 @@ def with_evidence(report: dict, y, p, s, n_boot: int, seed: int = 0, target_name
     warning (``trivial``: True when EO and DP are ~0 by construction)."""
     n_cls, n_grp = len(report["confusion"]["s0"]), len(report["confusion"])
     report["intervals"] = bootstrap_intervals(y, p, s, n_cls, n_grp, n_boot, seed) if n_boot else {}
+    report["group_acc_intervals"] = cell_intervals(y, p, s, n_cls, n_grp, n_boot, seed) if n_boot else {}
     report["n_bootstrap"], report["interval_level"] = n_boot, INTERVAL_LEVEL
     said = one_class(report, target_names)
     report["trivial"] = bool(said)

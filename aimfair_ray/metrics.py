@@ -143,14 +143,35 @@ def bootstrap_intervals(y_true, y_pred, groups, n_classes: int, n_groups: int, n
     group) cell's rows with replacement, keeping its size (the test set's design), so a replicate's predictions
     in a cell are a multinomial draw from that cell's observed predictions. Seeded: the same inputs and seed
     give the same intervals."""
-    k = count_table(y_true, y_pred, groups, n_classes, n_groups)
-    rng = np.random.default_rng(seed)
-    boot = np.zeros((n_boot, *k.shape), dtype=np.int64)
-    for c in range(n_classes):
-        for g in range(n_groups):
-            n = int(k[c, g].sum())
-            if n:
-                boot[:, c, g] = rng.multinomial(n, k[c, g] / n, size=n_boot)
+    boot = _replicates(count_table(y_true, y_pred, groups, n_classes, n_groups), n_boot, seed)
     reps = metrics_from_counts(boot)
     q = (1 - level) / 2
     return {m: [float(np.quantile(reps[m], q)), float(np.quantile(reps[m], 1 - q))] for m in INTERVAL_METRICS}
+
+
+def _replicates(k: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """``n_boot`` bootstrap count tables of ``k``: each (true class, group) cell redrawn at its size."""
+    rng = np.random.default_rng(seed)
+    boot = np.zeros((n_boot, *k.shape), dtype=np.int64)
+    for c in range(k.shape[0]):
+        for g in range(k.shape[1]):
+            n = int(k[c, g].sum())
+            if n:
+                boot[:, c, g] = rng.multinomial(n, k[c, g] / n, size=n_boot)
+    return boot
+
+
+def cell_intervals(y_true, y_pred, groups, n_classes: int, n_groups: int, n_boot: int = 1000, seed: int = 0,
+                   level: float = INTERVAL_LEVEL) -> dict[str, list[float]]:
+    """The percentile bootstrap interval of each (target, group) cell's accuracy (``y<c>_s<g>``), from the same
+    replicates as :func:`bootstrap_intervals` with the same seed."""
+    k = count_table(y_true, y_pred, groups, n_classes, n_groups)
+    boot = _replicates(k, n_boot, seed)
+    q = (1 - level) / 2
+    out = {}
+    for c in range(n_classes):
+        for g in range(n_groups):
+            if k[c, g].sum():
+                acc = boot[:, c, g, c] / k[c, g].sum()
+                out[f"y{c}_s{g}"] = [float(np.quantile(acc, q)), float(np.quantile(acc, 1 - q))]
+    return out

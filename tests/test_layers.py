@@ -19,7 +19,7 @@ LEVELS = {
     "train": 3, "egt": 3,
     "evaluate": 4, "benchmark": 5, "sweep": 5,
     "serving": 6, "pipeline": 6, "submit": 6, "plan": 6, "report": 6, "figures": 6,
-    "cli": 7,
+    "cli": 7, "api": 7,
 }
 # Shared pieces inside the data package, which every stage may read.
 SHARED_DATA = {"data.codecs", "data.captions", "data.io", "data.feed", "data.cmnist", "data.bias", "data.samples"}

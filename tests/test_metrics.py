@@ -119,3 +119,38 @@ def test_a_one_class_model_is_named_and_its_eo_and_dp_marked_trivial():
     fine = fairness_report(y, y, s, 2, 2)
     with_evidence(fine, y, y, s, 0)
     assert not fine["trivial"] and fine["warnings"] == [] and fine["intervals"] == {} and fmt(fine, "eo") == "0.0000"
+
+
+def test_any_torch_classifier_audited_through_the_api_as_frames_with_intervals():
+    """api.audit_classifier: a plain PyTorch model (not this project's checkpoint) on labelled uint8 images; its
+    Audit gives the overall figures and each cell's accuracy as pandas frames with intervals, equal to fairlearn's."""
+    import torch
+
+    from aimfair_ray import AimfairError
+    from aimfair_ray.api import audit_classifier
+
+    rng = np.random.default_rng(0)
+    y, s = rng.integers(0, 2, 400), rng.integers(0, 2, 400)
+    images = rng.integers(0, 100, (400, 8, 8, 3)).astype(np.uint8)
+    images[..., 0] += (150 * y).astype(np.uint8)[:, None, None]  # the red channel says the class...
+    images[..., 0] = np.where(((s == 1) & (rng.random(400) < 0.3))[:, None, None], 0, images[..., 0])  # ...less for group 1
+
+    class RedIsOne(torch.nn.Module):
+        def forward(self, x):
+            red = x[:, 0].mean((1, 2))
+            return torch.stack([0.4 - red, red - 0.4], 1)
+
+    a = audit_classifier(RedIsOne(), images, y, s, target_names=["no", "yes"], group_names=["a", "b"], batch_size=64)
+    p = (images[..., 0].astype(float).mean((1, 2)) / 255 > 0.4).astype(int)
+    mf = MetricFrame(metrics=accuracy_score, y_true=y, y_pred=p, sensitive_features=s)
+    assert a.summary.loc["acc", "value"] == pytest.approx(mf.overall)
+    cells = a.by_cell
+    assert list(cells.columns) == ["target", "group", "n", "accuracy", "ci_low", "ci_high"]
+    assert cells.loc["y1_s1", ["target", "group"]].tolist() == ["yes", "b"] and cells["n"].sum() == 400
+    assert (cells["ci_low"] <= cells["accuracy"]).all() and (cells["accuracy"] <= cells["ci_high"]).all()
+    assert a.summary.loc["wst", "value"] == cells["accuracy"].min() < a.summary.loc["acc", "value"]
+    s_ = a.summary
+    assert ((s_["ci_low"] <= s_["value"]) & (s_["value"] <= s_["ci_high"])).all() and not a.one_class
+    assert "WST" in repr(a) and "[" in repr(a)
+    with pytest.raises(AimfairError, match="400 images, 399 targets"):
+        audit_classifier(RedIsOne(), images, y[:-1], s)
