@@ -16,6 +16,22 @@ class AimfairError(Exception):
     """A user-facing error: the message names the problem and how to fix it."""
 
 
+RENAMED = {  # old spelling -> (new spelling, what it names); accepted until 0.2 with a one-line notice
+    "aimfair minmax": ("aimfair egt", "the EGT command"),
+    "sweep minmax": ("sweep group_dro", "the Group DRO sweep"),
+    "submit minmax": ("submit egt", "the EGT job"),
+}
+
+
+def renamed(old: str) -> str:
+    """The new spelling of ``old``, after one line on stderr saying so."""
+    import sys
+
+    new, what = RENAMED[old]
+    print(f"note: `{old}` is now `{new}` ({what}); the old spelling is accepted until aimfair-ray 0.2", file=sys.stderr)
+    return new
+
+
 def __getattr__(name: str):
     # diffusers resolves a saved pipeline's custom components as getattr(aimfair_ray, ClassName).
     if name in ("AimfairT2IPipeline", "TextProjection"):

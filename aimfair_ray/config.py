@@ -292,7 +292,7 @@ class EGTTextConfig(_Strict):
 
 
 class EGTConfig(_Strict):
-    """EGT min–max fine-tuning of generators (aimfair minmax image|text, aimfair benchmark egt).
+    """EGT min–max fine-tuning of generators (aimfair egt image|text, aimfair benchmark egt).
     Workers and resources come from the train section."""
 
     objective: Literal["erm", "reweight", "minmax", "conditional"] = "minmax"

@@ -23,7 +23,7 @@ STAGES = {
     "generate": "generate_synthetic.py",
     "baseline": "train_baseline.py",
     "finetune": "selective_finetune.py",
-    "minmax": "minmax_finetune.py",
+    "egt": "egt_finetune.py",
     "sweep": "sweep.py",
     "audit": "audit.py",
     "benchmark": "benchmark.py",
@@ -77,6 +77,10 @@ def runtime_env(working_dir: str, env_file: Optional[str]) -> dict:
 
 
 def entrypoint(stage: str, args: list[str], working_dir: str, python: str = "python") -> str:
+    if stage == "minmax":
+        from aimfair_ray import renamed
+
+        stage = renamed("submit minmax").split()[1]
     if stage not in STAGES:
         raise AimfairError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     script = f"jobs/{STAGES[stage]}"

@@ -139,7 +139,7 @@ def test_a_request_no_live_node_holds_is_refused_at_once_naming_a_layer_that_fit
     with pytest.raises(AimfairError, match=r"holds 4 at once .*lower train.num_workers"):
         require("a Ray Train run", 5, 1, 0, "train.num_workers")  # the session's head: 4 CPUs
     require("a Ray Train run", 4, 1, 0, "train.num_workers")  # fits: nothing said
-    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "aimfair"), "minmax", "image", "--config", "gpu",
+    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "aimfair"), "egt", "image", "--config", "gpu",
                           "--set", f"output_dir={tmp_path}"], env=dict(os.environ, RAY_ADDRESS=ray_cluster),
                          capture_output=True, text=True, timeout=300)
     said = [ln for ln in res.stdout.splitlines() if ln.startswith("error:")]

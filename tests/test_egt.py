@@ -155,13 +155,14 @@ def test_results_table_and_targets():
 
 
 def test_minmax_cli_rejects_bad_input():
-    res = CliRunner().invoke(app, ["minmax", "video"])
+    res = CliRunner().invoke(app, ["egt", "video"])
     assert res.exit_code == 2 and "choose image or text" in res.output
     res = CliRunner().invoke(app, ["benchmark", "egt", "image", "--objectives", "dro"])
     assert res.exit_code == 2 and "unknown --objectives" in res.output
-    res = CliRunner().invoke(app, ["minmax", "text", "--set", "egt.minority_share=1.5"])
+    res = CliRunner().invoke(app, ["egt", "text", "--set", "egt.minority_share=1.5"])
     assert res.exit_code == 2 and "minority_share" in res.output
-    res = CliRunner().invoke(app, ["minmax", "image", "--preset", "celeba", "--set", "data.root=/tmp"])
+    res = CliRunner().invoke(app, ["minmax", "image", "--preset", "celeba", "--set", "data.root=/tmp"])  # the old name
     assert res.exit_code == 2 and "from colored_mnist only, not data.dataset celeba" in res.output  # not digits
+    assert "note: `aimfair minmax` is now `aimfair egt`" in res.output
     res = CliRunner().invoke(app, ["serve", "--image-pipeline", "/nonexistent/model"])
     assert res.exit_code == 2 and "no diffusers pipeline there" in res.output

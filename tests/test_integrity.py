@@ -376,7 +376,7 @@ EGT_DRIVER = ("import sys; from aimfair_ray.config import load_config; from aimf
 @pytest.mark.faults
 def test_the_driver_killed_during_an_egt_run_resumes_to_the_figures_of_an_uninterrupted_run(egt_image, ray_cluster,
                                                                                            tmp_path):
-    """A driver running EGT fine-tuning (what `aimfair minmax image` runs after measuring the pretrained model)
+    """A driver running EGT fine-tuning (what `aimfair egt image` runs after measuring the pretrained model)
     killed after its first registered checkpoint; the same driver again resumes from it (not from step 0)
     and ends with the history and group weights of the same run never stopped."""
     from conftest import egt_image_sets

@@ -313,7 +313,7 @@ def test_egt_text_runs_on_a_users_corpus_on_the_store(cluster, store):
             "egt.text.train_layers=1", "egt.text.lora_rank=2", "egt.batch_size=4", f"egt.text.data={corpus}",
             "egt.text.text_column=sentence", "egt.text.group_column=team", "egt.text.unit_column=person",
             "egt.text.groups=[crew,cast]"]
-    res = _aimfair(["minmax", "text", *_sets(sets)], cluster["env"])
+    res = _aimfair(["egt", "text", *_sets(sets)], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
     stage = f"{out_dir}/cmnist/egt/text/conditional-seed0"
     q = read_json(f"{stage}/quality.json")

@@ -33,7 +33,7 @@ def test_pareto_front_known_answer():
 
 def test_spec_checks_and_trial_configs():
     base = load_config("cmnist")
-    for kind in ("selective", "minmax", "egt-image", "egt-text"):
+    for kind in ("selective", "group_dro", "egt-image", "egt-text"):
         spec = load_spec(kind)
         check_space(base, spec)
         assert len(spec.space) >= 2
@@ -69,7 +69,7 @@ def test_spec_checks_and_trial_configs():
 def test_sweep_cli_bad_input_exits_nonzero(tmp_path, monkeypatch):
     runner = CliRunner()
     res = runner.invoke(app, ["sweep", "bogus", "--set", f"output_dir={tmp_path}"])
-    assert res.exit_code == 2 and "choose selective, minmax, egt-image, egt-text" in res.output
+    assert res.exit_code == 2 and "choose selective, group_dro, egt-image, egt-text" in res.output
     f = tmp_path / "s.yaml"
     f.write_text("space:\n  finetune.k: {grid: [0.5]}\nobjective: val_accuracy\n")
     res = runner.invoke(app, ["sweep", "selective", "--space", str(f), "--set", f"output_dir={tmp_path}"])
@@ -79,8 +79,9 @@ def test_sweep_cli_bad_input_exits_nonzero(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-    res = runner.invoke(app, ["sweep", "minmax", "--wandb", "--set", f"output_dir={tmp_path}"])
+    res = runner.invoke(app, ["sweep", "minmax", "--wandb", "--set", f"output_dir={tmp_path}"])  # the old kind name
     assert res.exit_code == 2 and "WANDB_API_KEY" in res.output
+    assert "note: `sweep minmax` is now `sweep group_dro`" in res.output
 
 
 SPACE = """\

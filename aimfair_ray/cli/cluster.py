@@ -60,7 +60,7 @@ def serve_cmd(config: str = typer.Option("serve/config.yaml", "--config", help="
 
 @top.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit_cmd(ctx: typer.Context,
-               stage: str = typer.Argument(..., help="prepare | generate | baseline | finetune | minmax | sweep | audit "
+               stage: str = typer.Argument(..., help="prepare | generate | baseline | finetune | egt | sweep | audit "
                                                      "| pipeline"),
                address: Optional[str] = AddressOpt,
                working_dir: str = typer.Option(".", "--working-dir", help="the project checkout, uploaded with the job"),

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from aimfair_ray import AimfairError, pipeline
+from aimfair_ray import AimfairError, pipeline, renamed
 from aimfair_ray.cli.common import ConfigOpt, ForceOpt, PresetOpt, SetOpt, console, log, run, run_with_config
 from aimfair_ray.storage import read_text
 
@@ -37,8 +37,8 @@ def _egt_table(kind: str, rows: dict) -> None:
     console.print(t)
 
 
-@top.command("minmax")
-def minmax_cmd(kind: str = typer.Argument(..., help="image (diffusion) | text (causal LM)"),
+@top.command("egt")
+def egt_cmd(kind: str = typer.Argument(..., help="image (diffusion) | text (causal LM)"),
                preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                force: bool = ForceOpt):
     """EGT min–max fine-tuning of a generator on group-imbalanced data (objective: egt.objective), then
@@ -57,6 +57,14 @@ def minmax_cmd(kind: str = typer.Argument(..., help="image (diffusion) | text (c
 
     run(lambda: check_kind(kind))
     run_with_config(body, preset, config, set_)
+
+
+@top.command("minmax", hidden=True)
+def minmax_cmd(kind: str = typer.Argument(..., help="image | text"), preset: str = PresetOpt,
+               config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+    """The old spelling of `aimfair egt`."""
+    renamed("aimfair minmax")
+    egt_cmd(kind, preset, config, set_, force)
 
 
 @bench_app.command("egt")
@@ -149,7 +157,7 @@ def benchmark_render_cmd(prefix: str = typer.Argument(..., help="a published AIM
 
 
 @top.command("sweep")
-def sweep_cmd(kind: str = typer.Argument(..., help="selective (AIM-Fair k, lr) | minmax (Group DRO eta, EMA decay) | "
+def sweep_cmd(kind: str = typer.Argument(..., help="selective (AIM-Fair k, lr) | group_dro (Group DRO eta, EMA decay) | "
                                                     "egt-image | egt-text (EGT update rule, eta, EMA decay, noise buckets)"),
               space: Optional[str] = typer.Option(None, "--space", help="sweep YAML; default: the shipped one for KIND"),
               name: Optional[str] = typer.Option(None, "--name", help="sweep name (its folder under <run>/sweep); default: KIND"),

@@ -62,7 +62,7 @@ def egt_image_source(dcfg) -> None:
     """EGT image draws its group sets from the dataset, or says in one line that it can't."""
     if not get(dcfg.dataset).egt_image:
         can = ", ".join(n for n, d in DATASETS.items() if d.egt_image)
-        raise AimfairError(f"aimfair minmax image draws its group sets from {can} only, not data.dataset "
+        raise AimfairError(f"aimfair egt image draws its group sets from {can} only, not data.dataset "
                            f"{dcfg.dataset}: run it with --preset cmnist (EGT on face images is not built yet)")
 
 

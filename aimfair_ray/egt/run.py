@@ -241,7 +241,7 @@ def measure(cfg: Config, kind: str, trained: dict | None, model_dir: str | None,
             for rel, data in files.items():
                 (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / rel).write_bytes(data)
-            manifest.write(tmp, redo=f"aimfair minmax {kind} --force")
+            manifest.write(tmp, redo=f"aimfair egt {kind} --force")
     return q
 
 

@@ -37,7 +37,7 @@ def resolve(config: str, models: Optional[list[str]] = None, image_pipeline: Opt
         if not any(Path(image_pipeline, f).is_file() for f in ("model_index.json", "adapter.json")):
             raise AimfairError(f"--image-pipeline {image_pipeline}: no diffusers pipeline there (model_index.json, or "
                                "adapter.json of LoRA adapters, is missing); pass a pipeline folder, e.g. the model/ of "
-                               "an `aimfair minmax image` run")
+                               "an `aimfair egt image` run")
         args["image_pipeline"] = str(Path(image_pipeline).resolve())
     args["models"] = {i: p if is_uri(p) else str(Path(p).resolve()) for i, p in (args.get("models") or {}).items()}
     if token_file:

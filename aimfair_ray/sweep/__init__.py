@@ -2,7 +2,7 @@
 
 A sweep YAML (see ``presets/sweeps/``) names config paths and how to search them::
 
-    kind: selective                 # selective (AIM-Fair fine-tuning) | minmax (Group DRO weights)
+    kind: selective                 # selective (AIM-Fair fine-tuning) | group_dro (Group DRO weights)
                                     # | egt-image | egt-text (EGT min–max fine-tuning of a generator)
     space:
       finetune.k:  {grid: [0.2, 0.5, 0.8]}

@@ -19,7 +19,7 @@ SWEEP_METRICS = (  # what a trial reports and a spec may name (EGT: val_quality,
     "val_acc", "val_wst", "val_eo", "val_std", "val_gap", "val_loss", "train_loss", "train_acc",
     "val_quality", "val_quality_gap")
 HIGHER_IS_BETTER = frozenset({"val_acc", "val_wst", "train_acc"})
-KINDS = ("selective", "minmax", "egt-image", "egt-text")
+KINDS = ("selective", "group_dro", "egt-image", "egt-text")
 
 
 class Asha(BaseModel):
@@ -96,6 +96,10 @@ class SweepSpec(BaseModel):
 
 def load_spec(kind: str, path: Optional[str] = None) -> SweepSpec:
     """The shipped sweep for ``kind``, or a user YAML."""
+    from aimfair_ray import renamed
+
+    if kind == "minmax":
+        kind = renamed("sweep minmax").split()[1]
     src = Path(path) if path else SWEEP_DIR / f"{kind}.yaml"
     if not src.is_file():
         raise AimfairError(f"sweep file {src} does not exist" if path else
@@ -105,6 +109,8 @@ def load_spec(kind: str, path: Optional[str] = None) -> SweepSpec:
     except yaml.YAMLError as e:
         raise AimfairError(f"{src}: not valid YAML ({e})") from None
     raw.setdefault("kind", kind)
+    if raw["kind"] == "minmax":
+        raw["kind"] = renamed("sweep minmax").split()[1]
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as e:
