@@ -26,7 +26,8 @@ def test_checkpoint_roundtrip_and_pickle_refusal(tmp_path):
     m2, meta2 = load_classifier(tmp_path / "ck")
     x = torch.randn(3, 3, 32, 32)
     assert torch.allclose(m(x), m2(x)) and meta2 == dict(meta, weights_sha256=meta2["weights_sha256"])
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["_COMPLETE", "model.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["README.md", "_COMPLETE", "model.json",
+                                                                   "model.safetensors"]  # README.md: its model card
     bad = tmp_path / "pickled"
     bad.mkdir()
     torch.save(m.state_dict(), bad / "model.pt")

@@ -1,24 +1,29 @@
 """The quickstart notebook (notebooks/quickstart.ipynb) runs top to bottom through the Python API, in a Jupyter
-kernel of its own joined to the session's cluster, on the tiny run the fine-tuning tests already made (its stages
-are reused where they match; the audits run)."""
+kernel of its own joined to the session's cluster, on a copy of the session's tiny trained run (its data and
+baseline are reused; generation with the embedded model, fine-tuning and the audits run)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from conftest import TINY, tiny_gen
+from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_quickstart_notebook_runs_the_chain_through_the_api(synth, ray_cluster, tiny_pipeline, monkeypatch):
+def test_the_quickstart_notebook_runs_the_chain_through_the_api(trained, ray_cluster, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    cfg, _ = synth
-    settings = TINY + tiny_gen(tiny_pipeline) + [f"output_dir={cfg.output_dir}", "train.num_workers=2",
-                                                  "finetune.epochs=2", "finetune.batch_size=8"]
+    from aimfair_ray.config import load_config
+
+    cfg0, _, _ = trained
+    settings = TINY + [f"output_dir={tmp_path}", "train.num_workers=2"]  # the trained fixture's, in a copy
+    shutil.copytree(cfg0.run_dir, tmp_path / "cmnist", ignore=shutil.ignore_patterns("ray", "finetune", "wg", "logs",
+                                                                                       "synthetic"))
+    cfg = load_config("cmnist", overrides=settings)
     monkeypatch.setenv("AIMFAIR_NOTEBOOK_SETTINGS", json.dumps(settings))
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
@@ -32,3 +37,4 @@ def test_the_quickstart_notebook_runs_the_chain_through_the_api(synth, ray_clust
     assert row[1:4] == ["digit>=5", "green", str(audit["cell_counts"]["y1_s1"])]
     assert float(row[4]) == round(audit["group_acc"]["y1_s1"], 2)
     assert (Path(cfg.stage_dir("finetune/selective")) / "model" / "README.md").is_file()  # the audit wrote its card
+    assert "train: reusing" in text[5]  # the copied baseline, not trained again
