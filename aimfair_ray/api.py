@@ -138,8 +138,7 @@ def audit_classifier(model, images, targets, groups, transform: Optional[Callabl
     import torch
 
     from aimfair_ray import AimfairError
-    from aimfair_ray.evaluate import small_cells, with_evidence
-    from aimfair_ray.metrics import fairness_report
+    from aimfair_ray.evaluate import audit_report
 
     y, s = np.asarray(targets, dtype=int), np.asarray(groups, dtype=int)
     if not len(images) == len(y) == len(s):
@@ -154,8 +153,6 @@ def audit_classifier(model, images, targets, groups, transform: Optional[Callabl
     p = np.concatenate(preds)
     n_cls = int(max(y.max(), p.max()) + 1) if target_names is None else len(target_names)
     n_grp = int(s.max() + 1) if group_names is None else len(group_names)
-    report = fairness_report(y, p, s, n_cls, n_grp)
-    report.update(target_names=target_names or [f"class {c}" for c in range(n_cls)],
-                  group_names=group_names or [f"group {g}" for g in range(n_grp)],
-                  warnings=small_cells(report, min_cell, knob="min_cell"))
-    return Audit(with_evidence(report, y, p, s, n_bootstrap, seed, report["target_names"]))
+    return Audit(audit_report(y, p, s, target_names or [f"class {c}" for c in range(n_cls)],
+                              group_names or [f"group {g}" for g in range(n_grp)], min_cell, n_bootstrap, seed,
+                              knob="min_cell"))

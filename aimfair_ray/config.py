@@ -19,6 +19,13 @@ RECIPE_DIR = PRESET_DIR / "recipes"  # layers for --config that change what a ru
 BACKBONES = ("small_cnn", "resnet18", "efficientnet_lite0")
 
 
+def _registered_name(v: str, names, what: str, quote: bool = False) -> str:
+    """``v`` when a registry holds it, else the one line naming the registry's entries."""
+    if v not in names:
+        raise ValueError(f"unknown {what} {v!r}; choose one of {', '.join(repr(k) if quote else k for k in names)}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -72,9 +79,7 @@ class DataConfig(_Strict):
     def _registered(cls, v: str) -> str:
         from aimfair_ray.data.datasets import DATASETS
 
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; choose one of {', '.join(repr(k) for k in DATASETS)}")
-        return v
+        return _registered_name(v, DATASETS, "dataset", quote=True)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -221,9 +226,7 @@ class FinetuneConfig(_Strict):
     def _registered(cls, v: str) -> str:
         from aimfair_ray.train.methods import METHODS
 
-        if v not in METHODS:
-            raise ValueError(f"unknown fine-tuning method {v!r}; choose one of {', '.join(METHODS)}")
-        return v
+        return _registered_name(v, METHODS, "fine-tuning method")
 
     deepspeed: bool = Field(False,
         description="run the loop through DeepSpeed on the Ray Train workers (extra: aimfair-ray[deepspeed])")

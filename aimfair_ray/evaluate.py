@@ -175,16 +175,24 @@ def audit(model_dir: str, split_dir: str, out_dir: str, acfg=None, title: str | 
                       acfg.local_max_rows)
     if len(p["target"]) == 0:
         raise AimfairError(f"{split_dir} holds no rows to audit")
-    report = fairness_report(p["target"], p["pred"], p["group"], meta["num_classes"], len(meta["group_names"]))
-    report.update({"model_dir": model_dir, "split_dir": split_dir,
-                   "target_names": meta["target_names"], "group_names": meta["group_names"],
-                   "min_cell": acfg.min_cell, "warnings": small_cells(report, acfg.min_cell)})
-    with_evidence(report, p["target"], p["pred"], p["group"], acfg.n_bootstrap, acfg.bootstrap_seed, meta["target_names"])
+    report = audit_report(p["target"], p["pred"], p["group"], meta["target_names"], meta["group_names"],
+                          acfg.min_cell, acfg.n_bootstrap, acfg.bootstrap_seed)
+    report.update(model_dir=model_dir, split_dir=split_dir)
     write_json(f"{out_dir}/audit.json", report)
     atomic_write_bytes(f"{out_dir}/group_acc.png", group_acc_chart(report, title, acfg.min_cell))
     write_json(f"{out_dir}/run.json", key)
     write_card(model_dir, report)
     return report
+
+
+def audit_report(y, p, s, target_names: list, group_names: list, min_cell: int, n_boot: int, seed: int = 0,
+                 knob: str = "audit.min_cell") -> dict:
+    """An audit of predictions ``p``: the fairness figures, the class and group names, the small-cell warnings
+    (``knob`` names the setting) and the evidence (:func:`with_evidence`)."""
+    report = fairness_report(y, p, s, len(target_names), len(group_names))
+    report.update(target_names=list(target_names), group_names=list(group_names), min_cell=min_cell,
+                  warnings=small_cells(report, min_cell, knob=knob))
+    return with_evidence(report, y, p, s, n_boot, seed, list(target_names))
 
 
 def write_card(model_dir: str, report: dict) -> None:

@@ -1,7 +1,7 @@
 """Model cards in the Hugging Face format: a ``README.md`` with YAML metadata beside a classifier's weights.
 
-The metadata holds the datasets, the backbone and the weights it started from (``base_checkpoint``:
-the baseline a fine-tuned model started from; no Hugging Face hub id exists for them),
+The metadata holds the datasets, the backbone and the weights it started from (no Hugging Face hub
+id exists for them),
 ``model-index`` with the audit's figures (each metric's name carries its 95% bootstrap interval, as
 ``model-index`` has no field for one), and two fields of this project's: ``fairness_audit`` (every
 metric with its interval as numbers, the interval level, the one-class flag) and ``provenance`` (the
@@ -76,8 +76,7 @@ def classifier_card(meta: dict, audit: Optional[dict] = None, config: Optional[d
                          eval_results=results or None, fairness_audit=fairness,
                          provenance=meta.get("provenance"), training=card_config(config),
                          classes=meta.get("target_names"), groups=meta.get("group_names"),
-                         backbone=meta["backbone"], backbone_weights=start or "random initialisation",
-                         base_checkpoint=meta.get("baseline"))
+                         backbone=meta["backbone"], backbone_weights=start or "random initialisation")
     body = [f"# {dataset}: {method} ({meta['backbone']})", "",
             f"A {len(meta.get('target_names', []))}-class image classifier ({', '.join(meta.get('target_names', []))}) "
             f"trained by aimfair-ray ({method}); its groups: {', '.join(meta.get('group_names', []))}.", ""]
