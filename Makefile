@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-EXTRAS := dev,wandb,deepspeed,lora
+EXTRAS := dev,docs,wandb,deepspeed,lora
 STAMP  := $(VENV)/.aimfair-setup
 
 export RAY_TMPDIR ?= /tmp/aimfair-ray
@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export DS_BUILD_OPS ?= 0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/aimfair/torch_extensions
 
-.PHONY: setup browser demo test test-fast lint clean
+.PHONY: setup browser demo test test-fast lint docs clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt assets.txt Makefile
@@ -37,8 +37,12 @@ test: setup browser
 test-fast: setup
 	$(PY) -m pytest -q -m "not ray" --durations=10 tests
 
-lint: setup
+lint: setup docs
 	$(VENV)/bin/ruff check .
+
+# The docs site (mkdocs.yml): built offline, strict (a broken link, a stale figure or a missing page fails it).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Debian's Chromium, for the test that loads the Serve audit page in a headless browser.
 browser:
@@ -47,4 +51,4 @@ browser:
 	  $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq chromium >/dev/null; }
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs site .pytest_cache

@@ -17,7 +17,7 @@ import numpy as np
 
 from aimfair_ray.config import Config, FinetuneConfig
 from aimfair_ray.metrics import HEADLINE
-from aimfair_ray.reports import csv_text, figure_png, machine, markdown_table, mean_std, pyplot
+from aimfair_ray.reports import csv_text, figure_png, machine, markdown_table, pyplot, summary, verdict
 from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, exists, write_json
 
 EXTRA_ROWS = {  # rows beyond the baseline and the registered fine-tuning methods, in table order
@@ -131,21 +131,6 @@ def _train_seed(scfg: Config, methods, root: str, log) -> dict[str, dict]:
     return out
 
 
-def t95(n: int) -> float:
-    """The two-sided 95% Student-t quantile for n values (n - 1 degrees of freedom)."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
-
-
-def summary(values) -> dict:
-    """Mean, sample std, the 95% interval of the mean, and the values."""
-    out = mean_std(values)
-    half = t95(len(out["values"])) * out["std"] / math.sqrt(len(out["values"]))
-    out["ci95"] = [out["mean"] - half, out["mean"] + half] if len(out["values"]) > 1 else [out["mean"], out["mean"]]
-    return out
-
-
 def official(cell_accs: list[dict]) -> dict:
     """The official code's aggregation: average each cell's accuracy over seeds, then WST (the minimum)
     and STD (np.std, population) of those averages."""
@@ -225,17 +210,6 @@ def comparisons(table: dict, per_seed: dict[int, dict[str, dict]]) -> dict:
     against the baseline, and the paper's claims."""
     pair = paired(per_seed)
     return {"paired": pair, "versus_baseline": versus_baseline(per_seed), "targets": targets(table, pair)}
-
-
-def verdict(d: dict, higher: bool) -> str:
-    """What a paired difference (``ref - other`` over seeds, with its 95% interval) says: "better" or "worse" when
-    the interval excludes 0, else that the data do not decide at this many seeds."""
-    lo, hi = d["ci95"]
-    if d["n"] > 1 and (lo > 0 if higher else hi < 0):
-        return "better"
-    if d["n"] > 1 and (hi < 0 if higher else lo > 0):
-        return "worse"
-    return f"not decided at {d['n']} seed{'s' if d['n'] != 1 else ''}"
 
 
 def targets(table: dict, pair: dict) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -34,6 +35,32 @@ def mean_std(values: Sequence[float]) -> dict:
     """``{"mean", "std", "values"}``: the sample standard deviation (ddof 1), 0 for a single value."""
     vals = [float(v) for v in values]
     return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "values": vals}
+
+
+def t95(n: int) -> float:
+    """The two-sided 95% Student-t quantile for n values (n - 1 degrees of freedom)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
+
+
+def summary(values) -> dict:
+    """Mean, sample std, the 95% interval of the mean, and the values."""
+    out = mean_std(values)
+    half = t95(len(out["values"])) * out["std"] / math.sqrt(len(out["values"]))
+    out["ci95"] = [out["mean"] - half, out["mean"] + half] if len(out["values"]) > 1 else [out["mean"], out["mean"]]
+    return out
+
+
+def verdict(d: dict, higher: bool) -> str:
+    """What a paired difference (``ref - other`` over seeds, with its 95% interval) says: "better" or "worse" when
+    the interval excludes 0, else that the data do not decide at this many seeds."""
+    lo, hi = d["ci95"]
+    if d["n"] > 1 and (lo > 0 if higher else hi < 0):
+        return "better"
+    if d["n"] > 1 and (hi < 0 if higher else lo > 0):
+        return "worse"
+    return f"not decided at {d['n']} seed{'s' if d['n'] != 1 else ''}"
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> list[str]:

@@ -28,6 +28,7 @@ STAGES = {
     "audit": "audit.py",
     "benchmark": "benchmark.py",
     "pipeline": "pipeline.py",
+    "plan": "plan.py",
 }
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_RUNTIME_ENV = "cluster/runtime_env.yaml"

@@ -191,7 +191,8 @@ def test_jtt_upweights_exactly_the_misclassified_rows():
 
 
 def test_benchmark_aggregations_and_paired_differences():
-    from aimfair_ray.benchmark import aggregate, official, paired, targets, to_markdown, verdict, versus_baseline
+    from aimfair_ray.benchmark import aggregate, official, paired, targets, to_markdown, versus_baseline
+    from aimfair_ray.reports import verdict
 
     def audit(acc, wst, cells):
         return {"acc": acc, "wst": wst, "std": float(np.std(list(cells.values()))), "eo": 1 - wst, "group_acc": cells}
@@ -276,17 +277,3 @@ def test_the_published_aimfair_table_is_its_json_rendered(name):
     result = json.loads(prefix.with_suffix(".json").read_text())
     assert render(result) == prefix.with_suffix(".md").read_text()
     assert "not decided at 5 seeds" in render(result) and result["rendered"]["command"].startswith("aimfair benchmark render")
-
-
-def test_the_readme_figures_are_their_results_files_rendered():
-    """Every figures block in the README is what its renderer makes of its results file: a figure typed by hand,
-    or a results file published without rendering the page again, fails here."""
-    from aimfair_ray.figures import BLOCK, ROOT, synced
-
-    text = (ROOT / "README.md").read_text()
-    blocks = BLOCK.findall(text)
-    assert {b[2] for b in blocks if b[1] == "aimfair"} == {"benchmarks/results/aimfair-lite0.json",
-                                                            "benchmarks/results/aimfair-cmnist.json"}
-    assert synced(text) == (text, [])
-    tampered = text.replace("| baseline | 5 | ", "| baseline | 5 | 1", 1)
-    assert tampered != text and synced(tampered)[1] == ["benchmarks/results/aimfair-lite0.json"]  # the first table

@@ -16,7 +16,7 @@ from aimfair_ray.config import Config
 from aimfair_ray.egt.quality import HIGHER_IS_BETTER
 from aimfair_ray.egt.run import group_names, pretrained_quality, train_generator
 from aimfair_ray.egt.tasks import get
-from aimfair_ray.reports import csv_text, machine, markdown_table, mean_std
+from aimfair_ray.reports import csv_text, machine, markdown_table, mean_std, summary, verdict
 from aimfair_ray.storage import atomic_write_text, write_json
 
 
@@ -60,12 +60,30 @@ def targets(table: dict, kind: str) -> dict:
     return out
 
 
+def paired(table: dict, kind: str) -> dict:
+    """Min–max minus ERM, paired per seed (both rows' values are in seed order), of every metric's gap and overall
+    quality: the mean difference, its 95% interval over seeds, and what the interval decides ("better": min–max's
+    gap smaller, its overall quality better)."""
+    out = {}
+    if "erm" not in table or "minmax" not in table:
+        return out
+    for m in get(kind).metrics:
+        out[m] = {}
+        for part, higher in (("gap", False), ("overall", m in HIGHER_IS_BETTER)):
+            e, x = table["erm"][m][part]["values"], table["minmax"][m][part]["values"]
+            if len(e) == len(x):
+                d = dict(summary([b - a for a, b in zip(e, x)]), n=len(e))
+                out[m][part] = dict(d, decided=verdict(d, higher))
+    return out
+
+
 def _pm(v: dict) -> str:
     return f"{v['mean']:.4g} ± {v['std']:.2g}"
 
 
 def to_markdown(res: dict) -> str:
     kind, groups, table = res["kind"], res["groups"], res["table"]
+    pair = paired(table, kind)
     lines = [f"# EGT on {kind}: {res['model']}", "",
              f"Seeds {', '.join(map(str, res['seeds']))}; {res['steps']} fine-tuning steps on a group-imbalanced set "
              f"({100 * (1 - res['minority_share']):.0f}% {groups[0]} / {100 * res['minority_share']:.0f}% {groups[1]}); "
@@ -77,12 +95,16 @@ def to_markdown(res: dict) -> str:
             ["objective", "setting", *groups, "gap", "overall", "wall (s)"],
             [[name.split(" ")[0], r.get("setting", "—"), *(_pm(r[m]["groups"][g]) for g in groups), _pm(r[m]["gap"]),
               _pm(r[m]["overall"]), r.get("wall_s", "—")] for name, r in table.items()])
-        t = res["targets"].get(m)
+        t, d = res["targets"].get(m), pair.get(m, {})
         if t:
             lines += ["", f"Min–max against ERM: gap cut {100 * t['gap_cut']:.1f}% (target ≥ 50%: "
                           f"{'met' if t['gap_target_met'] else 'not met'}), overall quality "
                           f"{'worse' if t['overall_worse'] > 0 else 'better'} by {100 * abs(t['overall_worse']):.1f}% "
                           f"(target ≤ 5% worse: {'met' if t['overall_target_met'] else 'not met'})."]
+        if d:
+            lines += ["Paired per seed, min–max minus ERM (95% interval; what it decides): " + "; ".join(
+                f"{part} {v['mean']:+.4g} [{v['ci95'][0]:+.4g}, {v['ci95'][1]:+.4g}], {v['decided']}"
+                for part, v in d.items()) + "."]
         lines.append("")
     for m, title in get(kind).extra_metrics.items():
         rows = [[name.split(" ")[0], r.get("setting", "—"), *(f"{r[m][g]['mean']:.3f}" for g in groups)]
