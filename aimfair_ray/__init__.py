@@ -4,7 +4,7 @@ Stages, in the one direction data flows:
     data -> generate -> train (and egt) -> evaluate -> serving
 with shared pieces below them: ``config``, ``paths``, ``storage``, ``models`` (classifiers and
 their safetensors checkpoints), ``llm`` (causal LMs), ``data.codecs``, ``distributed`` (the one
-Ray Train runner), ``metrics``, ``minmax`` and ``reports``. Algorithms are plain PyTorch
+Ray Train runner), ``metrics``, ``minmax`` and ``tables``. Algorithms are plain PyTorch
 (``metrics``, ``minmax``, ``train.loop``, ``train.selective``); the Ray code wraps them.
 ``pipeline`` chains the stages; ``cli`` exposes them as the ``aimfair`` command.
 """

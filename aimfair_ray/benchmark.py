@@ -17,8 +17,8 @@ import numpy as np
 
 from aimfair_ray.config import Config, FinetuneConfig
 from aimfair_ray.metrics import HEADLINE
-from aimfair_ray.reports import csv_text, figure_png, machine, markdown_table, pyplot, summary, verdict
 from aimfair_ray.storage import atomic_write_bytes, atomic_write_text, exists, write_json
+from aimfair_ray.tables import csv_text, figure_png, machine, markdown_table, pyplot, summary, verdict
 
 EXTRA_ROWS = {  # rows beyond the baseline and the registered fine-tuning methods, in table order
     "selective_project": "selective with the project's default fine-tuning recipe (AdamW lr 1e-3, batch 32, eval-mode "

@@ -354,7 +354,7 @@ DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 class TaskConfig(_Strict):
     """What the prompts describe: classes and groups with their phrasings, context axes, the templates
     ({subject}, {cls}, {grp}, {ctx}) and the LLM instruction. Null fields come from the data's
-    registered task when the config loads (aimfair_ray.tasks: digits, CelebA and UTKFace faces)."""
+    registered task when the config loads (aimfair_ray.prompt_tasks: digits, CelebA and UTKFace faces)."""
 
     subject: Optional[str] = None
     classes: Optional[list[Phrasing]] = None
@@ -426,7 +426,7 @@ class Config(_Strict):
     def _prompt_task(self) -> "Config":
         from aimfair_ray import AimfairError
         from aimfair_ray.data.datasets import get
-        from aimfair_ray.tasks import resolve
+        from aimfair_ray.prompt_tasks import resolve
 
         try:
             reg = get(self.data.dataset).task(self.data)

@@ -123,7 +123,7 @@ WORST, BAR, LOW = "#c0392b", "#2e86c1", 0.012  # LOW: the drawn height of a 0.00
 def group_acc_chart(report: dict, title: str, min_cell: int = 30) -> bytes:
     """Per-cell accuracy bars with each cell's n; the worst cell in red with a marker above it (also at 0),
     cells under ``min_cell`` test images hatched and flagged."""
-    from aimfair_ray.reports import figure_png, pyplot
+    from aimfair_ray.tables import figure_png, pyplot
 
     keys = list(report["group_acc"])
     vals = [report["group_acc"][k] for k in keys]

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from aimfair_ray.reports import markdown_table
+from aimfair_ray.tables import markdown_table
 
 RENDERERS: dict[str, Callable[[dict], str]] = {}
 BLOCK = re.compile(r"(<!-- figures: (\S+) (\S+) -->\n)(.*?)(<!-- /figures -->)", re.S)

@@ -69,7 +69,7 @@ def _synthetic(run: Path, src: str, names) -> dict | None:
 
 
 def _models(run: Path) -> dict | None:
-    from aimfair_ray.reports import figure_png, pyplot
+    from aimfair_ray.tables import figure_png, pyplot
 
     audits = {}
     for f in sorted(run.rglob("audit/audit.json")):

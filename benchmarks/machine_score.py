@@ -73,7 +73,7 @@ def score() -> dict:
     finally:
         torch.set_num_threads(threads)
     parts = {k: 100 * REFERENCE_S[k] / s for k, s in secs.items()}
-    from aimfair_ray.reports import stamp
+    from aimfair_ray.tables import stamp
 
     return {"score": round(math.prod(parts.values()) ** (1 / len(parts)), 1),
             "parts": {k: round(v, 1) for k, v in parts.items()}, "seconds": {k: round(v, 3) for k, v in secs.items()},

@@ -275,7 +275,7 @@ def main() -> None:
     out = Path(f"benchmarks/results/serve_load{f'-{a.backbone}-{size}' if a.backbone else ''}"
                f"{f'-r{a.replicas}' if a.replicas else ''}{'' if a.in_ingress == 'auto' else f'-ingress-{a.in_ingress}'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    from aimfair_ray.reports import stamp
+    from aimfair_ray.tables import stamp
 
     out.write_text(json.dumps({**stamp(" ".join(["python", *sys.argv])),
                                "model": a.model, "backbone": a.backbone, "image_size": size, "replicas": a.replicas,

@@ -249,8 +249,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the figures here (stamped with the command, machine and date)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from aimfair_ray.reports import stamp
     from aimfair_ray.storage import read_text, upload_dir
+    from aimfair_ray.tables import stamp
 
     work = Path(tempfile.mkdtemp(prefix="store-cost-"))
     s3_port = free_ports(1)[0]

@@ -192,7 +192,7 @@ def test_jtt_upweights_exactly_the_misclassified_rows():
 
 def test_benchmark_aggregations_and_paired_differences():
     from aimfair_ray.benchmark import aggregate, official, paired, targets, to_markdown, versus_baseline
-    from aimfair_ray.reports import verdict
+    from aimfair_ray.tables import verdict
 
     def audit(acc, wst, cells):
         return {"acc": acc, "wst": wst, "std": float(np.std(list(cells.values()))), "eo": 1 - wst, "group_acc": cells}

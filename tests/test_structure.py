@@ -116,7 +116,7 @@ def test_run_paths_name_every_artefact_a_stage_hands_on(tmp_path):
 
 
 def test_reports_helpers():
-    from aimfair_ray.reports import csv_text, figure_png, markdown_table, mean_std, pyplot
+    from aimfair_ray.tables import csv_text, figure_png, markdown_table, mean_std, pyplot
 
     assert mean_std([1, 3]) == {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "values": [1.0, 3.0]}
     assert mean_std([5])["std"] == 0.0

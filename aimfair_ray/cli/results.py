@@ -11,6 +11,7 @@ import typer
 from aimfair_ray import AimfairError, pipeline, renamed
 from aimfair_ray.cli.common import ConfigOpt, ForceOpt, PresetOpt, SetOpt, console, log, run, run_with_config
 from aimfair_ray.storage import read_text
+from aimfair_ray.sweep.kinds import KINDS as SWEEP_KINDS
 
 top = typer.Typer()
 bench_app = typer.Typer(no_args_is_help=True, help="Results tables over seeds.")
@@ -157,8 +158,7 @@ def benchmark_render_cmd(prefix: str = typer.Argument(..., help="a published AIM
 
 
 @top.command("sweep")
-def sweep_cmd(kind: str = typer.Argument(..., help="selective (AIM-Fair k, lr) | group_dro (Group DRO eta, EMA decay) | "
-                                                    "egt-image | egt-text (EGT update rule, eta, EMA decay, noise buckets)"),
+def sweep_cmd(kind: str = typer.Argument(..., help=" | ".join(f"{k.name} ({k.help})" for k in SWEEP_KINDS.values())),
               space: Optional[str] = typer.Option(None, "--space", help="sweep YAML; default: the shipped one for KIND"),
               name: Optional[str] = typer.Option(None, "--name", help="sweep name (its folder under <run>/sweep); default: KIND"),
               fresh: bool = typer.Option(False, "--fresh", help="discard an earlier sweep of this name instead of resuming it"),

@@ -12,7 +12,7 @@ import numpy as np
 
 from aimfair_ray.config import DIGITS as WORDS
 from aimfair_ray.config import TaskConfig
-from aimfair_ray.tasks import DIGIT_TASK
+from aimfair_ray.prompt_tasks import DIGIT_TASK
 
 TEMPLATES = DIGIT_TASK.templates
 

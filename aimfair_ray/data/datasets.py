@@ -83,14 +83,14 @@ def _cmnist_check(d) -> None:
 
 
 def _digit_task(d):
-    from aimfair_ray.tasks import DIGIT_TASK  # not at import: config's defaults are validated while config loads
+    from aimfair_ray.prompt_tasks import DIGIT_TASK  # not at import: config's defaults are validated while config loads
 
     return DIGIT_TASK
 
 
 def _face_task(dataset: str) -> Callable:
     def task(d):
-        from aimfair_ray.tasks import face_task
+        from aimfair_ray.prompt_tasks import face_task
 
         return face_task(dataset, d.target, d.sensitive)
     return task

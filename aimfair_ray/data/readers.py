@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from aimfair_ray import AimfairError
+from aimfair_ray.prompt_tasks import UTK_NAMES
 from aimfair_ray.storage import base_name, exists, files_under, join, missing_files, open_file, read_text, resolve
-from aimfair_ray.tasks import UTK_NAMES
 
 SPLIT_NAMES = {0: "train", 1: "val", 2: "test"}
 

@@ -43,7 +43,7 @@ def first_per_cell(directory: str, per_cell: int = 6) -> dict[tuple[int, int], l
 
 def sample_grid(directory: str, title: str, target_names=None, group_names=None, per_cell: int = 6) -> bytes | None:
     """The grid as PNG bytes (None for an empty set)."""
-    from aimfair_ray.reports import figure_png, pyplot
+    from aimfair_ray.tables import figure_png, pyplot
 
     cells = first_per_cell(directory, per_cell)
     if not cells:

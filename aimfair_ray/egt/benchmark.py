@@ -16,8 +16,8 @@ from aimfair_ray.config import Config
 from aimfair_ray.egt.quality import HIGHER_IS_BETTER
 from aimfair_ray.egt.run import group_names, pretrained_quality, train_generator
 from aimfair_ray.egt.tasks import get
-from aimfair_ray.reports import csv_text, machine, markdown_table, mean_std, summary, verdict
 from aimfair_ray.storage import atomic_write_text, write_json
+from aimfair_ray.tables import csv_text, machine, markdown_table, mean_std, summary, verdict
 
 
 def row(qualities: list[dict], kind: str, groups: list[str]) -> dict:

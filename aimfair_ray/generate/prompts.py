@@ -1,5 +1,5 @@
 """CSDG prompt stage: N prompts per (target, group) cell that name the cell's class and
-group, with diverse contexts, for the run's task (``aimfair_ray.tasks``: digits, faces). Backends:
+group, with diverse contexts, for the run's task (``aimfair_ray.prompt_tasks``: digits, faces). Backends:
 - ``template``: the task's templates and context banks, no model;
 - ``transformers``: a local HF model folder or GGUF file (default: the bundled
   SmolLM2-135M-Instruct) in a Ray Data actor pool;
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from aimfair_ray import AimfairError
-from aimfair_ray.tasks import phrase_spans
+from aimfair_ray.prompt_tasks import phrase_spans
 
 
 def cells(task) -> list[tuple[int, int]]:

@@ -93,7 +93,7 @@ def check_task(cfg) -> None:
     """The prompt task must describe the run's data: the digit task (the default) refuses other
     datasets, and the task's classes and groups must match the prepared data's, one for one."""
     from aimfair_ray.data.datasets import get
-    from aimfair_ray.tasks import DIGIT_TASK
+    from aimfair_ray.prompt_tasks import DIGIT_TASK
 
     task = cfg.generate.task
     if task.classes is None or task.groups is None:

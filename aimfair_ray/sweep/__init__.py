@@ -2,8 +2,8 @@
 
 A sweep YAML (see ``presets/sweeps/``) names config paths and how to search them::
 
-    kind: selective                 # selective (AIM-Fair fine-tuning) | group_dro (Group DRO weights)
-                                    # | egt-image | egt-text (EGT min–max fine-tuning of a generator)
+    kind: selective                 # a registered kind (sweep/kinds.py): selective, group_dro,
+                                    # egt-image, egt-text
     space:
       finetune.k:  {grid: [0.2, 0.5, 0.8]}
       finetune.lr: {loguniform: [3.0e-4, 3.0e-3]}
@@ -16,15 +16,16 @@ checkpoint's) metrics to the trial, which reports them to Tune, so ASHA can stop
 The sweep resumes with ``Tuner.restore``: finished and failed trials are kept, interrupted ones
 continue from their Train checkpoints.
 
-The package: :mod:`.spec` (the YAML spec, validation, trial configs), :mod:`.run` (Tune
-around the trainers, resume, collection) and :mod:`.report` (Pareto front, chart, summary).
+The package: :mod:`.spec` (the YAML spec, validation, trial configs), :mod:`.kinds` (the
+registry of sweep kinds), :mod:`.run` (Tune around the trainers, resume, collection) and
+:mod:`.pareto` (Pareto front, chart, summary).
 
 Outputs under ``<run>/sweep/<name>/``: ``trials.csv``/``trials.json`` (config, metrics,
 status, checkpoint of every trial), ``pareto.png``, ``summary.md``, ``sweep.yaml`` and
 ``config.yaml`` (the base config).
 """
 
-from aimfair_ray.sweep.report import pareto_front
+from aimfair_ray.sweep.pareto import pareto_front
 from aimfair_ray.sweep.run import sweep
 from aimfair_ray.sweep.spec import SweepSpec, check_space, concurrency, load_spec, trial_config
 

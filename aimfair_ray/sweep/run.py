@@ -31,32 +31,17 @@ from aimfair_ray.storage import (
     remove,
     write_json,
 )
-from aimfair_ray.sweep.report import best_row, pareto_chart, pareto_front, summary_md, trials_csv
+from aimfair_ray.sweep.pareto import best_row, pareto_chart, pareto_front, summary_md, trials_csv
 from aimfair_ray.sweep.spec import HIGHER_IS_BETTER, SWEEP_METRICS, SweepSpec, check_space, concurrency, param_space, trial_config
 
 
 # ---- one trial ---------------------------------------------------------------------------
-def _train(cfg: Config, sp: SweepSpec, stage: str, sweep_stage: str, baseline_dir: Optional[str], callbacks) -> dict:
-    if sp.egt:
-        from aimfair_ray.egt.run import train_generator
-
-        return train_generator(cfg, sp.egt, stage=stage, callbacks=callbacks, score=sp.weights, quality=False)
-    if sp.kind == "selective":
-        from aimfair_ray.train.finetune import finetune
-
-        return finetune(cfg, cfg.finetune.method, stage=stage, baseline_dir=baseline_dir,
-                        scores_stage=f"{sweep_stage}/scores", callbacks=callbacks, score=sp.weights)
-    from aimfair_ray.train.baseline import train_group_dro
-
-    return train_group_dro(cfg, stage=stage, callbacks=callbacks, score=sp.weights)
-
-
 def _train_and_record(cfg: Config, sp: SweepSpec, stage: str, sweep_stage: str, baseline_dir: Optional[str], callbacks,
                       params: dict) -> dict:
     """The trial's Train run, and one line for it in the trial's ``attempts.log``, written as soon as it
     ends: "trained" when this call ran (or resumed) the run, "reused" when it had already finished
     before an interruption (Tune reruns a trial it had not yet recorded as ended)."""
-    res = _train(cfg, sp, stage, sweep_stage, baseline_dir, callbacks)
+    res = sp.registered.train(cfg, stage, sweep_stage, baseline_dir, callbacks, sp.weights)
     append_line(f"{cfg.stage_dir(stage)}/attempts.log", f"{time.strftime('%Y-%m-%dT%H:%M:%S')} "
                 f"{'reused' if res.get('reused') else 'trained'} {json.dumps(params)}")
     return res
@@ -188,19 +173,6 @@ def _absolute(cfg: Config) -> Config:
     return Config.model_validate(raw)
 
 
-def _prerequisites(cfg: Config, spec: SweepSpec) -> Optional[str]:
-    """What every selective trial needs: the run's baseline and synthetic sets (the gradient scores come next)."""
-    if spec.kind != "selective":
-        return None
-    from aimfair_ray.train.finetune import synthetic_dir
-
-    baseline_dir = cfg.paths.baseline_model
-    if not exists(f"{baseline_dir}/model.json"):
-        raise AimfairError(f"no baseline at {baseline_dir}: run `aimfair demo` (or `aimfair train baseline`) first")
-    synthetic_dir(cfg, "balanced")  # a clear error if `aimfair generate all` has not run
-    return baseline_dir
-
-
 def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool = False, fresh: bool = False,
           log=print) -> dict:
     """Run (or resume) the sweep; returns the rows, the best trial and where the outputs are."""
@@ -217,26 +189,22 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
         from aimfair_ray.tracking import wandb_mode
 
         wandb_mode()  # fails now, not inside every trial, when online mode has no key
-    baseline_dir = _prerequisites(cfg, spec)
+    kind = spec.registered
+    first = trial_config(cfg, {}, spec)  # the base plus the sweep's overrides
     resources = ensure_ray(cfg.ray, cfg.output_dir)
     t0 = time.time()
-    first = trial_config(cfg, {}, spec)  # the base plus the sweep's overrides
     exp_name = f"{cfg.name}-sweep-{name}"
     exp_path = f"{cfg.ray_storage}/{exp_name}"
     if fresh:
         remove(out)
         remove(exp_path)
-    if spec.kind == "selective":
-        from aimfair_ray.train.finetune import compute_scores
-
-        compute_scores(first, baseline_dir, log=log, stage=f"{sweep_stage}/scores")
+    baseline_dir = kind.prepare(cfg, first, sweep_stage, log) if kind.prepare else None
     saved = {"spec": spec.model_dump(mode="json"), "config": cfg.outcome()}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), spec=spec.model_dump(mode="json"),
                              sweep_stage=sweep_stage, baseline_dir=baseline_dir),
         {"CPU": 0.1})  # the trial only drives a TorchTrainer; its workers hold the CPUs/GPUs
-    epochs = (first.egt.steps if spec.egt else first.finetune.epochs if spec.kind == "selective"
-              else (first.group_dro.epochs or first.train.epochs))
+    epochs = kind.length(first)
     n_conc = concurrency(first, spec, resources)
     from ray.tune import Tuner
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from aimfair_ray import AimfairError
 from aimfair_ray.config import Config, apply_override, format_validation_error, set_value
+from aimfair_ray.sweep.kinds import KINDS, SweepKind, get
 
 SWEEP_DIR = Path(__file__).parent.parent / "presets" / "sweeps"
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
@@ -19,7 +20,6 @@ SWEEP_METRICS = (  # what a trial reports and a spec may name (EGT: val_quality,
     "val_acc", "val_wst", "val_eo", "val_std", "val_gap", "val_loss", "train_loss", "train_acc",
     "val_quality", "val_quality_gap")
 HIGHER_IS_BETTER = frozenset({"val_acc", "val_wst", "train_acc"})
-KINDS = ("selective", "group_dro", "egt-image", "egt-text")
 
 
 class Asha(BaseModel):
@@ -33,7 +33,7 @@ class SweepSpec(BaseModel):
     """A sweep: what varies, what is optimised, and how the search runs."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal[KINDS]
+    kind: str = Field(description="a sweep kind registered in sweep/kinds.py")
     space: dict[str, dict[str, list]] = Field(min_length=1)
     objective: Union[str, dict[str, float]] = "val_wst"
     mode: Literal["max", "min"] = "max"
@@ -42,6 +42,13 @@ class SweepSpec(BaseModel):
     max_concurrent_trials: Optional[int] = Field(None, ge=1, description="null: as many as the cluster's resources hold")
     asha: Asha = Asha()
     overrides: list[str] = Field([], description="--set style overrides applied to every trial's config")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in KINDS:
+            raise ValueError(f"unknown sweep kind {v!r}; choose one of {', '.join(KINDS)}")
+        return v
 
     @field_validator("space")
     @classmethod
@@ -68,14 +75,18 @@ class SweepSpec(BaseModel):
         return v
 
     @property
+    def registered(self) -> SweepKind:
+        """What this sweep's trials train (:mod:`.kinds`)."""
+        return get(self.kind)
+
+    @property
     def egt(self) -> str | None:
         """The EGT task a sweep of EGT fine-tuning runs (image, text), else None."""
-        return self.kind.split("-", 1)[1] if self.kind.startswith("egt-") else None
+        return self.registered.egt
 
     @property
     def time_attr(self) -> str:
-        """What ASHA counts: Train epochs, or EGT steps (reported every egt.checkpoint_every)."""
-        return "step" if self.egt else "epoch"
+        return self.registered.time_attr
 
     @property
     def n_trials(self) -> int:
@@ -103,7 +114,7 @@ def load_spec(kind: str, path: Optional[str] = None) -> SweepSpec:
     src = Path(path) if path else SWEEP_DIR / f"{kind}.yaml"
     if not src.is_file():
         raise AimfairError(f"sweep file {src} does not exist" if path else
-                           f"unknown sweep {kind!r}; choose {', '.join(KINDS)}")
+                           f"unknown sweep {kind!r}; choose {', '.join(KINDS)}")  # a registered kind ships its YAML
     try:
         raw = yaml.safe_load(src.read_text()) or {}
     except yaml.YAMLError as e:

@@ -226,7 +226,7 @@ class ElementMask:
 
 def plot(domain: dict[str, float], bias: dict[str, float], chosen: list[str], title: str) -> bytes:
     """A PNG: both scores per tensor (log scale), the chosen tensors marked."""
-    from aimfair_ray.reports import figure_png, pyplot
+    from aimfair_ray.tables import figure_png, pyplot
 
     names = list(domain)
     x = range(len(names))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from aimfair_ray.reports import csv_text, figure_png, markdown_table, pyplot
 from aimfair_ray.sweep.spec import HIGHER_IS_BETTER, SWEEP_METRICS, SweepSpec
+from aimfair_ray.tables import csv_text, figure_png, markdown_table, pyplot
 
 
 def pareto_front(points: list[tuple[float, float]], x_high: bool = True) -> list[int]:

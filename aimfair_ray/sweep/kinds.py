@@ -1,0 +1,93 @@
+"""Sweep kinds: what a sweep's trials train. A kind is one ``@register``ed :class:`SweepKind`; the CLI's
+help, the spec's validation and the sweep loop read the registry, so a new kind is one entry here plus its
+YAML in ``presets/sweeps/`` (and no ``if kind == ...`` anywhere)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from aimfair_ray import AimfairError
+
+
+@dataclass(frozen=True)
+class SweepKind:
+    """One kind of sweep.
+
+    - ``train(cfg, stage, sweep_stage, baseline_dir, callbacks, score)``: one trial's Ray Train run; returns its
+      result (``history``, ``reused``, ...) and reports every epoch (or EGT checkpoint) through ``callbacks``.
+    - ``length(cfg)``: how many epochs (or EGT steps) a trial runs: what ASHA counts up to.
+    - ``prepare(cfg, trial_cfg, sweep_stage, log)``: what every trial needs, made once before any runs (the
+      baseline and its selection scores); returns the baseline's folder, or None.
+    - ``egt``: the EGT task its trials fine-tune (``image``, ``text``), None for a classifier sweep.
+    """
+
+    name: str
+    help: str
+    train: Callable[..., dict]
+    length: Callable[..., int]
+    prepare: Optional[Callable[..., Optional[str]]] = None
+    egt: Optional[str] = None
+
+    @property
+    def time_attr(self) -> str:
+        """What ASHA counts: Train epochs, or EGT steps (reported every egt.checkpoint_every)."""
+        return "step" if self.egt else "epoch"
+
+
+KINDS: dict[str, SweepKind] = {}
+
+
+def register(kind: SweepKind) -> SweepKind:
+    KINDS[kind.name] = kind
+    return kind
+
+
+def get(name: str) -> SweepKind:
+    if name not in KINDS:
+        raise AimfairError(f"unknown sweep {name!r}; choose {', '.join(KINDS)}")
+    return KINDS[name]
+
+
+# ---- the shipped kinds ---------------------------------------------------------------------
+def _selective_prepare(cfg, trial_cfg, sweep_stage: str, log) -> str:
+    from aimfair_ray.storage import exists
+    from aimfair_ray.train.finetune import compute_scores, synthetic_dir
+
+    baseline_dir = cfg.paths.baseline_model
+    if not exists(f"{baseline_dir}/model.json"):
+        raise AimfairError(f"no baseline at {baseline_dir}: run `aimfair demo` (or `aimfair train baseline`) first")
+    synthetic_dir(cfg, "balanced")  # a clear error if `aimfair generate all` has not run
+    compute_scores(trial_cfg, baseline_dir, log=log, stage=f"{sweep_stage}/scores")
+    return baseline_dir
+
+
+def _selective_train(cfg, stage, sweep_stage, baseline_dir, callbacks, score) -> dict:
+    from aimfair_ray.train.finetune import finetune
+
+    return finetune(cfg, cfg.finetune.method, stage=stage, baseline_dir=baseline_dir,
+                    scores_stage=f"{sweep_stage}/scores", callbacks=callbacks, score=score)
+
+
+def _group_dro_train(cfg, stage, sweep_stage, baseline_dir, callbacks, score) -> dict:
+    from aimfair_ray.train.baseline import train_group_dro
+
+    return train_group_dro(cfg, stage=stage, callbacks=callbacks, score=score)
+
+
+def _egt_train(task: str):
+    def train(cfg, stage, sweep_stage, baseline_dir, callbacks, score) -> dict:
+        from aimfair_ray.egt.run import train_generator
+
+        return train_generator(cfg, task, stage=stage, callbacks=callbacks, score=score, quality=False)
+    return train
+
+
+register(SweepKind("selective", "AIM-Fair fine-tuning of the run's baseline: finetune.k, lr", _selective_train,
+                   lambda c: c.finetune.epochs, prepare=_selective_prepare))
+register(SweepKind("group_dro", "the Group DRO baseline's group weights: group_dro.eta, EMA decay", _group_dro_train,
+                   lambda c: c.group_dro.epochs or c.train.epochs))
+for _task in ("image", "text"):
+    register(SweepKind(f"egt-{_task}", f"EGT min–max fine-tuning of the {_task} generator: update rule, eta, EMA decay"
+                       + (", noise buckets" if _task == "image" else ""), _egt_train(_task), lambda c: c.egt.steps,
+                       egt=_task))
