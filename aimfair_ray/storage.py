@@ -80,14 +80,14 @@ def parent(path: str) -> str:
     return str(path).rstrip("/").rsplit("/", 1)[0]
 
 
-def _entries(directory: str, pattern: str, kind: pafs.FileType) -> list[str]:
+def _entries(directory: str, pattern: str, ftype: pafs.FileType) -> list[str]:
     import fnmatch
 
     fs, p = filesystem(directory)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return []
     return sorted(join(directory, i.base_name) for i in fs.get_file_info(pafs.FileSelector(p))
-                  if i.type == kind and fnmatch.fnmatch(i.base_name, pattern))
+                  if i.type == ftype and fnmatch.fnmatch(i.base_name, pattern))
 
 
 def listdir(directory: str, pattern: str = "*") -> list[str]:
@@ -104,10 +104,10 @@ def subdirs(directory: str, pattern: str = "*") -> list[str]:
 def remove(path: str) -> None:
     """Remove a file, or a folder with everything in it; nothing when it is not there."""
     fs, p = filesystem(path)
-    kind = fs.get_file_info(p).type
-    if kind == pafs.FileType.Directory:
+    ftype = fs.get_file_info(p).type
+    if ftype == pafs.FileType.Directory:
         fs.delete_dir(p)
-    elif kind == pafs.FileType.File:
+    elif ftype == pafs.FileType.File:
         fs.delete_file(p)
 
 

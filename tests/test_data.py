@@ -192,11 +192,11 @@ def test_a_registered_dataset_is_all_that_config_generate_and_the_filter_ask():
     from aimfair_ray.config import TaskConfig
     from aimfair_ray.data.datasets import DATASETS, Dataset, default_checker, read_dataset, register
     from aimfair_ray.data.readers import Labeled
-    from aimfair_ray.generate.stage import checker_kind
+    from aimfair_ray.generate.stage import checker_name
 
     with pytest.raises(AimfairError, match="unknown dataset 'imagenet'; choose one of 'colored_mnist', 'celeba'"):
         load_config("cmnist", overrides=["data.dataset=imagenet"])
-    assert checker_kind(load_config("cmnist")) == "digits"
+    assert checker_name(load_config("cmnist")) == "digits"
     assert default_checker(load_config("celeba").data) == "gender"  # Smiling / Male
     for preset, sets in (("celeba", ["data.sensitive=Young"]), ("celeba", ["data.dataset=manifest"])):
         d = load_config(preset, overrides=sets).data
@@ -217,7 +217,7 @@ def test_a_registered_dataset_is_all_that_config_generate_and_the_filter_ask():
         assert cfg.generate.task.subject == "a leaf" and [c.name for c in cfg.generate.task.classes] == ["healthy", "sick"]
         assert read_dataset(cfg.data).frame.equals(frame)
         with pytest.raises(AimfairError, match="no checker for leaves"):
-            checker_kind(cfg)
-        assert checker_kind(load_config("celeba", overrides=["data.dataset=leaves", "generate.checker=clip"])) == "clip"
+            checker_name(cfg)
+        assert checker_name(load_config("celeba", overrides=["data.dataset=leaves", "generate.checker=clip"])) == "clip"
     finally:
         DATASETS.pop("leaves")

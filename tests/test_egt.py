@@ -136,7 +136,7 @@ def test_results_table_and_targets():
     t = targets(table, "text")["ppl"]
     assert t["gap_cut"] == pytest.approx(1 - 3.5 / 11) and t["gap_target_met"]
     assert t["overall_worse"] == pytest.approx(13.75 / 15.5 - 1) and t["overall_target_met"]
-    res = {"kind": "text", "model": "m", "seeds": [0, 1], "groups": groups, "steps": 3, "minority_share": 0.1,
+    res = {"task": "text", "model": "m", "seeds": [0, 1], "groups": groups, "steps": 3, "minority_share": 0.1,
            "n_per_group": 4, "table": table, "targets": targets(table, "text")}
     md = to_markdown(res)
     assert "| minmax | unconditional | 12 ± 0 | 15.5 ± 0.71 | 3.5 ± 0.71 |" in md and "gap cut 68.2%" in md

@@ -244,14 +244,14 @@ def test_generate_all_under_celeba_with_a_tiny_sd_pipeline(faces_run):
                                       for p, c, g in zip(prompts["prompt"], prompts["target"], prompts["group"]))
     counts = set_counts(cfg)
     assert counts["imbalanced"] == {"y0_s0": 9, "y0_s1": 1, "y1_s0": 1, "y1_s1": 9}  # the data's majority pairing
-    for kind in ("balanced", "imbalanced"):
-        ids = written_ids(cfg.paths.synthetic_set(kind)).to_pylist()
-        planned = Plan(prompts, kind, counts[kind], cfg.generate.seed).ids().to_pylist()
+    for balance in ("balanced", "imbalanced"):
+        ids = written_ids(cfg.paths.synthetic_set(balance)).to_pylist()
+        planned = Plan(prompts, balance, counts[balance], cfg.generate.seed).ids().to_pylist()
         assert len(ids) == len(set(ids)) and sorted(ids) == sorted(planned)  # none missing, none twice
-    for kind in ("balanced", "imbalanced"):
-        df = read_split(cfg.paths.synthetic_set(kind)).to_pandas()
+    for balance in ("balanced", "imbalanced"):
+        df = read_split(cfg.paths.synthetic_set(balance)).to_pandas()
         cells_ = (df["target"].astype(str).radd("y") + "_s" + df["group"].astype(str)).value_counts().to_dict()
-        assert cells_ == counts[kind] and set(df["source"]) == {"synthetic"} and df["prompt"].notna().all()
+        assert cells_ == counts[balance] and set(df["source"]) == {"synthetic"} and df["prompt"].notna().all()
     df = read_split(cfg.paths.synthetic_set("balanced")).to_pandas()
     assert decode_png(df["image"].iloc[0]).shape == (24, 24, 3)  # drawn at 32, saved at data.image_size (LANCZOS)
     shard = next(Path(cfg.paths.synthetic_set("balanced")).glob("shard-*.parquet"))

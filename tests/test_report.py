@@ -15,8 +15,8 @@ def test_report_opens_in_headless_chromium_with_every_section(synth, tmp_path):
     from aimfair_ray.report import write_report
 
     cfg, _ = synth
-    for kind in ("balanced", "imbalanced"):  # the generation stage drew each set's sample grid
-        png = Path(cfg.paths.synthetic_set(kind)) / "samples.png"
+    for balance in ("balanced", "imbalanced"):  # the generation stage drew each set's sample grid
+        png = Path(cfg.paths.synthetic_set(balance)) / "samples.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     rep = run_audit(cfg, title="baseline", log=lambda *_: None)
     path = write_report(cfg.run_dir)

@@ -354,9 +354,9 @@ def test_a_worker_node_lost_mid_generation_and_mid_training_resumes_from_the_sto
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
     assert "120/120 written" in out
-    for kind, n in (("balanced", 120), ("imbalanced", 8)):
-        ids = written_ids(f"{out_dir}/cmnist/synthetic/{kind}").to_pylist()
-        assert len(ids) == len(set(ids)) == n, kind  # every planned id once
+    for balance, n in (("balanced", 120), ("imbalanced", 8)):
+        ids = written_ids(f"{out_dir}/cmnist/synthetic/{balance}").to_pylist()
+        assert len(ids) == len(set(ids)) == n, balance  # every planned id once
     cluster["add"]("node_c")  # a new node joins (2 live nodes + 1); then a node with a Train worker is lost
     cluster["alive"](3)
     proc = cli(["train", "baseline", *_sets(sets)], env)

@@ -66,7 +66,7 @@ def test_a_registered_method_reaches_config_help_and_the_benchmark_rows():
 
 
 def test_egt_tasks_are_registered_with_their_metrics_and_objectives():
-    from aimfair_ray.egt.tasks import check_kind, get, tasks
+    from aimfair_ray.egt.tasks import check_task, get, tasks
 
     assert list(tasks()) == ["image", "text"]
     assert get("image").metrics[:3] == ("fid", "precision", "recall") and get("image").noise_levels
@@ -74,7 +74,7 @@ def test_egt_tasks_are_registered_with_their_metrics_and_objectives():
     cfg = load_config("cmnist")
     assert get("image").group_names(cfg) == ["red", "green"] and get("text").group_names(cfg) == ["male", "female"]
     with pytest.raises(AimfairError, match="choose image or text"):
-        check_kind("video")
+        check_task("video")
 
 
 def test_reuse_or_resume_reuses_a_finished_run_and_starts_a_changed_one_fresh(tmp_path):

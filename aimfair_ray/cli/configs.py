@@ -27,8 +27,8 @@ def config_presets():
     for p in list_presets():
         console.print(p)
     for p in list_resource_layers():
-        kind = "recipe" if (RECIPE_DIR / f"{p}.yaml").is_file() else "resource"
-        console.print(f"{p} ({kind} layer: --config {p})")
+        layer_type = "recipe" if (RECIPE_DIR / f"{p}.yaml").is_file() else "resource"
+        console.print(f"{p} ({layer_type} layer: --config {p})")
 
 
 @top.command("plan")

@@ -18,13 +18,13 @@ bench_app = typer.Typer(no_args_is_help=True, help="Results tables over seeds.")
 GROUPS = {None: top, "benchmark": bench_app}
 
 
-def _egt_table(kind: str, rows: dict) -> None:
+def _egt_table(task: str, rows: dict) -> None:
     from rich.table import Table
 
     from aimfair_ray.egt.tasks import get
 
-    metrics = get(kind).metrics
-    t = Table(title=f"EGT {kind}: per-group quality (lower is better)")
+    metrics = get(task).metrics
+    t = Table(title=f"EGT {task}: per-group quality (lower is better)")
     first = next(iter(rows.values()))
     groups = list(first[metrics[0]])
     t.add_column("model")
@@ -39,37 +39,37 @@ def _egt_table(kind: str, rows: dict) -> None:
 
 
 @top.command("egt")
-def egt_cmd(kind: str = typer.Argument(..., help="image (diffusion) | text (causal LM)"),
+def egt_cmd(task: str = typer.Argument(..., help="image (diffusion) | text (causal LM)"),
                preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
                force: bool = ForceOpt):
     """EGT min–max fine-tuning of a generator on group-imbalanced data (objective: egt.objective), then
     its per-group quality and the EGT gap beside the pretrained model's."""
     from aimfair_ray.egt.run import pretrained_quality, train_generator
-    from aimfair_ray.egt.tasks import check_kind
+    from aimfair_ray.egt.tasks import check_task
 
     def body(cfg):
         e = cfg.egt
-        log(f"egt: {kind}, objective {e.objective} (eta {e.eta}), {e.steps} steps on {cfg.train.num_workers} "
+        log(f"egt: {task}, objective {e.objective} (eta {e.eta}), {e.steps} steps on {cfg.train.num_workers} "
             f"Ray Train worker(s)")
-        base = pretrained_quality(cfg, kind, log)
-        res = train_generator(cfg, kind, force, log)
-        _egt_table(kind, {"pretrained": base, e.objective: res["quality"]})
+        base = pretrained_quality(cfg, task, log)
+        res = train_generator(cfg, task, force, log)
+        _egt_table(task, {"pretrained": base, e.objective: res["quality"]})
         log(f"egt: wrote {res['model_dir']} and its quality.json")
 
-    run(lambda: check_kind(kind))
+    run(lambda: check_task(task))
     run_with_config(body, preset, config, set_)
 
 
 @top.command("minmax", hidden=True)
-def minmax_cmd(kind: str = typer.Argument(..., help="image | text"), preset: str = PresetOpt,
+def minmax_cmd(task: str = typer.Argument(..., help="image | text"), preset: str = PresetOpt,
                config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
     """The old spelling of `aimfair egt`."""
     renamed("aimfair minmax")
-    egt_cmd(kind, preset, config, set_, force)
+    egt_cmd(task, preset, config, set_, force)
 
 
 @bench_app.command("egt")
-def benchmark_egt_cmd(kind: str = typer.Argument("all", help="image | text | all"),
+def benchmark_egt_cmd(task: str = typer.Argument("all", help="image | text | all"),
                       seeds: int = typer.Option(2, "--seeds", min=1, help="number of seeds (0, 1, ...)"),
                       objectives: Optional[str] = typer.Option(None, "--objectives",
                                                                help="comma-separated: erm, reweight, minmax, conditional"),
@@ -82,16 +82,16 @@ def benchmark_egt_cmd(kind: str = typer.Argument("all", help="image | text | all
     from aimfair_ray.egt.tasks import tasks
 
     known = tasks()
-    kinds = list(known) if kind == "all" else [kind]
+    chosen = list(known) if task == "all" else [task]
 
     def check():
-        if any(k not in known for k in kinds):
-            raise AimfairError(f"unknown EGT task {kind!r}; choose {', '.join(known)} or all")
-        if publish and len(kinds) > 1:
+        if any(k not in known for k in chosen):
+            raise AimfairError(f"unknown EGT task {task!r}; choose {', '.join(known)} or all")
+        if publish and len(chosen) > 1:
             raise AimfairError("--publish writes one task's table: pass image or text, not all")
 
     def body(cfg):
-        for k in kinds:
+        for k in chosen:
             objs = [o.strip() for o in objectives.split(",") if o.strip()] if objectives else None
             bad = [o for o in objs or [] if o not in known[k].objectives]
             if bad:

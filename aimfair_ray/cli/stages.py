@@ -27,14 +27,14 @@ def data_prepare(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOp
 @data_app.command("import-synthetic")
 def data_import_synthetic(manifest: str = typer.Argument(..., help="CSV or Parquet: path, target, group (prompt, "
                                                          "generator optional); paths relative to the manifest"),
-                          kind: str = typer.Option(..., "--as", help="balanced | imbalanced: which set of the run it is"),
+                          balance: str = typer.Option(..., "--as", help="balanced | imbalanced: which set of the run it is"),
                           generator: Optional[str] = typer.Option(None, "--generator",
                                                                   help="the generator's name, shown on model cards"),
                           preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt,
                           set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
     """Your own synthetic images as the run's balanced or imbalanced set (tagged synthetic, with the generator's
     name); class and group names must be the prepared data's."""
-    run_with_config(lambda cfg: pipeline.run_import(cfg, manifest, kind, generator, force, log), preset, config, set_)
+    run_with_config(lambda cfg: pipeline.run_import(cfg, manifest, balance, generator, force, log), preset, config, set_)
 
 
 @train_app.command("baseline")

@@ -68,11 +68,11 @@ def egt_image_source(dcfg) -> None:
 
 def default_checker(dcfg) -> str:
     """The filter's checker for ``generate.checker=auto``; one line when the dataset has none for its attributes."""
-    kind = get(dcfg.dataset).checker(dcfg)
-    if kind is None:
+    checker = get(dcfg.dataset).checker(dcfg)
+    if checker is None:
         raise AimfairError(f"generate.filter has no checker for {dcfg.dataset} ({dcfg.target} / {dcfg.sensitive}): set "
                            "generate.checker=clip (CLIP on the task's phrases) or generate.filter=false")
-    return kind
+    return checker
 
 
 def _cmnist_check(d) -> None:

@@ -84,7 +84,7 @@ def _key(manifest: str, cfg) -> dict:
     return {"manifest": absolute(manifest), **stat(manifest), "data": cfg.data.model_dump(mode="json")}
 
 
-def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_dir: str, force: bool = False,
+def import_synthetic(cfg, manifest: str, balance: str, generator: str | None, out_dir: str, force: bool = False,
                      log=print) -> dict:
     """Convert ``manifest`` into the set ``out_dir``; returns its ``import.json`` (reused when the
     manifest file and the data config are unchanged)."""
@@ -108,7 +108,7 @@ def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_d
 
     def tag(batch: pd.DataFrame) -> pd.DataFrame:
         batch = batch.copy()
-        batch["source"], batch["generator"], batch["split"] = "synthetic", gen, kind
+        batch["source"], batch["generator"], batch["split"] = "synthetic", gen, balance
         return batch[SCHEMA.names]
 
     def encode(batch: pd.DataFrame) -> pd.DataFrame:  # EncodeImages tags rows as real; keep the prompts
@@ -117,27 +117,27 @@ def import_synthetic(cfg, manifest: str, kind: str, generator: str | None, out_d
         out["prompt"] = [pr for pr, ok in zip(prompts, batch["id"].isin(out["id"])) if ok]
         return tag(out)
 
-    ds = ray.data.from_pandas(df[["id", "path", "target", "group", "prompt"]].assign(split=kind))
+    ds = ray.data.from_pandas(df[["id", "path", "target", "group", "prompt"]].assign(split=balance))
     C, G = len(meta["target_names"]), len(meta["group_names"])
     counts = {f"y{y}_s{s}": int(((df["target"] == y) & (df["group"] == s)).sum()) for y in range(C) for s in range(G)}
-    info = {"key": key, "kind": kind, "generator": name, "n": len(df), "cell_counts": counts}
+    info = {"key": key, "balance": balance, "generator": name, "n": len(df), "cell_counts": counts}
     with atomic_dir(out_dir, direct=True) as tmp:  # on a store, Ray Data's write tasks write there from any node
         ds.map_batches(encode, batch_format="pandas", batch_size=256).write_parquet(tmp, min_rows_per_file=2048)
         write_json(f"{tmp}/{IMPORT}", info)
-        write_samples(tmp, f"{kind} set imported from {base_name(manifest)} ({name})", meta["target_names"],
+        write_samples(tmp, f"{balance} set imported from {base_name(manifest)} ({name})", meta["target_names"],
                       meta["group_names"])
-        write_manifest(tmp, f"aimfair data import-synthetic {manifest} --as {kind} --force", digest(key))
-    log(f"import: {len(df)} images from {manifest} -> {out_dir} as the {kind} set (generator {name}); cells {counts}")
+        write_manifest(tmp, f"aimfair data import-synthetic {manifest} --as {balance} --force", digest(key))
+    log(f"import: {len(df)} images from {manifest} -> {out_dir} as the {balance} set (generator {name}); cells {counts}")
     return info
 
 
-def synthetic_source(cfg, path: str, kind: str, log=print) -> str:
+def synthetic_source(cfg, path: str, balance: str, log=print) -> str:
     """A ``finetune.synthetic*`` path as a set directory: a directory in the image schema as it is,
     a manifest imported into the run (once)."""
     if is_manifest(path):
         tag = hashlib.sha1(absolute(path).encode()).hexdigest()[:10]
-        out = f"{cfg.paths.synthetic}/import-{kind}-{tag}"
-        import_synthetic(cfg, path, kind, None, out, log=log)
+        out = f"{cfg.paths.synthetic}/import-{balance}-{tag}"
+        import_synthetic(cfg, path, balance, None, out, log=log)
         return out
     if not is_dir(path):
         raise AimfairError(f"synthetic set {path} is neither a directory in the aimfair image schema nor a "

@@ -7,7 +7,7 @@ evaluation set. Each row names its setting: ``conditional`` (the group named in 
 tag) or ``unconditional`` (images: sampled without it and sorted into groups by the checker).
 The targets compare min–max with ERM: the gap cut by ≥ 50%, the overall quality worse by ≤ 5%
 (for precision, recall, density and coverage, higher is better: worse means lower).
-Writes ``<run>/egt/benchmark/<kind>/results.{md,csv,json}``.
+Writes ``<run>/egt/benchmark/<task>/results.{md,csv,json}``.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from aimfair_ray.storage import atomic_write_text, write_json
 from aimfair_ray.tables import csv_text, machine, markdown_table, mean_std, summary, verdict
 
 
-def row(qualities: list[dict], kind: str, groups: list[str]) -> dict:
+def row(qualities: list[dict], task: str, groups: list[str]) -> dict:
     """Mean ± std over seeds of each per-group metric, its gap and its overall value."""
     out = {}
-    for m in get(kind).metrics:
+    for m in get(task).metrics:
         out[m] = {"groups": {g: mean_std([q[m][g] for q in qualities]) for g in groups},
                   "gap": mean_std([q["gap"][m] for q in qualities]),
                   "overall": mean_std([q["overall"][m] for q in qualities])}
-    for m in get(kind).extra_metrics:
+    for m in get(task).extra_metrics:
         if all(m in q for q in qualities):
             out[m] = {g: mean_std([q[m][g] for q in qualities]) for g in groups}
     return out
@@ -45,12 +45,12 @@ def setting(objective: str) -> str:
     return "conditional" if objective == "conditional" else "unconditional"
 
 
-def targets(table: dict, kind: str) -> dict:
+def targets(table: dict, task: str) -> dict:
     """Min–max against ERM on every metric: the gap cut and the change of overall quality."""
     out = {}
     if "erm" not in table or "minmax" not in table:
         return out
-    for m in get(kind).metrics:
+    for m in get(task).metrics:
         e, x = table["erm"][m], table["minmax"][m]
         cut = 1 - x["gap"]["mean"] / e["gap"]["mean"] if e["gap"]["mean"] > 0 else float("nan")
         ratio = x["overall"]["mean"] / e["overall"]["mean"] if e["overall"]["mean"] else float("nan")
@@ -60,14 +60,14 @@ def targets(table: dict, kind: str) -> dict:
     return out
 
 
-def paired(table: dict, kind: str) -> dict:
+def paired(table: dict, task: str) -> dict:
     """Min–max minus ERM, paired per seed (both rows' values are in seed order), of every metric's gap and overall
     quality: the mean difference, its 95% interval over seeds, and what the interval decides ("better": min–max's
     gap smaller, its overall quality better)."""
     out = {}
     if "erm" not in table or "minmax" not in table:
         return out
-    for m in get(kind).metrics:
+    for m in get(task).metrics:
         out[m] = {}
         for part, higher in (("gap", False), ("overall", m in HIGHER_IS_BETTER)):
             e, x = table["erm"][m][part]["values"], table["minmax"][m][part]["values"]
@@ -82,14 +82,14 @@ def _pm(v: dict) -> str:
 
 
 def to_markdown(res: dict) -> str:
-    kind, groups, table = res["kind"], res["groups"], res["table"]
-    pair = paired(table, kind)
-    lines = [f"# EGT on {kind}: {res['model']}", "",
+    task, groups, table = res["task"], res["groups"], res["table"]
+    pair = paired(table, task)
+    lines = [f"# EGT on {task}: {res['model']}", "",
              f"Seeds {', '.join(map(str, res['seeds']))}; {res['steps']} fine-tuning steps on a group-imbalanced set "
              f"({100 * (1 - res['minority_share']):.0f}% {groups[0]} / {100 * res['minority_share']:.0f}% {groups[1]}); "
              f"quality on {res['n_per_group']} held-out samples per group. Mean ± std over seeds. "
-             "Wall: training and quality time of all seeds' runs. " + SETTINGS[kind], ""]
-    for m in get(kind).metrics:
+             "Wall: training and quality time of all seeds' runs. " + SETTINGS[task], ""]
+    for m in get(task).metrics:
         better = "higher" if m in HIGHER_IS_BETTER else "lower"
         lines += [f"## {m} ({better} is better)", ""] + markdown_table(
             ["objective", "setting", *groups, "gap", "overall", "wall (s)"],
@@ -106,7 +106,7 @@ def to_markdown(res: dict) -> str:
                 f"{part} {v['mean']:+.4g} [{v['ci95'][0]:+.4g}, {v['ci95'][1]:+.4g}], {v['decided']}"
                 for part, v in d.items()) + "."]
         lines.append("")
-    for m, title in get(kind).extra_metrics.items():
+    for m, title in get(task).extra_metrics.items():
         rows = [[name.split(" ")[0], r.get("setting", "—"), *(f"{r[m][g]['mean']:.3f}" for g in groups)]
                 for name, r in table.items() if m in r]
         if rows:
@@ -124,16 +124,16 @@ def published_markdown(res: dict) -> str:
 
 
 def to_csv(res: dict) -> str:
-    kind, groups = res["kind"], res["groups"]
+    task, groups = res["task"], res["groups"]
     head = ["objective", "setting", "metric"] + [f"{g}_mean" for g in groups] + ["gap_mean", "gap_std", "overall_mean",
                                                                                   "overall_std"]
     return csv_text(head, [[name.split(" ")[0], r.get("setting", ""), m, *(f"{r[m]['groups'][g]['mean']:.6g}" for g in groups),
                             *(f"{r[m]['gap'][s]:.6g}" for s in ("mean", "std")),
                             *(f"{r[m]['overall'][s]:.6g}" for s in ("mean", "std"))]
-                           for name, r in res["table"].items() for m in get(kind).metrics])
+                           for name, r in res["table"].items() for m in get(task).metrics])
 
 
-def benchmark_egt(cfg: Config, kind: str, seeds: list[int], objectives=None, log=print, publish: str | None = None,
+def benchmark_egt(cfg: Config, task: str, seeds: list[int], objectives=None, log=print, publish: str | None = None,
                   command: str | None = None) -> dict:
     """Every objective's runs over the seeds, then the table. ``publish``: also write
     ``<publish>.{md,json}`` with ``command``, the wall time and the machine
@@ -141,33 +141,33 @@ def benchmark_egt(cfg: Config, kind: str, seeds: list[int], objectives=None, log
     import time
 
     t0 = time.time()
-    objectives = list(objectives or get(kind).objectives)
-    groups = group_names(cfg, kind)
+    objectives = list(objectives or get(task).objectives)
+    groups = group_names(cfg, task)
     table = {}
     for where in dict.fromkeys(setting(o) for o in objectives):  # the model before fine-tuning, in each setting
         c = cfg.model_copy(deep=True)
         c.egt.objective = "conditional" if where == "conditional" else "erm"
         name = "pretrained" if len(table) == 0 else f"pretrained ({where})"
-        table[name] = dict(row([pretrained_quality(c, kind, log)], kind, groups), wall_s="—", setting=where)
+        table[name] = dict(row([pretrained_quality(c, task, log)], task, groups), wall_s="—", setting=where)
     for obj in objectives:
         runs = []
         for s in seeds:
             c = cfg.model_copy(deep=True)
             c.egt.objective, c.egt.seed = obj, s
-            log(f"benchmark egt {kind}: {obj}, seed {s}")
-            runs.append(train_generator(c, kind, log=log))
+            log(f"benchmark egt {task}: {obj}, seed {s}")
+            runs.append(train_generator(c, task, log=log))
         # compute time of the runs (training + quality), also when this call reused them
-        table[obj] = dict(row([r["quality"] for r in runs], kind, groups), setting=setting(obj),
+        table[obj] = dict(row([r["quality"] for r in runs], task, groups), setting=setting(obj),
                           wall_s=round(sum(r["train_s"] + r["quality"].get("eval_s", 0) for r in runs)))
     e = cfg.egt
-    model = get(kind).model_name(cfg)
-    res = {"kind": kind, "model": model, "seeds": seeds, "groups": groups, "steps": e.steps,
+    model = get(task).model_name(cfg)
+    res = {"task": task, "model": model, "seeds": seeds, "groups": groups, "steps": e.steps,
            "minority_share": e.minority_share, "update": e.update, "eta": e.eta, "ema": e.ema,
-           "n_buckets": e.n_buckets if get(kind).noise_levels else None,
-           "n_per_group": get(kind).settings(cfg).n_eval_per_group,
-           "table": table, "targets": targets(table, kind)}
+           "n_buckets": e.n_buckets if get(task).noise_levels else None,
+           "n_per_group": get(task).settings(cfg).n_eval_per_group,
+           "table": table, "targets": targets(table, task)}
     res.update(wall_s=round(time.time() - t0), machine=machine(), command=command, config=cfg.outcome())
-    out = cfg.stage_dir(f"egt/benchmark/{kind}")
+    out = cfg.stage_dir(f"egt/benchmark/{task}")
     md = to_markdown(res)
     write_json(f"{out}/results.json", res)
     atomic_write_text(f"{out}/results.md", md)
@@ -175,5 +175,5 @@ def benchmark_egt(cfg: Config, kind: str, seeds: list[int], objectives=None, log
     if publish:
         write_json(f"{publish}.json", res)
         atomic_write_text(f"{publish}.md", published_markdown(res))
-        log(f"benchmark egt {kind}: published {publish}.md and .json")
+        log(f"benchmark egt {task}: published {publish}.md and .json")
     return dict(res, dir=out)

@@ -156,8 +156,9 @@ class DiffusionTask:
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         t = t.to(x0.device)
         xt = self.sched.add_noise(x0, noise, t)
-        kind = self.sched.config.prediction_type
-        target = noise if kind == "epsilon" else self.sched.get_velocity(x0, noise, t) if kind == "v_prediction" else x0
+        prediction = self.sched.config.prediction_type
+        target = (noise if prediction == "epsilon" else self.sched.get_velocity(x0, noise, t) if prediction == "v_prediction"
+                  else x0)
         pred = model(xt, t, **text)
         return ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, x0.dim()))), t
 
@@ -283,7 +284,7 @@ class ImageTask(EGTTask):
     """EGT on a text-to-image pipeline: Colored MNIST digits, stroke colour as the group; the
     min–max weights act per noise bucket."""
 
-    kind = "image"
+    name = "image"
     objectives = ("erm", "reweight", "minmax", "conditional")
     metrics = ("fid", "precision", "recall", "density", "coverage", "denoise")
     extra_metrics = {"group_confirmed": "conditional: share of each group's generated images in the requested colour "

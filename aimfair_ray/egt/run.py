@@ -12,7 +12,7 @@ checkpoint rank 0 also reports the task's per-group validation loss on ``egt.val
 held-out samples per group: ``val_quality`` (their mean over groups) and ``val_quality_gap``
 (max − min), and with a sweep's ``score`` weights their ``objective``; Tune's ASHA ranks by it.
 
-Outputs, under ``<run>/egt/<kind>/<objective>-seed<seed>/``: ``model/`` (image: a diffusers
+Outputs, under ``<run>/egt/<task>/<objective>-seed<seed>/``: ``model/`` (image: a diffusers
 pipeline folder; text: the trained tensors over the named base model), ``quality.json``
 (the per-group quality and the EGT gap), ``result.json`` and ``config.yaml``.
 """
@@ -31,14 +31,14 @@ import torch
 
 from aimfair_ray import manifest
 from aimfair_ray.config import Config
-from aimfair_ray.egt.tasks import check_kind, get
+from aimfair_ray.egt.tasks import check_task, get
 from aimfair_ray.storage import atomic_dir, made_with, write_json
 
 CHECKPOINT = "trained.safetensors"  # the trained tensors in a Ray Train checkpoint
 
 
-def group_names(cfg: Config, kind: str) -> list[str]:
-    return get(kind).group_names(cfg)
+def group_names(cfg: Config, task: str) -> list[str]:
+    return get(task).group_names(cfg)
 
 
 def per_group_head(data, n: int):
@@ -66,7 +66,7 @@ def train_loop_per_worker(config: dict) -> None:
     from aimfair_ray.distributed import allreduce, deepspeed_engine, report_checkpoint, restore_checkpoint, worker_log
     from aimfair_ray.minmax import Objective
 
-    cfg, kind = Config.model_validate(config["cfg"]), config["kind"]
+    cfg, task = Config.model_validate(config["cfg"]), config["task"]
     e, tc = cfg.egt, cfg.train
     if not tc.use_gpu:
         torch.set_num_threads(tc.torch_threads)
@@ -74,7 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    Task = get(kind)
+    Task = get(task)
     task = Task(cfg, str(device))
     train_set, eval_set = Task.datasets(cfg, e.seed)
     val_set = per_group_head(eval_set, e.val_per_group) if e.val_per_group and rank == 0 else None
@@ -129,24 +129,24 @@ def train_loop_per_worker(config: dict) -> None:
         window, t0 = [], time.perf_counter()
         if rank == 0:
             val = f" val {metrics['val_quality']:.4f} gap {metrics['val_quality_gap']:.4f}" if val_set is not None else ""
-            worker_log.info(f"[aimfair] egt {kind} {e.objective} step {step + 1}/{e.steps} loss {metrics['loss']:.4f}{val} "
+            worker_log.info(f"[aimfair] egt {task} {e.objective} step {step + 1}/{e.steps} loss {metrics['loss']:.4f}{val} "
                             f"{metrics['s_per_step']:.2f}s/step q {np.round(q, 3).tolist() if q else None}")
         report_checkpoint(metrics, {"step": step + 1, "history": history, "objective": objective.state_dict()},
                           lambda d: save_file(task.trained_state(), str(Path(d) / CHECKPOINT)), optimizer)
 
 
-def _fingerprint(cfg: Config, kind: str) -> dict:
+def _fingerprint(cfg: Config, task: str) -> dict:
     """What decides a fine-tuning run's outcome."""
-    others = {k for k in ("image", "text") if k != kind}  # the other tasks' config sections
-    return {"kind": kind, "egt": cfg.egt.model_dump(mode="json", exclude=others), "workers": cfg.train.num_workers,
-            "data": get(kind).data_key(cfg)}
+    others = {k for k in ("image", "text") if k != task}  # the other tasks' config sections
+    return {"task": task, "egt": cfg.egt.model_dump(mode="json", exclude=others), "workers": cfg.train.num_workers,
+            "data": get(task).data_key(cfg)}
 
 
-def stage_of(cfg: Config, kind: str) -> str:
-    return cfg.stage_dir(f"egt/{kind}/{cfg.egt.objective}-seed{cfg.egt.seed}")
+def stage_of(cfg: Config, task: str) -> str:
+    return cfg.stage_dir(f"egt/{task}/{cfg.egt.objective}-seed{cfg.egt.seed}")
 
 
-def train_generator(cfg: Config, kind: str, force: bool = False, log=print, stage: Optional[str] = None,
+def train_generator(cfg: Config, task: str, force: bool = False, log=print, stage: Optional[str] = None,
                     callbacks=None, score: Optional[dict] = None, quality: bool = True) -> dict:
     """EGT fine-tuning of one generator (or resume, or reuse), then its per-group quality.
 
@@ -158,35 +158,35 @@ def train_generator(cfg: Config, kind: str, force: bool = False, log=print, stag
     from aimfair_ray.distributed import reuse_or_resume
     from aimfair_ray.runtime import ensure_ray
 
-    check_kind(kind)
-    get(kind).datasets(cfg, cfg.egt.seed)  # bad sizes fail here, before any cluster work
-    run_name = (f"{cfg.name}-egt-{kind}-{cfg.egt.objective}-seed{cfg.egt.seed}" if stage is None
+    check_task(task)
+    get(task).datasets(cfg, cfg.egt.seed)  # bad sizes fail here, before any cluster work
+    run_name = (f"{cfg.name}-egt-{task}-{cfg.egt.objective}-seed{cfg.egt.seed}" if stage is None
                 else f"{cfg.name}-{stage.replace('/', '-')}")
-    stage = cfg.stage_dir(stage) if stage else stage_of(cfg, kind)
+    stage = cfg.stage_dir(stage) if stage else stage_of(cfg, task)
     run_path = f"{cfg.ray_storage}/{run_name}"
-    key = dict(_fingerprint(cfg, kind), score=score, quality=quality)
+    key = dict(_fingerprint(cfg, task), score=score, quality=quality)
     done = reuse_or_resume(stage, key, run_path, force, log=log, what="egt")
     if done is not None:
         return done
     ensure_ray(cfg.ray, cfg.output_dir)
     cfg.save(stage)
     t0 = time.time()
-    result = workgroup.run(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "kind": kind, "score": score},
+    result = workgroup.run(train_loop_per_worker, {"cfg": cfg.model_dump(mode="json"), "task": task, "score": score},
                            cfg.train, cfg.ray_storage, run_name, callbacks=callbacks, what="EGT fine-tuning")
     with result.checkpoint.as_directory() as d:
         trained = load_file(str(Path(d) / CHECKPOINT))
         state = json.loads((Path(d) / "state.json").read_text())
     train_s = time.time() - t0
-    log(f"egt: {kind} {cfg.egt.objective} seed {cfg.egt.seed}: {state['step']} steps in {train_s:.0f}s"
+    log(f"egt: {task} {cfg.egt.objective} seed {cfg.egt.seed}: {state['step']} steps in {train_s:.0f}s"
         + ("; measuring quality" if quality else ""))
-    q = measure(cfg, kind, trained, f"{stage}/model", quality=quality)
+    q = measure(cfg, task, trained, f"{stage}/model", quality=quality)
     if not quality:  # a sweep trial: its trained tensors stay, to measure it later if it is the best
         from safetensors.torch import save as to_bytes
 
         from aimfair_ray.storage import atomic_write_bytes
 
         atomic_write_bytes(f"{stage}/{CHECKPOINT}", to_bytes(trained))
-    out = {"kind": kind, "objective": cfg.egt.objective, "seed": cfg.egt.seed, "steps": state["step"],
+    out = {"task": task, "objective": cfg.egt.objective, "seed": cfg.egt.seed, "steps": state["step"],
            "train_s": round(train_s, 1), "history": state["history"], "group_weights": state["objective"],
            "quality": q, "model_dir": f"{stage}/model"}
     if q is not None:
@@ -195,13 +195,13 @@ def train_generator(cfg: Config, kind: str, force: bool = False, log=print, stag
     return out
 
 
-def _quality(cfg_json: dict, kind: str, trained: dict | None, save: bool, threads: int,
+def _quality(cfg_json: dict, task: str, trained: dict | None, save: bool, threads: int,
              quality: bool = True) -> tuple[Optional[dict], dict]:
     """Runs on a worker: load the base model, apply the trained tensors, measure (unless not
     ``quality``); with ``save``, also return the fine-tuned model's files."""
     cfg = Config.model_validate(cfg_json)
     torch.set_num_threads(threads)
-    Task = get(kind)
+    Task = get(task)
     task = Task(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     if trained is not None:
         task.load_trained(trained)
@@ -219,7 +219,7 @@ def _quality(cfg_json: dict, kind: str, trained: dict | None, save: bool, thread
     return q, files
 
 
-def measure(cfg: Config, kind: str, trained: dict | None, model_dir: str | None, quality: bool = True) -> Optional[dict]:
+def measure(cfg: Config, task: str, trained: dict | None, model_dir: str | None, quality: bool = True) -> Optional[dict]:
     """Per-group quality (a Ray task with the Train workers' resources, which are free by then);
     with ``model_dir``, the fine-tuned model is written there."""
     import ray
@@ -234,27 +234,27 @@ def measure(cfg: Config, kind: str, trained: dict | None, model_dir: str | None,
     require("the EGT quality task", 1, cpus, tc.gpus_per_worker if tc.use_gpu else 0,
             "train.num_workers, train.cpus_per_worker or train.gpus_per_worker")
     fn = ray.remote(num_cpus=cpus, num_gpus=tc.gpus_per_worker if tc.use_gpu else 0)(_quality)
-    q, files = ray.get(fn.remote(cfg.model_dump(mode="json"), kind, trained, model_dir is not None, max(1, int(cpus)),
+    q, files = ray.get(fn.remote(cfg.model_dump(mode="json"), task, trained, model_dir is not None, max(1, int(cpus)),
                                  quality))
     if model_dir is not None:
         with atomic_dir(model_dir) as tmp:
             for rel, data in files.items():
                 (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / rel).write_bytes(data)
-            manifest.write(tmp, redo=f"aimfair egt {kind} --force")
+            manifest.write(tmp, redo=f"aimfair egt {task} --force")
     return q
 
 
-def pretrained_quality(cfg: Config, kind: str, log=print) -> dict:
+def pretrained_quality(cfg: Config, task: str, log=print) -> dict:
     """Quality of the model before any fine-tuning (cached per evaluation config)."""
-    Task = get(kind)
-    path = cfg.stage_dir(f"egt/{kind}/pretrained{'-conditional' if Task.conditional_eval(cfg) else ''}/quality.json")
-    key = {"kind": kind, "sub": Task.settings(cfg).model_dump(mode="json"), "data_seed": cfg.data.seed,
+    Task = get(task)
+    path = cfg.stage_dir(f"egt/{task}/pretrained{'-conditional' if Task.conditional_eval(cfg) else ''}/quality.json")
+    key = {"task": task, "sub": Task.settings(cfg).model_dump(mode="json"), "data_seed": cfg.data.seed,
            "colors": cfg.data.colors, "conditional": Task.conditional_eval(cfg), "data": Task.data_key(cfg)}
     done = made_with(path, key, "key")
     if done is not None:
         return done
-    log(f"egt: measuring the pretrained {kind} model")
-    q = dict(measure(cfg, kind, None, None), key=key)
+    log(f"egt: measuring the pretrained {task} model")
+    q = dict(measure(cfg, task, None, None), key=key)
     write_json(path, q)
     return q

@@ -1,5 +1,5 @@
 """EGT tasks behind one small interface, so that the Ray Train loop (``egt.run``) never asks
-which kind of generator it trains.
+which generator it trains.
 
 A task says, for its config: its groups and its data (a group-imbalanced fine-tuning set and
 a balanced evaluation set), and, once built on a worker: per-sample losses with their noise
@@ -22,7 +22,7 @@ TASKS: dict[str, type["EGTTask"]] = {}
 
 
 def register(cls: type["EGTTask"]) -> type["EGTTask"]:
-    TASKS[cls.kind] = cls
+    TASKS[cls.name] = cls
     return cls
 
 
@@ -33,20 +33,20 @@ def tasks() -> dict[str, type["EGTTask"]]:
     return dict(sorted(TASKS.items()))
 
 
-def get(kind: str) -> type["EGTTask"]:
-    check_kind(kind)
-    return TASKS[kind]
+def get(task: str) -> type["EGTTask"]:
+    check_task(task)
+    return TASKS[task]
 
 
-def check_kind(kind: str) -> None:
-    if kind not in tasks():
-        raise AimfairError(f"unknown EGT task {kind!r}; choose {' or '.join(tasks())}")
+def check_task(task: str) -> None:
+    if task not in tasks():
+        raise AimfairError(f"unknown EGT task {task!r}; choose {' or '.join(tasks())}")
 
 
 class EGTTask:
     """One generator to fine-tune with EGT (built on a worker with :meth:`__init__`)."""
 
-    kind: ClassVar[str]
+    name: ClassVar[str]                       # what `aimfair egt NAME` and egt.<name> call it
     objectives: ClassVar[tuple[str, ...]]     # the objectives that make sense for it
     metrics: ClassVar[tuple[str, ...]]        # per-group quality metrics, lower is better
     extra_metrics: ClassVar[dict[str, str]] = {}  # other per-group figures, with a title for the results

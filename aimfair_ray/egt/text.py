@@ -71,13 +71,13 @@ def read_corpus(t) -> Corpus:
     from aimfair_ray.storage import open_file, stat
 
     path = t.data
-    kind = next((v for k, v in READERS.items() if path.lower().endswith(k)), None)
-    if kind is None:
+    fmt = next((v for k, v in READERS.items() if path.lower().endswith(k)), None)
+    if fmt is None:
         raise AimfairError(f"egt.text.data {path}: give a .jsonl, .csv or .parquet file (a text column and a group "
                            "column per row)")
     stat(path)  # one line when it is missing
     with open_file(path) as f:
-        df = pd.read_json(f, lines=True) if kind == "json" else pd.read_csv(f) if kind == "csv" else pd.read_parquet(f)
+        df = pd.read_json(f, lines=True) if fmt == "json" else pd.read_csv(f) if fmt == "csv" else pd.read_parquet(f)
     need = {"text_column": t.text_column, "group_column": t.group_column}
     if t.unit_column:
         need["unit_column"] = t.unit_column
@@ -245,7 +245,7 @@ class TextTask(EGTTask):
     """EGT on a causal LM: a corpus's texts in two groups (BOLD's actors and actresses by default, or the user's
     file), one min–max weight per group."""
 
-    kind = "text"
+    name = "text"
     objectives = ("erm", "reweight", "minmax", "conditional")
     metrics = ("ppl",)
     val_metric = "ppl"

@@ -54,12 +54,12 @@ def sample_seed(base: int, sample_id: str) -> int:
 
 
 class Plan:
-    """The planned rows of one synthetic set (``kind``), ``counts[cell]`` per cell, computed from
-    their index: row k of a cell is id ``{kind}-{cell}-{k:06d}`` with the cell's k-th prompt
+    """The planned rows of one synthetic set (``balance``), ``counts[cell]`` per cell, computed from
+    their index: row k of a cell is id ``{balance}-{cell}-{k:06d}`` with the cell's k-th prompt
     (round-robin over its prompts sorted by id) and its own seed. Small: it keeps the prompts only."""
 
-    def __init__(self, prompts: pd.DataFrame, kind: str, counts: dict[str, int], seed: int):
-        self.kind, self.seed, self.cells = kind, seed, []
+    def __init__(self, prompts: pd.DataFrame, balance: str, counts: dict[str, int], seed: int):
+        self.balance, self.seed, self.cells = balance, seed, []
         for cell, n in counts.items():
             ps = prompts[prompts["cell"] == cell].sort_values("id")
             if n and ps.empty:
@@ -83,19 +83,20 @@ class Plan:
     def fingerprint(self, meta: dict) -> str:
         """What decides the set's images, less the counts (a lower count keeps the first ids, a higher one
         adds ids): the generator settings and each cell's prompts and labels."""
-        return digest({"meta": meta, "kind": self.kind, "seed": self.seed,
+        return digest({"meta": meta, "kind": self.balance,  # the key as sets on disk were fingerprinted
+                       "seed": self.seed,
                        "cells": [(cell, prompts, targets, groups) for cell, _, prompts, targets, groups in self.cells]})
 
     def ids(self, start: int = 0, stop: int | None = None) -> pa.Array:
         """The ids of rows ``start`` to ``stop``."""
-        return pa.array([f"{self.kind}-{cell}-{k:06d}" for cell, k, *_ in self._index(start, stop)], pa.string())
+        return pa.array([f"{self.balance}-{cell}-{k:06d}" for cell, k, *_ in self._index(start, stop)], pa.string())
 
     def rows(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
         """Rows ``start`` to ``stop`` (the whole plan by default), in plan order."""
         out = []
         for cell, k, j, prompts, targets, groups in self._index(start, stop):
-            sid = f"{self.kind}-{cell}-{k:06d}"
-            out.append((sid, targets[j], groups[j], prompts[j], sample_seed(self.seed, sid), self.kind))
+            sid = f"{self.balance}-{cell}-{k:06d}"
+            out.append((sid, targets[j], groups[j], prompts[j], sample_seed(self.seed, sid), self.balance))
         return pd.DataFrame(out, columns=PLAN_COLUMNS)
 
 
@@ -254,7 +255,7 @@ def _check(out_dir: str, plan: Plan) -> None:
     ids = written_ids(out_dir)
     missing = dup = matched = 0
     for cell, n, *_ in plan.cells:
-        prefix = f"{plan.kind}-{cell}-"
+        prefix = f"{plan.balance}-{cell}-"
         suffix = pc.utf8_slice_codeunits(ids.filter(pc.starts_with(ids, prefix)), len(prefix))
         ks = pc.cast(suffix.filter(pc.match_substring_regex(suffix, r"^[0-9]{6,}$")), pa.int64()).to_numpy()
         ks = ks[ks < n]

@@ -34,7 +34,7 @@ def _free(spans: list, cover: list) -> list:
 
 
 def _names(text: str, kinds, own: int) -> tuple[bool, bool]:
-    """Whether ``text`` names kind ``own``, and whether it names another (of classes, or of groups)."""
+    """Whether ``text`` names the class or group ``own``, and whether it names another (of classes, or of groups)."""
     mine = phrase_spans(text, kinds[own].phrases)
     other = [sp for i, k in enumerate(kinds) if i != own for sp in phrase_spans(text, k.phrases)]
     return bool(_free(mine, other)), bool(_free(other, mine))

@@ -157,20 +157,20 @@ def run_images(cfg, prompts: pd.DataFrame, sets=SYNTHETIC_SETS, log=print, force
             "save_size": save_size(cfg), "prompt_backend": g.backend, "seed": g.seed}
     counts = set_counts(cfg)
     imported = [k for k in sets if exists(f"{cfg.paths.synthetic_set(k)}/{IMPORT}")]
-    for kind in imported:
-        log(f"images: {kind} is your imported set ({cfg.paths.synthetic_set(kind)}); not generating it")
+    for balance in imported:
+        log(f"images: {balance} is your imported set ({cfg.paths.synthetic_set(balance)}); not generating it")
     sets = [k for k in sets if k not in imported]
-    plans = {cfg.paths.synthetic_set(kind): Plan(prompts, kind, counts[kind], g.seed) for kind in sets}
+    plans = {cfg.paths.synthetic_set(balance): Plan(prompts, balance, counts[balance], g.seed) for balance in sets}
     # one pipeline (one actor pool) for every set
     by_dir = generate_images(g, plans, meta, save_size(cfg), log=log, force=force, keep=keep)
-    stats = {kind: by_dir[cfg.paths.synthetic_set(kind)] for kind in sets}
-    for kind in sets:
-        write_samples(cfg.paths.synthetic_set(kind), f"{kind} synthetic set ({meta['pipeline']})", *cell_names(cfg))
+    stats = {balance: by_dir[cfg.paths.synthetic_set(balance)] for balance in sets}
+    for balance in sets:
+        write_samples(cfg.paths.synthetic_set(balance), f"{balance} synthetic set ({meta['pipeline']})", *cell_names(cfg))
     cfg.save(cfg.paths.synthetic)
     return stats
 
 
-def checker_kind(cfg) -> str:
+def checker_name(cfg) -> str:
     """``generate.checker``, with auto resolved by the dataset's entry (digits for Colored MNIST, gender where an
     attribute is gender; one line where it has none)."""
     from aimfair_ray.data.datasets import default_checker
@@ -181,13 +181,13 @@ def checker_kind(cfg) -> str:
 
 
 def checker_for(cfg, log=print):
-    """The filter's checker (``checker_kind``)."""
-    kind = checker_kind(cfg)
-    if kind == "gender":
+    """The filter's checker (``checker_name``)."""
+    name = checker_name(cfg)
+    if name == "gender":
         from aimfair_ray.generate.face_checker import GenderChecker
 
         return GenderChecker.for_config(cfg)
-    if kind == "clip":
+    if name == "clip":
         from aimfair_ray.generate.face_checker import ClipChecker
 
         return ClipChecker(cfg.generate.clip_model, cfg.generate.task, batch_size=cfg.generate.checker_batch_size)
@@ -220,13 +220,13 @@ def run_filter(cfg, sets=SYNTHETIC_SETS, log=print) -> dict:
     labels; one shard in memory at a time."""
     ck = checker_for(cfg, log)
     report = {}
-    for kind in sets:
-        if exists(f"{cfg.paths.synthetic_set(kind)}/{IMPORT}"):
-            log(f"filter: {kind} is your imported set; used as it is, not filtered")
+    for balance in sets:
+        if exists(f"{cfg.paths.synthetic_set(balance)}/{IMPORT}"):
+            log(f"filter: {balance} is your imported set; used as it is, not filtered")
             continue
         kept, checked = [], set()
-        check_split(cfg.paths.synthetic_set(kind))
-        for f in set_shards(cfg.paths.synthetic_set(kind)):
+        check_split(cfg.paths.synthetic_set(balance))
+        for f in set_shards(cfg.paths.synthetic_set(balance)):
             df = read_parquet(str(f)).to_pandas()
             pred = ck.predict(np.stack([decode_png(b) for b in df["image"]]))
             pred = {role: pred[role] for role in ("target", "group") if role in pred}  # what the labels say
@@ -241,13 +241,13 @@ def run_filter(cfg, sets=SYNTHETIC_SETS, log=print) -> dict:
         per_cell = {c: {"kept": int(keep[cells_ == c].sum()), "total": int((cells_ == c).sum()),
                         "kept_fraction": round(float(keep[cells_ == c].mean()), 4)} for c in sorted(set(cells_))}
         write_split(pa.Table.from_pandas(df[keep][list(SCHEMA.names)], schema=SCHEMA, preserve_index=False),
-                    cfg.paths.synthetic_set(kind, filtered=True), "aimfair generate filter")
-        write_samples(cfg.paths.synthetic_set(kind, filtered=True), f"{kind}, filtered ({type(ck).__name__})",
+                    cfg.paths.synthetic_set(balance, filtered=True), "aimfair generate filter")
+        write_samples(cfg.paths.synthetic_set(balance, filtered=True), f"{balance}, filtered ({type(ck).__name__})",
                       *cell_names(cfg))
-        report[kind] = {"checker": type(ck).__name__, "checked": sorted(checked), "kept": int(keep.sum()),
+        report[balance] = {"checker": type(ck).__name__, "checked": sorted(checked), "kept": int(keep.sum()),
                         "total": len(df), "per_cell": per_cell}
         fractions = ", ".join(f"{c}: {v['kept_fraction']:.2f}" for c, v in per_cell.items())
-        log(f"filter: {kind} ({type(ck).__name__}, checks {', '.join(sorted(checked))}): kept {int(keep.sum())}/"
+        log(f"filter: {balance} ({type(ck).__name__}, checks {', '.join(sorted(checked))}): kept {int(keep.sum())}/"
             f"{len(df)}; kept fraction per cell {fractions}")
     write_json(f"{cfg.paths.synthetic}/filter.json", report)
     return report

@@ -163,8 +163,8 @@ def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32",
         kw = {"safety_checker": None, "requires_safety_checker": False} if not info or "safety_checker" in info else {}
         pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, **kw)  # SD: no NSFW model to run
     if scheduler:
-        kind = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}[scheduler]
-        pipe.scheduler = kind.from_config(pipe.scheduler.config)
+        cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm": DPMSolverMultistepScheduler}[scheduler]
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

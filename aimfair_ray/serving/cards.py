@@ -86,8 +86,8 @@ def audit_page(cards: dict, images: dict) -> str:
     """The HTML audit page: each model's headline metrics, provenance and per-group accuracy chart, and
     for a model fine-tuned on a synthetic set, that set's sample grid (``samples.png``) when it has one;
     ``images``: each model's ``model_card`` images."""
-    b64 = {kind: {mid: base64.b64encode(im[kind]).decode() for mid, im in images.items() if im.get(kind)}
-           for kind in ("chart", "samples")}
+    b64 = {part: {mid: base64.b64encode(im[part]).decode() for mid, im in images.items() if im.get(part)}
+           for part in ("chart", "samples")}
     return _render("audit.html", cards=cards, charts=b64["chart"], samples=b64["samples"])
 
 

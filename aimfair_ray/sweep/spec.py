@@ -56,13 +56,13 @@ class SweepSpec(BaseModel):
         for key, dist in v.items():
             if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
                 raise ValueError(f"space.{key}: give exactly one of {', '.join(DISTRIBUTIONS)}, e.g. {{grid: [1, 2]}}")
-            (kind, vals), = dist.items()
+            (how, vals), = dist.items()
             if not vals:
-                raise ValueError(f"space.{key}.{kind}: empty list")
-            if kind in ("uniform", "loguniform"):
+                raise ValueError(f"space.{key}.{how}: empty list")
+            if how in ("uniform", "loguniform"):
                 if len(vals) != 2 or not all(isinstance(x, (int, float)) for x in vals) or vals[0] >= vals[1]:
-                    raise ValueError(f"space.{key}.{kind}: expected [low, high] numbers with low < high, got {vals}")
-                if kind == "loguniform" and vals[0] <= 0:
+                    raise ValueError(f"space.{key}.{how}: expected [low, high] numbers with low < high, got {vals}")
+                if how == "loguniform" and vals[0] <= 0:
                     raise ValueError(f"space.{key}.loguniform: bounds must be > 0, got {vals}")
         return v
 
@@ -157,7 +157,7 @@ def param_space(spec: SweepSpec) -> dict:
 
     make = {"grid": tune.grid_search, "choice": tune.choice,
             "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
-    return {key: make[kind](vals) for key, dist in spec.space.items() for kind, vals in dist.items()}
+    return {key: make[how](vals) for key, dist in spec.space.items() for how, vals in dist.items()}
 
 
 # Ray Data splits the CPUs the Train workers leave among the datasets being read, in whole

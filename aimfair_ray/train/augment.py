@@ -51,11 +51,11 @@ def crop_flip(images: torch.Tensor, gen: torch.Generator, scale=(0.08, 1.0)) -> 
     return out
 
 
-def augmenter(kind: str, scale, seed: int, epoch: int = 0, rank: int = 0):
+def augmenter(name: str, scale, seed: int, epoch: int = 0, rank: int = 0):
     """``images -> images`` for ``train.augment`` (None for ``none``), seeded by (seed, epoch, rank)."""
-    if kind == "none":
+    if name == "none":
         return None
-    if kind != "crop_flip":
-        raise ValueError(f"unknown augmentation {kind!r}")
+    if name != "crop_flip":
+        raise ValueError(f"unknown augmentation {name!r}")
     gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_009 + rank)
     return lambda images: crop_flip(images, gen, tuple(scale))

@@ -37,21 +37,21 @@ from aimfair_ray.train.augment import augmenter
 from aimfair_ray.train.raytrain import RunSpec, fit
 
 
-def synthetic_dir(cfg: Config, kind: str = "balanced", log=print, check: bool = True) -> str:
+def synthetic_dir(cfg: Config, balance: str = "balanced", log=print, check: bool = True) -> str:
     """The synthetic set a run uses: ``balanced``/``imbalanced`` (``finetune.synthetic`` and
     ``finetune.synthetic_imbalanced``): the run's own, filtered when the filter ran (a set you imported
     as the run's is yours, used as it is), or the user's (a set directory, or a manifest imported into
     the run). ``check``: a missing set is an error."""
-    choice = cfg.finetune.synthetic if kind == "balanced" else cfg.finetune.synthetic_imbalanced
-    if choice not in ("auto", kind, f"{kind}_filtered"):
-        return synthetic_source(cfg, choice, kind, log=log) if check else choice
-    imported = exists(f"{cfg.paths.synthetic_set(kind)}/{IMPORT}")
-    filtered = choice == f"{kind}_filtered" or (choice == "auto" and not imported and (
+    choice = cfg.finetune.synthetic if balance == "balanced" else cfg.finetune.synthetic_imbalanced
+    if choice not in ("auto", balance, f"{balance}_filtered"):
+        return synthetic_source(cfg, choice, balance, log=log) if check else choice
+    imported = exists(f"{cfg.paths.synthetic_set(balance)}/{IMPORT}")
+    filtered = choice == f"{balance}_filtered" or (choice == "auto" and not imported and (
         cfg.finetune.synthetic.endswith("_filtered") or (cfg.finetune.synthetic == "auto" and cfg.generate.filter)))
-    path = cfg.paths.synthetic_set(kind, filtered)
+    path = cfg.paths.synthetic_set(balance, filtered)
     if check and not exists(path):
-        raise AimfairError(f"no synthetic {kind} set at {path}: run `aimfair generate all` first, or bring your own "
-                           f"with `aimfair data import-synthetic MANIFEST --as {kind}`"
+        raise AimfairError(f"no synthetic {balance} set at {path}: run `aimfair generate all` first, or bring your own "
+                           f"with `aimfair data import-synthetic MANIFEST --as {balance}`"
                            + (" (with generate.filter=true, or set finetune.synthetic=balanced)" if filtered else ""))
     return path
 
