@@ -99,3 +99,49 @@ def classifier_card(meta: dict, audit: Optional[dict] = None, config: Optional[d
     body += ["", "Load it with `aimfair_ray.models.load_classifier(folder)` (safetensors) or serve it with "
              "`aimfair serve --model NAME=FOLDER`."]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+EGT_CONFIG = ("objective", "update", "eta", "ema", "n_buckets", "steps", "lr", "batch_size", "minority_share", "seed")
+
+
+def generator_card(task: str, model_name: str, groups: list[str], quality: Optional[dict], egt: dict,
+                   metrics: tuple[str, ...], higher: frozenset = frozenset(), adapters: bool = False):
+    """The ``huggingface_hub.ModelCard`` of an EGT-fine-tuned generator: the base model, the EGT settings, and each
+    metric's per-group quality, its gap (max − min over groups: what EGT equalises) and overall value, from one run
+    (no interval: the benchmark's seeds give those)."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    pipeline_tag = "text-to-image" if task == "image" else "text-generation"
+    results, table = [], []
+    for m in metrics if quality else ():
+        for g in groups:
+            results.append(EvalResult(task_type=pipeline_tag, dataset_type="egt-held-out", dataset_name=f"held-out {g}",
+                                      metric_type=f"{m}_{g}", metric_name=f"{m} ({g})",
+                                      metric_value=round(float(quality[m][g]), 4)))
+        results.append(EvalResult(task_type=pipeline_tag, dataset_type="egt-held-out", dataset_name="held-out, all groups",
+                                  metric_type=f"{m}_gap", metric_name=f"{m} gap (max - min over groups)",
+                                  metric_value=round(float(quality["gap"][m]), 4)))
+        table.append(f"| {m} ({'higher' if m in higher else 'lower'} is better) | "
+                     + " | ".join(f"{quality[m][g]:.4g}" for g in groups)
+                     + f" | {quality['gap'][m]:.4g} | {quality['overall'][m]:.4g} |")
+    settings = {k: egt[k] for k in EGT_CONFIG if k in egt}
+    data = ModelCardData(library_name="diffusers" if task == "image" else "transformers", pipeline_tag=pipeline_tag,
+                         tags=["fairness", "egt", "aimfair-ray", settings.get("objective", "egt")],
+                         model_name=f"EGT {task}: {model_name} ({settings.get('objective')})", eval_results=results or None,
+                         base_model_name=model_name, groups=groups, egt=settings, adapters=adapters,
+                         egt_quality={m: {"groups": {g: round(float(quality[m][g]), 4) for g in groups},
+                                          "gap": round(float(quality["gap"][m]), 4),
+                                          "overall": round(float(quality["overall"][m]), 4)}
+                                      for m in metrics} if quality else None)
+    body = [f"# EGT {task}: {model_name}", "",
+            f"Fine-tuned by aimfair-ray with EGT (objective `{settings.get('objective')}`) on group-imbalanced data "
+            f"(minority share {settings.get('minority_share')} of group {groups[-1]}); groups: {', '.join(groups)}.", ""]
+    if table:
+        body += ["Quality on held-out samples of each group, from this run (one seed: no interval; compare models over "
+                 "seeds with `aimfair benchmark egt`):", "",
+                 f"| metric | {' | '.join(groups)} | gap | overall |", "|---|" + "---|" * (len(groups) + 2), *table]
+    else:
+        body += ["Quality not measured (a sweep trial): `aimfair sweep` measures the best trial's."]
+    body += ["", ("LoRA adapters over the base pipeline: serve them with `aimfair serve --image-pipeline FOLDER`."
+                  if adapters else "Serve it with `aimfair serve` (`--image-pipeline FOLDER` for an image pipeline).")]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")

@@ -160,15 +160,51 @@ def run_audit(cfg: Config, checkpoint: Optional[str] = None, split: Optional[str
     return rep
 
 
-def log_wandb(cfg: Config, result: dict, report: Optional[dict], log=print) -> None:
-    """The baseline's epochs and audit chart to W&B, when ``train.wandb`` is on."""
+def finetune_images(cfg: Config, result: dict) -> dict:
+    """A fine-tuning run's pictures for W&B: the selection chart and the sample grid of the set it trained on."""
+    from aimfair_ray.storage import parent
+    from aimfair_ray.train.finetune import synthetic_dir
+
+    return {"selection": f"{parent(result['model_dir'])}/selection.png",
+            "synthetic/samples": f"{synthetic_dir(cfg, 'balanced', check=False)}/samples.png"}
+
+
+def quality_table(qualities: dict[str, dict]) -> tuple[list[str], list[list]]:
+    """EGT quality as a W&B table: per row (pretrained, an objective) and metric, each group's value, the gap, overall."""
+    groups = sorted({g for q in qualities.values() for m in q["gap"] for g in q[m]})
+    rows = [[name, m, *(q[m].get(g) for g in groups), q["gap"][m], q["overall"][m]]
+            for name, q in qualities.items() for m in q["gap"]]
+    return ["row", "metric", *groups, "gap", "overall"], rows
+
+
+def egt_benchmark_table(out: dict) -> tuple[list[str], list[list]]:
+    """An EGT benchmark as a W&B table: per row and metric, the gap and overall quality, mean and std over seeds."""
+    rows = [[name, m, r[m]["gap"]["mean"], r[m]["gap"]["std"], r[m]["overall"]["mean"], r[m]["overall"]["std"]]
+            for name, r in out["table"].items() for m, v in r.items() if isinstance(v, dict) and "gap" in v]
+    return ["row", "metric", "gap_mean", "gap_std", "overall_mean", "overall_std"], rows
+
+
+def aimfair_benchmark_table(table: dict) -> tuple[list[str], list[list]]:
+    """An AIM-Fair benchmark as a W&B table: per row and metric, the mean over seeds and its 95% interval."""
+    rows = [[name, k, r[k]["mean"], *r[k]["ci95"], len(r["seeds"])]
+            for name, r in table.items() for k in ("acc", "wst", "std", "eo") if k in r]
+    return ["row", "metric", "mean", "ci95_low", "ci95_high", "seeds"], rows
+
+
+def log_wandb(cfg: Config, name: str, result: dict, report: Optional[dict] = None, images: Optional[dict] = None,
+              tables: Optional[dict] = None, log=print) -> None:
+    """A run's history, its audit (figures, intervals, cells, chart), and any sample grids or tables to W&B, when
+    ``train.wandb`` (``--wandb``) is on; the W&B files go beside the model (a temporary folder for a run on a store)."""
     if not cfg.train.wandb:
         return
+    from aimfair_ray.storage import is_uri, parent
     from aimfair_ray.tracking import log_run
 
-    stage = cfg.stage_dir("baseline")
-    d = log_run(cfg, "baseline", result["history"], report, f"{stage}/audit/group_acc.png" if report else None, stage)
-    log(f"wandb: logged to {d} (mode {os.environ.get('WANDB_MODE')})")
+    stage = parent(result["model_dir"]) if result.get("model_dir") else f"{cfg.run_dir}/wandb-{name}"
+    charts = {"audit/group_acc_chart": f"{stage}/audit/group_acc.png"} if report else {}  # where run_audit writes it
+    d = log_run(cfg, name, result.get("history", []), report, {**charts, **(images or {})}, tables,
+                None if is_uri(stage) else stage, step_key="step" if "steps" in result else "epoch")
+    log(f"wandb: logged {name} to {d} (mode {os.environ.get('WANDB_MODE')})")
 
 
 def run_demo(cfg: Config, log=print) -> dict:
@@ -184,7 +220,7 @@ def run_demo(cfg: Config, log=print) -> dict:
         res = run_baseline(cfg, log=log)
         ft = run_finetune(cfg, log=log)
     base = run_audit(cfg, title="biased baseline (ERM)", log=log)
-    log_wandb(cfg, res, base, log)
+    log_wandb(cfg, "baseline", res, base, log=log)
     tuned = run_audit(cfg, ft["model_dir"], title=f"AIM-Fair fine-tuned ({ft['method']})", log=log)
     out = {"baseline": base, "finetuned": tuned, "method": ft["method"], "wall_s": time.time() - t0}
     write_json(f"{cfg.run_dir}/demo.json", {"wall_s": round(out["wall_s"], 1), "method": ft["method"]})

@@ -46,6 +46,11 @@ def test_image_minmax_on_ray_train_then_reuse(egt_image):
     assert (stage / "config.yaml").is_file()
     pipe = load_pipeline(res["model_dir"])  # the fine-tuned generator is a diffusers pipeline folder
     assert pipe.unet.config.sample_size == 32
+    from huggingface_hub import ModelCard  # its model card: the per-group quality and the gap EGT equalises
+
+    card = ModelCard.load(Path(res["model_dir"]) / "README.md")
+    assert card.data.egt["objective"] == "minmax" and card.data.egt_quality["fid"]["gap"] == round(q["gap"]["fid"], 4)
+    assert any(r.metric_type == "fid_gap" for r in card.data.eval_results) and not card.data.adapters
     again = train_generator(cfg, "image")
     assert again["reused"] and again["quality"] == q
 
@@ -63,7 +68,7 @@ def test_sd_lora_minmax_on_ray_train(sd_lora_egt):
     _, base, res = sd_lora_egt
     assert res["steps"] == 4 and res["history"][0]["world_size"] == 2
     model = Path(res["model_dir"])
-    assert {p.name for p in model.iterdir() if not p.name.startswith("_")} == {ADAPTER, LORA_FILE}
+    assert {p.name for p in model.iterdir() if not p.name.startswith("_")} == {ADAPTER, LORA_FILE, "README.md"}
     assert json.loads((model / ADAPTER).read_text()) == {"base_pipeline": base, "lora_rank": 2}
     saved = load_file(str(model / LORA_FILE))
     assert saved and all(k.startswith("unet.") and "lora" in k for k in saved)

@@ -192,34 +192,54 @@ def test_generators_give_deterministic_pngs_and_text(served):
     assert isinstance(t.json()["text"], str) and len(t.json()["text"].split()) >= 2
 
 
-def test_image_generator_serves_lora_adapters(served, sd_lora_egt):
-    """An EGT LoRA model folder (adapters + the base it names) served as the image generator (its own
-    app, deleted afterwards so the timing tests share the CPUs with no more replicas than before): the
-    PNGs are the pipeline's own images of those seeds, and not the base pipeline's."""
+def test_one_base_pipeline_serves_many_egt_adapters(served, sd_lora_egt, tmp_path):
+    """Two EGT LoRA adapters over one base pipeline (Ray Serve model multiplexing, its own app, deleted afterwards
+    so the timing tests share the CPUs with no more replicas than before): each request's PNGs are that adapter's
+    own pipeline output for those seeds, a request without a model gets the base's, /v1/models shows each adapter's
+    EGT card, and an unknown adapter is a 404 naming the known ones."""
+    import shutil
+
     from ray import serve
+    from safetensors.torch import load_file, save_file
 
     from aimfair_ray.data.codecs import decode_png
+    from aimfair_ray.egt.image import LORA_FILE
     from aimfair_ray.generate.images import generate_batch
     from aimfair_ray.generate.t2i import load_pipeline
     from aimfair_ray.serving.app import build_app
 
     _, base, res = sd_lora_egt
-    lora = res["model_dir"]
-    serve.run(build_app({"models": {"baseline": str(served["root"] / "baseline" / "model")}, "image_pipeline": lora,
-                         "text_model": None}), name="aimfair-lora", route_prefix="/lora")
+    first = res["model_dir"]
+    second = tmp_path / "second"  # another adapter over the same base: the first one's LoRA weights, tripled
+    shutil.copytree(first, second, ignore=shutil.ignore_patterns("_*"))
+    save_file({k: 3 * v for k, v in load_file(str(second / LORA_FILE)).items()}, str(second / LORA_FILE))
+    serve.run(build_app({"models": {"baseline": str(served["root"] / "baseline" / "model")}, "image_pipeline": base,
+                         "image_adapters": {"fair": first, "fairer": str(second)}, "text_model": None}),
+              name="aimfair-lora", route_prefix="/lora")
+    url = f"{served['url']}/lora/v1"
+    body = {"prompts": ["a red digit seven", "a green digit two"], "seed": 5, "steps": 2}
     try:
-        body = {"prompts": ["a red digit seven", "a green digit two"], "seed": 5, "steps": 2}
-        r = requests.post(f"{served['url']}/lora/v1/generate/image", json=body, timeout=120)
+        got = {m: requests.post(f"{url}/generate/image", json=dict(body, model=m), timeout=180) for m in
+               ("fair", "fairer", None, "fair")}
+        listed = requests.get(f"{url}/models", timeout=30).json()["adapters"]
+        unknown = requests.post(f"{url}/generate/image", json=dict(body, model="nope"), timeout=30)
     finally:
         serve.delete("aimfair-lora")
-    assert r.status_code == 200, r.text
-    got = [decode_png(base64.b64decode(s)) for s in r.json()["images"]]
+    assert all(r.status_code == 200 for r in got.values()), [r.text for r in got.values()]
+    images = {m: np.stack([decode_png(base64.b64decode(s)) for s in r.json()["images"]]) for m, r in got.items()}
 
     def local(pipeline):  # what the ImageGenerator deployment runs: one seed per prompt, guidance 3
         return generate_batch(load_pipeline(pipeline), body["prompts"], [5, 6], 2, 3.0)
 
-    assert np.array_equal(np.stack(got), local(lora))
-    assert not np.array_equal(np.stack(got), local(base))
+    assert np.array_equal(images["fair"], local(first)) and np.array_equal(images["fairer"], local(str(second)))
+    assert not np.array_equal(images["fair"], images["fairer"])
+    # without a model, the base (the adapters disabled): its pixels may differ by a rounding step from a base run
+    # with another thread count (the replica's), far less than an adapter changes them
+    diff = lambda x, y: int(np.abs(x.astype(int) - y.astype(int)).max())
+    assert diff(images[None], local(base)) <= 1 < diff(images["fair"], local(base))
+    assert {a["id"] for a in listed} == {"fair", "fairer"} and listed[0]["egt"]["objective"] == "minmax"
+    assert listed[0]["egt_quality"] is None  # the fixture's run skipped the quality (a sweep trial's setting)
+    assert unknown.status_code == 404 and "fair, fairer" in unknown.json()["error"]
 
 
 BAD = [

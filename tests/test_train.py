@@ -63,10 +63,27 @@ def test_wandb_offline_logs_metrics_and_chart(trained, tmp_path, monkeypatch):
     cfg, _, result = trained
     monkeypatch.setenv("WANDB_MODE", "offline")
     rep = audit(result["model_dir"], f"{cfg.data_dir}/test", str(tmp_path / "a"))
-    run_dir = log_run(cfg, "baseline", result["history"], rep, str(tmp_path / "a" / "group_acc.png"), str(tmp_path / "wb"))
+    run_dir = log_run(cfg, "baseline", result["history"], rep, {"audit/group_acc_chart": str(tmp_path / "a" / "group_acc.png")},
+                      out_dir=str(tmp_path / "wb"))
     assert Path(run_dir).exists() and list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    media = {part for p in Path(run_dir).rglob("*") if p.is_file() and "media" in p.parts for part in p.parts}
+    assert {"images", "table"} <= media  # the audit chart, and the audit's cells with their intervals as a table
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(AimfairError, match="WANDB_API_KEY"):
-        log_run(cfg, "baseline", [], None, None, str(tmp_path / "wb2"))
+        log_run(cfg, "baseline", [], out_dir=str(tmp_path / "wb2"))
+
+
+def test_every_training_command_takes_wandb():
+    import typer
+
+    from aimfair_ray.cli import app
+
+    root = typer.main.get_command(app)
+    for path in ("train baseline", "train groupdro", "train jtt", "finetune", "egt", "benchmark aimfair", "benchmark egt",
+                 "sweep", "demo"):
+        cmd = root
+        for part in path.split():
+            cmd = cmd.commands[part]
+        assert "--wandb" in [o for p in cmd.params for o in getattr(p, "opts", [])], path

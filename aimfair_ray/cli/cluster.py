@@ -24,6 +24,9 @@ def serve_cmd(config: str = typer.Option("serve/config.yaml", "--config", help="
               image_pipeline: Optional[str] = typer.Option(None, "--image-pipeline",
                                                            help="diffusers pipeline folder for /v1/generate/image, e.g. "
                                                                 "an EGT run's runs/cmnist/egt/image/minmax-seed0/model"),
+              adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="ID=ADAPTER_DIR: an EGT LoRA model "
+                                                          "folder over --image-pipeline, chosen per request by its id "
+                                                          "(repeatable; Ray Serve model multiplexing)"),
               host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
               token_file: Optional[str] = typer.Option(None, "--token-file", help="a file holding the bearer token "
                                                        "(else $AIMFAIR_SERVE_TOKEN, else no auth); /healthz and /login "
@@ -46,7 +49,7 @@ def serve_cmd(config: str = typer.Option("serve/config.yaml", "--config", help="
 
             raise AimfairError("--token puts the token in the process list: use --token-file FILE (chmod 600) or "
                                "AIMFAIR_SERVE_TOKEN=... aimfair serve")
-        cfg = serve_config.resolve(config, model, image_pipeline, host, port, token_file)
+        cfg = serve_config.resolve(config, model, image_pipeline, host, port, token_file, adapter)
         path = f"{Path(out).resolve()}/config.yaml"
         atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
         models = cfg["applications"][0]["args"]["models"]

@@ -88,6 +88,9 @@ def headline(name: str, r: dict) -> None:
 def _load(preset: str, config: Optional[List[str]], overrides: Optional[List[str]], wandb: bool) -> Config:
     cfg = load_config(preset, config or [], overrides or [])
     if wandb:
+        from aimfair_ray.tracking import wandb_mode
+
+        wandb_mode()  # online without a key, or no wandb package: one line now, not after the training
         cfg.train.wandb = True
     return cfg
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from aimfair_ray import AimfairError, pipeline, renamed
-from aimfair_ray.cli.common import ConfigOpt, ForceOpt, PresetOpt, SetOpt, console, log, run, run_with_config
+from aimfair_ray.cli.common import ConfigOpt, ForceOpt, PresetOpt, SetOpt, WandbOpt, console, log, run, run_with_config
 from aimfair_ray.storage import read_text
 from aimfair_ray.sweep.kinds import KINDS as SWEEP_KINDS
 
@@ -41,7 +41,7 @@ def _egt_table(task: str, rows: dict) -> None:
 @top.command("egt")
 def egt_cmd(task: str = typer.Argument(..., help="image (diffusion) | text (causal LM)"),
                preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-               force: bool = ForceOpt):
+               force: bool = ForceOpt, wandb: bool = WandbOpt):
     """EGT min–max fine-tuning of a generator on group-imbalanced data (objective: egt.objective), then
     its per-group quality and the EGT gap beside the pretrained model's."""
     from aimfair_ray.egt.run import pretrained_quality, train_generator
@@ -55,9 +55,11 @@ def egt_cmd(task: str = typer.Argument(..., help="image (diffusion) | text (caus
         res = train_generator(cfg, task, force, log)
         _egt_table(task, {"pretrained": base, e.objective: res["quality"]})
         log(f"egt: wrote {res['model_dir']} and its quality.json")
+        pipeline.log_wandb(cfg, f"egt-{task}-{e.objective}", res, log=log, tables={
+            "egt/quality": pipeline.quality_table({"pretrained": base, e.objective: res["quality"]})})
 
     run(lambda: check_task(task))
-    run_with_config(body, preset, config, set_)
+    run_with_config(body, preset, config, set_, wandb)
 
 
 @top.command("minmax", hidden=True)
@@ -75,7 +77,8 @@ def benchmark_egt_cmd(task: str = typer.Argument("all", help="image | text | all
                                                                help="comma-separated: erm, reweight, minmax, conditional"),
                       publish: Optional[str] = typer.Option(None, "--publish", help="also write PREFIX.md and .json with "
                                                             "the command, wall time and machine (one task: image or text)"),
-                      preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+                      preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                      wandb: bool = WandbOpt):
     """EGT table: ERM, reweighting, min–max and group-conditional fine-tuning over seeds: per-group
     quality, the gap and overall quality, each row with its setting; Markdown, CSV and JSON."""
     from aimfair_ray.egt.benchmark import benchmark_egt
@@ -101,9 +104,11 @@ def benchmark_egt_cmd(task: str = typer.Argument("all", help="image | text | all
             out = benchmark_egt(cfg, k, list(range(seeds)), objs, log=log, publish=publish, command=command)
             console.print(read_text(f"{out['dir']}/results.md"), highlight=False)
             log(f"benchmark egt {k}: wrote {out['dir']}/results.md, .csv and .json in {time.time() - t0:.0f}s")
+            pipeline.log_wandb(cfg, f"benchmark-egt-{k}", {}, log=log, tables={
+                "benchmark/egt": pipeline.egt_benchmark_table(out)})
 
     run(check)
-    run_with_config(body, preset, config, set_)
+    run_with_config(body, preset, config, set_, wandb)
 
 
 @bench_app.command("aimfair")
@@ -114,7 +119,8 @@ def benchmark_aimfair_cmd(seeds: int = typer.Option(5, "--seeds", min=1, help="n
                                                                 "and .png with the command, wall time and machine"),
                           finished_only: bool = typer.Option(False, "--finished-only", help="train nothing: tabulate "
                                                              "the runs that finished, each row over its seeds"),
-                          preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt):
+                          preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
+                          wandb: bool = WandbOpt):
     """Results table over seeds: the baseline, every fine-tuning method on the synthetic sets, selective with the
     project's default recipe, JTT, Group DRO (uses group labels), and oracle rows fine-tuned on real balanced
     images. Mean ± std, 95% intervals, the official seed-averaged WST/STD, and paired per-seed differences."""
@@ -135,8 +141,10 @@ def benchmark_aimfair_cmd(seeds: int = typer.Option(5, "--seeds", min=1, help="n
                                 finished_only=finished_only)
         console.print(read_text(f"{out['dir']}/results.md"), highlight=False)
         log(f"benchmark: wrote {out['dir']}/results.md, .csv, .json and .png in {time.time() - t0:.0f}s")
+        pipeline.log_wandb(cfg, "benchmark-aimfair", {}, log=log, images={"benchmark/chart": f"{out['dir']}/results.png"},
+                           tables={"benchmark/aimfair": pipeline.aimfair_benchmark_table(out["table"])})
 
-    run_with_config(body, preset, config, set_)
+    run_with_config(body, preset, config, set_, wandb)
 
 
 @bench_app.command("render")

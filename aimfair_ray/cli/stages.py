@@ -45,14 +45,14 @@ def train_baseline_cmd(preset: str = PresetOpt, config: Optional[List[str]] = Co
     def body(cfg):
         res = pipeline.run_baseline(cfg, force, log)
         rep = pipeline.run_audit(cfg, title="baseline (ERM)", log=log) if cfg.train.wandb else None
-        pipeline.log_wandb(cfg, res, rep, log)
+        pipeline.log_wandb(cfg, "baseline", res, rep, log=log)
 
     run_with_config(body, preset, config, set_, wandb)
 
 
 @train_app.command("groupdro")
 def train_groupdro_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-                       force: bool = ForceOpt):
+                       force: bool = ForceOpt, wandb: bool = WandbOpt):
     """Train the Group DRO baseline on real data with group labels (step size: group_dro.eta)."""
     from aimfair_ray.evaluate import table
 
@@ -61,13 +61,14 @@ def train_groupdro_cmd(preset: str = PresetOpt, config: Optional[List[str]] = Co
         rep = pipeline.run_audit(cfg, res["model_dir"], title=f"Group DRO (eta {cfg.group_dro.eta})", log=log)
         console.print(table({"group_dro": rep}))
         headline("group_dro", rep)
+        pipeline.log_wandb(cfg, "group_dro", res, rep, log=log)
 
-    run_with_config(body, preset, config, set_)
+    run_with_config(body, preset, config, set_, wandb)
 
 
 @train_app.command("jtt")
 def train_jtt_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-                  force: bool = ForceOpt):
+                  force: bool = ForceOpt, wandb: bool = WandbOpt):
     """Train JTT (Just Train Twice) on real data without group labels: ERM for jtt.epochs, then ERM again with its
     train errors upweighted by jtt.upweight."""
     from aimfair_ray.evaluate import table
@@ -78,15 +79,16 @@ def train_jtt_cmd(preset: str = PresetOpt, config: Optional[List[str]] = ConfigO
                                  log=log)
         console.print(table({"jtt": rep}))
         headline("jtt", rep)
+        pipeline.log_wandb(cfg, "jtt", res, rep, log=log)
 
-    run_with_config(body, preset, config, set_)
+    run_with_config(body, preset, config, set_, wandb)
 
 
 @top.command("finetune")
 def finetune_cmd(method: Optional[str] = typer.Option(None, "--method", "-m",
                                                       help=f"{methods.describe()} (default: finetune.method)"),
                  preset: str = PresetOpt, config: Optional[List[str]] = ConfigOpt, set_: Optional[List[str]] = SetOpt,
-                 force: bool = ForceOpt):
+                 force: bool = ForceOpt, wandb: bool = WandbOpt):
     """Fine-tune the baseline on the synthetic balanced set, then audit it beside the baseline."""
     from aimfair_ray.evaluate import table
 
@@ -96,8 +98,9 @@ def finetune_cmd(method: Optional[str] = typer.Option(None, "--method", "-m",
         rep = pipeline.run_audit(cfg, res["model_dir"], title=f"fine-tuned: {res['method']}", log=log)
         console.print(table({"baseline (ERM)": base, f"finetune: {res['method']}": rep}))
         headline(f"finetune: {res['method']}", rep)
+        pipeline.log_wandb(cfg, f"finetune-{res['method']}", res, rep, log=log, images=pipeline.finetune_images(cfg, res))
 
-    run_with_config(body, preset, config, set_)
+    run_with_config(body, preset, config, set_, wandb)
 
 
 @gen_app.command("prompts")

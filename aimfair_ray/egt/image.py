@@ -38,7 +38,7 @@ from aimfair_ray.data.captions import caption_images
 from aimfair_ray.data.cmnist import colorize, load_mnist_5k, stroke_color
 from aimfair_ray.data.codecs import to_unit
 from aimfair_ray.egt.tasks import EGTTask, register
-from aimfair_ray.generate.t2i import AimfairT2IPipeline, TextEncoder, as_uint8, embedded_weights, load_pipeline
+from aimfair_ray.generate.t2i import LORA_WEIGHTS, AimfairT2IPipeline, TextEncoder, as_uint8, embedded_weights, load_pipeline
 
 
 @dataclass
@@ -49,7 +49,7 @@ class ImageSet:
 
 
 BLIND = "colour"  # the colour word of a group-blind caption (unconditional setting)
-LORA_FILE, ADAPTER = "pytorch_lora_weights.safetensors", "adapter.json"  # an SD LoRA model folder
+LORA_FILE, ADAPTER = LORA_WEIGHTS, "adapter.json"  # an SD LoRA model folder
 
 
 def image_sets(colors, group_names, n_train: int, minority_share: float, n_eval_per_group: int, jitter: int,

@@ -237,6 +237,13 @@ def measure(cfg: Config, task: str, trained: dict | None, model_dir: str | None,
     q, files = ray.get(fn.remote(cfg.model_dump(mode="json"), task, trained, model_dir is not None, max(1, int(cpus)),
                                  quality))
     if model_dir is not None:
+        from aimfair_ray.egt.quality import HIGHER_IS_BETTER
+        from aimfair_ray.modelcard import CARD, generator_card
+
+        Task = get(task)
+        card = generator_card(task, Task.model_name(cfg), Task.group_names(cfg), q, cfg.egt.model_dump(mode="json"),
+                              Task.metrics, HIGHER_IS_BETTER, adapters=any("lora" in rel for rel in files))
+        files = {**files, CARD: str(card).encode()}
         with atomic_dir(model_dir) as tmp:
             for rel, data in files.items():
                 (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,19 @@ class AimfairT2IPipeline(DiffusionPipeline):
         return type("Out", (), {"images": imgs})()
 
 
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # an EGT LoRA folder: these weights, and adapter.json naming the base
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base pipeline that an EGT LoRA folder (``adapter.json``) names, or None for a pipeline folder."""
+    import json
+
+    from aimfair_ray.storage import exists, join, read_text
+
+    f = join(str(path), "adapter.json")
+    return json.loads(read_text(f))["base_pipeline"] if exists(f) else None
+
+
 def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32", scheduler: str | None = None):
     """Any diffusers text-to-image pipeline folder or hub id (Stable Diffusion: its safety checker left
     out), the embedded one by class name; ``scheduler`` (ddim, euler, dpm) replaces the pipeline's
@@ -150,10 +163,10 @@ def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32",
         path = local_copy(str(path))
     torch_dtype = getattr(torch, dtype)
     manifest.verify(str(path))  # a pipeline this project wrote (EGT): its files as written
-    adapter = Path(path) / "adapter.json"
-    if adapter.is_file():
-        pipe = load_pipeline(json.loads(adapter.read_text())["base_pipeline"], device, dtype, scheduler)
-        pipe.load_lora_weights(str(path), weight_name="pytorch_lora_weights.safetensors")
+    base = adapter_base(path)
+    if base is not None:
+        pipe = load_pipeline(base, device, dtype, scheduler)
+        pipe.load_lora_weights(str(path), weight_name=LORA_WEIGHTS)
         return pipe
     index = Path(path) / "model_index.json"
     info = json.loads(index.read_text()) if index.is_file() else {}  # {}: a hub id

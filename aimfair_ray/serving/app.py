@@ -171,8 +171,8 @@ async def _guard(request: Request, call_next):
 @serve.ingress(api)
 class Api:
     def __init__(self, classifiers: dict, cards: dict, images: dict, image_gen=None, text_gen=None,
-                 limits: Optional[dict] = None, local: Optional[dict] = None):
-        self.classifiers, self.cards = classifiers, cards
+                 limits: Optional[dict] = None, local: Optional[dict] = None, adapters: Optional[dict] = None):
+        self.classifiers, self.cards, self.adapters = classifiers, cards, dict(adapters or {})
         self.image_gen, self.text_gen = image_gen, text_gen
         self.limits = dict(limits or ServeArgs(models={}).model_dump())
         self.limits["token"] = auth.read_token(self.limits.get("token_file"))
@@ -243,7 +243,8 @@ class Api:
 
     @api.get("/v1/models")
     def models(self) -> dict:
-        return {"models": [{"id": i, "backbone": c["backbone"], "provenance": c["provenance"],
+        return {"adapters": list(self.adapters.values()),
+                "models": [{"id": i, "backbone": c["backbone"], "provenance": c["provenance"],
                             "audit": {k: c["audit"][k] for k in ("acc", "wst", "std", "eo")} if c["audit"] else None,
                             "model_card": c.get("model_card")}
                            for i, c in self.cards.items()]}
@@ -339,9 +340,15 @@ class Api:
         self._cap(len(req.prompts), "max_prompts_per_request", "prompts", 413)
         self._cap(max(len(p) for p in req.prompts), "max_prompt_chars", "characters in a prompt", 422)
         self._cap(req.steps, "max_steps", "steps", 422)
-        pngs, = await self._within("generate_image", [self.image_gen.remote(req.prompts, req.seed, req.steps)])
+        gen = self.image_gen
+        if req.model is not None:
+            if req.model not in self.adapters:
+                raise ApiError(404, f"unknown adapter {req.model!r}; known: {', '.join(self.adapters) or 'none'} "
+                                    "(GET /v1/models), or leave model out for the base pipeline")
+            gen = gen.options(multiplexed_model_id=req.model)
+        pngs, = await self._within("generate_image", [gen.remote(req.prompts, req.seed, req.steps)])
         return {"images": [base64.b64encode(p).decode() for p in pngs], "format": "png", "seed": req.seed,
-                "steps": req.steps, "prompts": req.prompts}
+                "steps": req.steps, "prompts": req.prompts, "model": req.model}
 
     @api.post("/v1/generate/text")
     async def generate_text(self, req: TextRequest):
@@ -384,15 +391,41 @@ def build_app(args: dict) -> serve.Application:
     classifiers = {i: Classifier.options(name=f"Classifier-{i}", **replicas).bind(_where(p), a.max_batch_size,
                                                                        a.batch_wait_timeout_s)
                    for i, p in a.models.items() if i not in local}
+    adapters = adapter_cards(a)
     image_gen = None if a.image_pipeline is None else ImageGenerator.bind(
-        None if a.image_pipeline == "embedded" else a.image_pipeline)
+        None if a.image_pipeline == "embedded" else a.image_pipeline,
+        adapters={i: _where(p) for i, p in a.image_adapters.items()})
     text_gen = None if a.text_model is None else TextGenerator.bind(None if a.text_model == "smollm2" else a.text_model)
-    limits = a.model_dump(exclude={"models", "image_pipeline", "text_model", "classifier_replicas",
+    limits = a.model_dump(exclude={"models", "image_pipeline", "image_adapters", "text_model", "classifier_replicas",
                                    "batch_wait_timeout_s", "classify_in_ingress", "ingress_max_params"})
     if a.token_file:
         limits["token_file"] = str(Path(a.token_file).resolve())
     return Api.bind(classifiers, cards, images, image_gen, text_gen, limits,
-                    {i: _where(a.models[i]) for i in local})
+                    {i: _where(a.models[i]) for i in local}, adapters)
+
+
+def adapter_cards(a: ServeArgs) -> dict[str, dict]:
+    """Each EGT adapter's entry of ``/v1/models``: its base and its EGT card (per-group quality and gaps); every
+    adapter must be a LoRA folder over ``image_pipeline`` (one line naming the adapter otherwise)."""
+    from huggingface_hub import ModelCard
+
+    from aimfair_ray.generate.t2i import adapter_base
+    from aimfair_ray.modelcard import CARD
+    from aimfair_ray.storage import exists, read_text
+
+    out = {}
+    for i, p in a.image_adapters.items():
+        base = adapter_base(p)
+        if base is None:
+            raise AimfairError(f"image_adapters.{i}: {p} has no adapter.json; pass the model/ folder of an `aimfair egt "
+                               "image` run with egt.image.lora_rank > 0")
+        if a.image_pipeline in (None, "embedded") or _where(base) != _where(a.image_pipeline):
+            raise AimfairError(f"image_adapters.{i}: its base pipeline is {base}, but image_pipeline is "
+                               f"{a.image_pipeline}; serve its base (--image-pipeline {base})")
+        card = ModelCard(read_text(f"{p}/{CARD}")).data.to_dict() if exists(f"{p}/{CARD}") else None
+        out[i] = {"id": i, "base_pipeline": base, "path": p if is_uri(p) else str(Path(p).resolve()),
+                  "egt": (card or {}).get("egt"), "egt_quality": (card or {}).get("egt_quality"), "model_card": card}
+    return out
 
 
 def _where(model_dir: str) -> str:

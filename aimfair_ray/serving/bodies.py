@@ -31,6 +31,9 @@ class ServeArgs(BaseModel):
     models: dict[str, str] = Field(description="model id -> model folder (model.safetensors + model.json)")
     image_pipeline: Optional[str] = Field("embedded", description="diffusers pipeline folder or hub id; "
                                                                   "'embedded': the bundled model; null: no image route")
+    image_adapters: dict[str, str] = Field({}, description="adapter id -> an EGT LoRA model folder (adapter.json and "
+                                           "its LoRA weights) over image_pipeline, which must be its base; a request "
+                                           "picks one by its model field (Ray Serve model multiplexing)")
     text_model: Optional[str] = Field("smollm2", description="HF folder, GGUF file or hub id; 'smollm2': the "
                                                              "bundled SmolLM2-135M-Instruct; null: no text route")
     max_batch_size: int = Field(32, ge=1, le=4096)
@@ -106,6 +109,8 @@ class ImageRequest(BaseModel):
                                                                                   description="one image per prompt")
     seed: Seed = Field(0, description=f"image i uses seed + i (at most {SEED_MAX})")
     steps: int = Field(30, ge=1, le=10_000)
+    model: Optional[str] = Field(None, max_length=200, description="an adapter id of args.image_adapters (GET "
+                                 "/v1/models lists them); null: the base pipeline")
 
 
 class TextRequest(BaseModel):

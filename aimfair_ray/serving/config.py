@@ -14,7 +14,8 @@ from aimfair_ray.storage import is_uri
 
 
 def resolve(config: str, models: Optional[list[str]] = None, image_pipeline: Optional[str] = None,
-            host: str = "127.0.0.1", port: int = 8000, token_file: Optional[str] = None) -> dict:
+            host: str = "127.0.0.1", port: int = 8000, token_file: Optional[str] = None,
+            adapters: Optional[list[str]] = None) -> dict:
     """The Serve config of ``config`` with the overrides applied; the app's args and every model
     folder are checked (by building the app) before Ray starts."""
     from aimfair_ray.config import read_yaml
@@ -39,6 +40,12 @@ def resolve(config: str, models: Optional[list[str]] = None, image_pipeline: Opt
                                "adapter.json of LoRA adapters, is missing); pass a pipeline folder, e.g. the model/ of "
                                "an `aimfair egt image` run")
         args["image_pipeline"] = str(Path(image_pipeline).resolve())
+    if adapters:
+        bad = [m for m in adapters if "=" not in m]
+        if bad:
+            raise AimfairError(f"--adapter {bad[0]!r}: expected ID=ADAPTER_DIR, e.g. --adapter fair=runs/cmnist/egt/image/"
+                               "minmax-seed0/model")
+        args["image_adapters"] = {i: p if is_uri(p) else str(Path(p).resolve()) for i, p in (m.split("=", 1) for m in adapters)}
     args["models"] = {i: p if is_uri(p) else str(Path(p).resolve()) for i, p in (args.get("models") or {}).items()}
     if token_file:
         args["token_file"] = str(Path(token_file).resolve())

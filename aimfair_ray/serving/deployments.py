@@ -54,11 +54,39 @@ class Classifier:
         return await self.predict_batch(image)
 
 
+ADAPTERS_PER_REPLICA = 8  # LoRA adapters an ImageGenerator replica keeps loaded (the least recently used leaves)
+
+
+class _Adapter:
+    """A LoRA adapter loaded into a replica's pipeline; Serve drops it (and it leaves the pipeline) when the
+    replica makes room for another."""
+
+    def __init__(self, pipe, name: str, folder: str):
+        from aimfair_ray import manifest
+        from aimfair_ray.generate.t2i import LORA_WEIGHTS
+        from aimfair_ray.storage import is_uri, local_copy
+
+        self.pipe, self.name = pipe, name
+        local = local_copy(folder) if is_uri(folder) else folder
+        manifest.verify(local)  # the adapter's files as its EGT run wrote them
+        pipe.load_lora_weights(local, weight_name=LORA_WEIGHTS, adapter_name=name)
+
+    def __del__(self):
+        try:
+            self.pipe.delete_adapters(self.name)
+        except Exception:  # noqa: BLE001 - a replica shutting down
+            pass
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class ImageGenerator:
-    """Any diffusers text-to-image pipeline folder or hub id (default: the embedded model)."""
+    """Any diffusers text-to-image pipeline folder or hub id (default: the embedded model), and EGT LoRA adapters
+    over it: one base pipeline per replica, the adapter chosen per request by its multiplexed model id."""
 
-    def __init__(self, pipeline: str | None = None, dtype: str = "float32", guidance_scale: float = 3.0):
+    def __init__(self, pipeline: str | None = None, dtype: str = "float32", guidance_scale: float = 3.0,
+                 adapters: dict[str, str] | None = None):
+        import asyncio
+
         import torch
 
         from aimfair_ray.generate.t2i import embedded_weights, load_pipeline
@@ -67,14 +95,32 @@ class ImageGenerator:
         self.name = pipeline or "embedded"
         self.pipe = load_pipeline(pipeline or embedded_weights(), device=self.device,
                                   dtype=dtype if self.device == "cuda" else "float32")
-        self.guidance = guidance_scale
+        self.guidance, self.adapters = guidance_scale, dict(adapters or {})
+        self.lock = asyncio.Lock()  # one generation at a time: the active adapter is the pipeline's state
 
-    def __call__(self, prompts: list[str], seed: int, steps: int) -> list[bytes]:
+    @serve.multiplexed(max_num_models_per_replica=ADAPTERS_PER_REPLICA)
+    async def get_adapter(self, adapter_id: str) -> _Adapter:
+        return _Adapter(self.pipe, adapter_id, self.adapters[adapter_id])
+
+    def _generate(self, prompts: list[str], seed: int, steps: int) -> list[bytes]:
         from aimfair_ray.data.codecs import encode_png
         from aimfair_ray.generate.images import generate_batch
 
         imgs = generate_batch(self.pipe, prompts, [seed + i for i in range(len(prompts))], steps, self.guidance)
         return [encode_png(im) for im in imgs]
+
+    async def __call__(self, prompts: list[str], seed: int, steps: int) -> list[bytes]:
+        import asyncio
+
+        adapter_id = serve.get_multiplexed_model_id()
+        adapter = await self.get_adapter(adapter_id) if adapter_id else None
+        async with self.lock:
+            if adapter is not None:
+                self.pipe.enable_lora()
+                self.pipe.set_adapters([adapter.name])
+            elif self.adapters:
+                self.pipe.disable_lora()  # the base pipeline
+            return await asyncio.to_thread(self._generate, prompts, seed, steps)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})

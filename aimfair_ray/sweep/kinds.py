@@ -17,8 +17,9 @@ class SweepKind:
     - ``train(cfg, stage, sweep_stage, baseline_dir, callbacks, score)``: one trial's Ray Train run; returns its
       result (``history``, ``reused``, ...) and reports every epoch (or EGT checkpoint) through ``callbacks``.
     - ``length(cfg)``: how many epochs (or EGT steps) a trial runs: what ASHA counts up to.
+    - ``check(cfg)``: what must exist before the sweep starts Ray (a clear error if it does not).
     - ``prepare(cfg, trial_cfg, sweep_stage, log)``: what every trial needs, made once before any runs (the
-      baseline and its selection scores); returns the baseline's folder, or None.
+      selection scores); returns the baseline's folder, or None.
     - ``egt``: the EGT task its trials fine-tune (``image``, ``text``), None for a classifier sweep.
     """
 
@@ -26,6 +27,7 @@ class SweepKind:
     help: str
     train: Callable[..., dict]
     length: Callable[..., int]
+    check: Optional[Callable[..., None]] = None
     prepare: Optional[Callable[..., Optional[str]]] = None
     egt: Optional[str] = None
 
@@ -50,16 +52,21 @@ def get(name: str) -> SweepKind:
 
 
 # ---- the shipped kinds ---------------------------------------------------------------------
-def _selective_prepare(cfg, trial_cfg, sweep_stage: str, log) -> str:
+def _selective_check(cfg) -> None:
     from aimfair_ray.storage import exists
-    from aimfair_ray.train.finetune import compute_scores, synthetic_dir
+    from aimfair_ray.train.finetune import synthetic_dir
 
-    baseline_dir = cfg.paths.baseline_model
-    if not exists(f"{baseline_dir}/model.json"):
-        raise AimfairError(f"no baseline at {baseline_dir}: run `aimfair demo` (or `aimfair train baseline`) first")
+    if not exists(f"{cfg.paths.baseline_model}/model.json"):
+        raise AimfairError(f"no baseline at {cfg.paths.baseline_model}: run `aimfair demo` (or `aimfair train baseline`) "
+                           "first")
     synthetic_dir(cfg, "balanced")  # a clear error if `aimfair generate all` has not run
-    compute_scores(trial_cfg, baseline_dir, log=log, stage=f"{sweep_stage}/scores")
-    return baseline_dir
+
+
+def _selective_prepare(cfg, trial_cfg, sweep_stage: str, log) -> str:
+    from aimfair_ray.train.finetune import compute_scores
+
+    compute_scores(trial_cfg, cfg.paths.baseline_model, log=log, stage=f"{sweep_stage}/scores")
+    return cfg.paths.baseline_model
 
 
 def _selective_train(cfg, stage, sweep_stage, baseline_dir, callbacks, score) -> dict:
@@ -84,7 +91,7 @@ def _egt_train(task: str):
 
 
 register(SweepKind("selective", "AIM-Fair fine-tuning of the run's baseline: finetune.k, lr", _selective_train,
-                   lambda c: c.finetune.epochs, prepare=_selective_prepare))
+                   lambda c: c.finetune.epochs, check=_selective_check, prepare=_selective_prepare))
 register(SweepKind("group_dro", "the Group DRO baseline's group weights: group_dro.eta, EMA decay", _group_dro_train,
                    lambda c: c.group_dro.epochs or c.train.epochs))
 for _task in ("image", "text"):

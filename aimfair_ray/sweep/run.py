@@ -191,6 +191,8 @@ def sweep(cfg: Config, spec: SweepSpec, name: Optional[str] = None, wandb: bool 
         wandb_mode()  # fails now, not inside every trial, when online mode has no key
     kind = spec.registered
     first = trial_config(cfg, {}, spec)  # the base plus the sweep's overrides
+    if kind.check:
+        kind.check(cfg)  # before Ray starts: what is missing is one line, at once
     resources = ensure_ray(cfg.ray, cfg.output_dir)
     t0 = time.time()
     exp_name = f"{cfg.name}-sweep-{name}"
