@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "aimfair_ray"
 LEVELS = {
     # shared pieces, below every stage
     "": 0, "config": 0, "storage": 0, "paths": 0, "models": 0, "llm": 0, "distributed": 0, "metrics": 0,
-    "minmax": 0, "tables": 0, "runtime": 0, "assets": 0, "tracking": 0, "prompt_tasks": 0, "modelcard": 0,
+    "minmax": 0, "registry": 0, "tables": 0, "runtime": 0, "assets": 0, "tracking": 0, "prompt_tasks": 0, "modelcard": 0,
     "data": 1,
     "generate": 2,
     "train": 3, "egt": 3,

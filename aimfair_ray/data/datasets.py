@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from aimfair_ray import AimfairError
+from aimfair_ray.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -32,18 +33,15 @@ class Dataset:
     egt_image: bool = False                            # EGT image can draw its group sets from it
 
 
-DATASETS: dict[str, Dataset] = {}
+DATASETS: Registry[Dataset] = Registry("unknown dataset {name}: set data.dataset to one of {names}")
 
 
 def register(ds: Dataset) -> Dataset:
-    DATASETS[ds.name] = ds
-    return ds
+    return DATASETS.add(ds.name, ds)
 
 
 def get(name: str) -> Dataset:
-    if name not in DATASETS:
-        raise AimfairError(f"unknown dataset {name!r}: set data.dataset to one of {', '.join(DATASETS)}")
-    return DATASETS[name]
+    return DATASETS.pick(name)
 
 
 def read_dataset(dcfg):

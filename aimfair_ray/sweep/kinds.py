@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from aimfair_ray import AimfairError
+from aimfair_ray.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -37,18 +38,15 @@ class SweepKind:
         return "step" if self.egt else "epoch"
 
 
-KINDS: dict[str, SweepKind] = {}
+KINDS: Registry[SweepKind] = Registry("unknown sweep {name}; choose {names}")
 
 
 def register(kind: SweepKind) -> SweepKind:
-    KINDS[kind.name] = kind
-    return kind
+    return KINDS.add(kind.name, kind)
 
 
 def get(name: str) -> SweepKind:
-    if name not in KINDS:
-        raise AimfairError(f"unknown sweep {name!r}; choose {', '.join(KINDS)}")
-    return KINDS[name]
+    return KINDS.pick(name)
 
 
 # ---- the shipped kinds ---------------------------------------------------------------------
