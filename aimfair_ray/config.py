@@ -478,9 +478,10 @@ class Config(_Strict):
                        "train": {"cpus_per_worker", "gpus_per_worker", "cache_mb"},
                        "generate": {"llm_actors", "llm_cpus", "llm_gpus", "actors", "cpus_per_actor", "gpus_per_actor"}}
 
-    def outcome(self) -> dict:
-        """The config less its resource fields: what decides a run's results."""
-        return self.model_dump(mode="json", exclude=self.RESOURCE_FIELDS)
+    def outcome(self, unread: tuple[str, ...] = ()) -> dict:
+        """The config less its resource fields and the ``unread`` sections: what decides a run's results (a run
+        that leaves a section out of its key is not redone when only that section changes, or gains a field)."""
+        return self.model_dump(mode="json", exclude={**self.RESOURCE_FIELDS, **{s: True for s in unread}})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

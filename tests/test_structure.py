@@ -106,6 +106,18 @@ def test_reuse_or_resume_reuses_a_finished_run_and_starts_a_changed_one_fresh(tm
     assert reuse_or_resume(stage, {"a": 3}, str(run_path), outputs=("model/model.json",), log=msgs.append) is None
 
 
+def test_a_classifier_runs_key_holds_what_it_reads():
+    """A classifier run's key is its config less resources and the EGT section, which it never reads: an EGT
+    setting (or a field EGT gains) does not redo a trained baseline; a training setting does."""
+    from aimfair_ray.train.raytrain import RunSpec, _fingerprint
+
+    base = load_config("cmnist")
+    spec = RunSpec(stage="baseline", train=base.train)
+    key = _fingerprint(base, spec)
+    assert "egt" not in key["config"] and key == _fingerprint(load_config("cmnist", overrides=["egt.steps=7"]), spec)
+    assert key != _fingerprint(load_config("cmnist", overrides=["train.lr=0.5"]), spec)
+
+
 def test_run_paths_name_every_artefact_a_stage_hands_on(tmp_path):
     cfg = load_config("cmnist", overrides=[f"output_dir={tmp_path}"])
     p = cfg.paths

@@ -152,13 +152,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _fingerprint(cfg: Config, spec: RunSpec) -> dict:
-    """What decides a run's outcome: the config (less Ray's address) and the spec."""
+    """What decides a run's outcome: the config (less its resources, and EGT's section, which no classifier run
+    reads) and the spec."""
     s = asdict(spec)
     s["train"] = spec.train.model_dump(mode="json", exclude=Config.RESOURCE_FIELDS["train"])
     s.pop("init")
     s.pop("provenance")
     s["masks"] = {k: int(np.asarray(v).sum()) for k, v in (spec.masks or {}).items()}
-    return {"config": cfg.outcome(), "spec": s}
+    return {"config": cfg.outcome(unread=("egt",)), "spec": s}
 
 
 def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = False, log=print,
