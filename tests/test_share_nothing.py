@@ -353,7 +353,7 @@ def test_a_worker_node_lost_mid_generation_and_mid_training_resumes_from_the_sto
     assert len(written_ids(bal)) < 120 and proc.poll() is None  # mid-generation
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
-    assert "120/120 written" in out
+    assert "120/120 written" in out, [line for line in out.splitlines() if "written" in line or "images" in line]
     for balance, n in (("balanced", 120), ("imbalanced", 8)):
         ids = written_ids(f"{out_dir}/cmnist/synthetic/{balance}").to_pylist()
         assert len(ids) == len(set(ids)) == n, balance  # every planned id once

@@ -334,8 +334,11 @@ def generate_images(gcfg, plans: dict[str, Plan], meta: dict, save_size: int | N
     secs = time.time() - t0
     stats = {}
     for out_dir, plan in plans.items():
-        _check(out_dir, plan)
+        _check(out_dir, plan)  # every planned id is on the store, once
         k = n[out_dir]
+        if done[out_dir] + k < len(plan):  # an actor committed shards, then died with its node before its count came
+            log(f"images: {base_name(out_dir)}: {len(plan)}/{len(plan)} written ({len(plan) - done[out_dir] - k} by an "
+                "actor lost with its node after committing them)")
         stats[out_dir] = {"planned": len(plan), "generated_now": k, "seconds": round(secs, 2),
                           "images_per_s": round(k / secs, 3) if k else None}
         if not exists(join(out_dir, MANIFEST)):
