@@ -147,6 +147,18 @@ def adapter_base(path: str | Path) -> str | None:
     return json.loads(read_text(f))["base_pipeline"] if exists(f) else None
 
 
+def load_adapter(pipe, folder: str, name: str | None = None):
+    """An EGT LoRA folder's adapters loaded into ``pipe`` (as ``name`` when given; diffusers' default name
+    otherwise), its files checked against its manifest; on an object store, this node's copy of it."""
+    from aimfair_ray import manifest
+    from aimfair_ray.storage import is_uri, local_copy
+
+    local = local_copy(folder) if is_uri(folder) else folder
+    manifest.verify(local)
+    pipe.load_lora_weights(local, weight_name=LORA_WEIGHTS, **({"adapter_name": name} if name else {}))
+    return pipe
+
+
 def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32", scheduler: str | None = None):
     """Any diffusers text-to-image pipeline folder or hub id (Stable Diffusion: its safety checker left
     out), the embedded one by class name; ``scheduler`` (ddim, euler, dpm) replaces the pipeline's
@@ -165,9 +177,7 @@ def load_pipeline(path: str | Path, device: str = "cpu", dtype: str = "float32",
     manifest.verify(str(path))  # a pipeline this project wrote (EGT): its files as written
     base = adapter_base(path)
     if base is not None:
-        pipe = load_pipeline(base, device, dtype, scheduler)
-        pipe.load_lora_weights(str(path), weight_name=LORA_WEIGHTS)
-        return pipe
+        return load_adapter(load_pipeline(base, device, dtype, scheduler), str(path))
     index = Path(path) / "model_index.json"
     info = json.loads(index.read_text()) if index.is_file() else {}  # {}: a hub id
     if info.get("_class_name") == AimfairT2IPipeline.__name__:

@@ -62,14 +62,10 @@ class _Adapter:
     replica makes room for another."""
 
     def __init__(self, pipe, name: str, folder: str):
-        from aimfair_ray import manifest
-        from aimfair_ray.generate.t2i import LORA_WEIGHTS
-        from aimfair_ray.storage import is_uri, local_copy
+        from aimfair_ray.generate.t2i import load_adapter
 
         self.pipe, self.name = pipe, name
-        local = local_copy(folder) if is_uri(folder) else folder
-        manifest.verify(local)  # the adapter's files as its EGT run wrote them
-        pipe.load_lora_weights(local, weight_name=LORA_WEIGHTS, adapter_name=name)
+        load_adapter(pipe, folder, name)
 
     def __del__(self):
         try:
