@@ -28,6 +28,14 @@ def is_uri(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+def on_store(path, storage: str):
+    """A path Ray gives under ``storage`` (a checkpoint's, without the scheme when it is on an object store) as
+    a reader elsewhere can open it: with the store's scheme again. None stays None."""
+    if path and is_uri(storage) and not is_uri(path):
+        return f"{storage.split('://', 1)[0]}://{str(path).lstrip('/')}"
+    return path
+
+
 def local_path(path: str) -> str:
     """A local path without its ``file://`` prefix."""
     return str(path)[len("file://"):] if str(path).startswith("file://") else str(path)

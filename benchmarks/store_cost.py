@@ -6,7 +6,8 @@ moved to and from the store.
 
 The share-nothing cluster (``share_nothing``, also the test fixture of tests/test_share_nothing.py): a head with
 no CPUs, where the driver runs, and two worker nodes of 2 CPUs, each in its own mount namespace (``unshare -m``,
-as root) with a private tmpfs over its Ray temp dir, its temporary files and its store cache. The S3 endpoint
+as root) with a private tmpfs over its Ray temp dir, its temporary files and its store cache (the bundled LLM, as
+`make setup` converts it, bound read-only into that cache: a node built from cluster/Dockerfile has it). The S3 endpoint
 is moto behind a counting proxy: every request's body and every response's body are added to the stage folder
 their path names (``data``, ``synthetic``, ``baseline``, ...), up (to the store) or down (from it).
 """
@@ -86,6 +87,9 @@ def share_nothing(env: dict | None = None):
         subprocess.run([os.path.join(BIN, "ray"), "get-auth-token", "--generate"], check=True, capture_output=True)
         env["RAY_AUTH_MODE"] = "token"
     procs: dict[str, subprocess.Popen] = {}
+    from aimfair_ray.llm import cache_dir
+
+    llm = cache_dir() / "smollm2-135m-instruct"
 
     def start(name, cmd, node_env):
         log = open(f"{tmp}/{name}.log", "w")
@@ -99,7 +103,11 @@ def share_nothing(env: dict | None = None):
                          f"--dashboard-agent-grpc-port={ports[1]}", f"--runtime-env-agent-port={ports[2]}",
                          f"--metrics-export-port={ports[3]}", f"--node-manager-port={ports[4]}",
                          f"--object-manager-port={ports[5]}")
-        script = f'mount -t tmpfs tmpfs "{private}" && mkdir -p "{private}/tmp" "{private}/ray" && exec "$@"'
+        script = f'mount -t tmpfs tmpfs "{private}" && mkdir -p "{private}/tmp" "{private}/ray" && '
+        if llm.is_dir():  # the bundled LLM as `make setup` converts it (a node built from cluster/Dockerfile has it
+            # in its own cache): bound read-only, or every process on the node would dequantize the GGUF (~20 s)
+            script += f'mkdir -p "{private}/cache/{llm.name}" && mount --bind -o ro "{llm}" "{private}/cache/{llm.name}" && '
+        script += 'exec "$@"'
         start(name, ["unshare", "-m", "sh", "-c", script, "sh", *cmd],
               # RAY_TMPDIR too: Ray keeps its file locks there (a checkpoint's download lock), and two real
               # nodes never share one (with a shared one, a node waited on the other's lock and read an empty dir)

@@ -79,7 +79,7 @@ TINY = [
 
 # Fixtures that start or need the session's Ray cluster; a test using one is marked `ray`, so
 # `make test-fast` (pytest -m "not ray") runs the plain-PyTorch and config tests alone.
-RAY_FIXTURES = {"ray_head", "ray_cluster", "trained", "synth", "served", "cmnist_run", "cluster", "egt_image"}
+RAY_FIXTURES = {"ray_head", "ray_cluster", "trained", "synth", "served", "cmnist_run", "cluster"}
 
 
 def pytest_configure(config):
@@ -268,17 +268,6 @@ def egt_image_sets(pipeline_dir, output_dir) -> list[str]:
             "egt.image.n_eval_per_group=4", "egt.image.sample_steps=2", "egt.image.noise_levels=3",
             "egt.image.feature_size=32", "egt.image.nearest_k=2", "egt.image.max_draws=40", "egt.n_buckets=3",
             "egt.eta=2.0", "egt.minority_share=0.5", "egt.val_per_group=4"]
-
-
-@pytest.fixture(scope="session")
-def egt_image(ray_cluster, tiny_pipeline, tmp_path_factory):
-    """One uninterrupted tiny EGT image run (its config and result), shared by the EGT test and the test
-    that kills an EGT run's driver and compares the resumed run with it."""
-    from aimfair_ray.config import load_config
-    from aimfair_ray.egt.run import train_generator
-
-    cfg = load_config("cmnist", overrides=egt_image_sets(tiny_pipeline, tmp_path_factory.mktemp("egt")))
-    return cfg, train_generator(cfg, "image", log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")

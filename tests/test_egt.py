@@ -19,40 +19,8 @@ def _cfg(tmp_path, *extra):
                                             "egt.batch_size=8", "train.num_workers=2", *extra])
 
 
-def test_image_minmax_on_ray_train_then_reuse(egt_image):
-    from aimfair_ray.egt.run import train_generator
-    from aimfair_ray.generate.t2i import load_pipeline
-
-    cfg, res = egt_image
-    assert res["steps"] == 4 and [h["step"] for h in res["history"]] == [2, 4]
-    assert res["history"][0]["world_size"] == 2
-    for h in res["history"]:  # the held-out denoising loss per group at every checkpoint
-        per = json.loads(h["val_groups"])
-        assert set(per) == {"red", "green"} and h["val_quality"] == pytest.approx(sum(per.values()) / 2)
-        assert h["val_quality_gap"] == pytest.approx(abs(per["red"] - per["green"]))
-    q = res["quality"]
-    for m in ("fid", "precision", "recall", "density", "coverage", "denoise"):
-        assert set(q[m]) == {"red", "green"}
-        assert q["gap"][m] == pytest.approx(max(q[m].values()) - min(q[m].values()))
-    assert all(0 <= q[m][g] <= 1 for m in ("precision", "recall", "coverage") for g in q[m])
-    # the unconditional setting: drawn without the colour, sorted by the checker up to 4 per group
-    assert q["setting"] == "unconditional" and q["generated"] == [4, 4] and q["n_per_group"] == 4
-    assert q["drawn"] >= 8 and sum(q["share"].values()) == pytest.approx(1.0)
-    levels = res["group_weights"]["weights"]["levels"]  # one set of group weights per noise bucket
-    assert len(levels) == 3 and all(abs(sum(w["q"]) - 1) < 1e-9 for w in levels)
-    assert sum(w["q"] != [0.5, 0.5] for w in levels) >= 2
-    stage = Path(res["model_dir"]).parent
-    assert json.loads((stage / "quality.json").read_text()) == q
-    assert (stage / "config.yaml").is_file()
-    pipe = load_pipeline(res["model_dir"])  # the fine-tuned generator is a diffusers pipeline folder
-    assert pipe.unet.config.sample_size == 32
-    from huggingface_hub import ModelCard  # its model card: the per-group quality and the gap EGT equalises
-
-    card = ModelCard.load(Path(res["model_dir"]) / "README.md")
-    assert card.data.egt["objective"] == "minmax" and card.data.egt_quality["fid"]["gap"] == round(q["gap"]["fid"], 4)
-    assert any(r.metric_type == "fid_gap" for r in card.data.eval_results) and not card.data.adapters
-    again = train_generator(cfg, "image")
-    assert again["reused"] and again["quality"] == q
+# The image EGT run of the tiny pipeline (per-group held-out loss, quality, bucket weights, the pipeline folder
+# and its card, reuse, a killed driver's resume): tests/test_share_nothing.py, with its run on S3.
 
 
 def test_sd_lora_minmax_on_ray_train(sd_lora_egt):

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pandas as pd
@@ -369,36 +368,4 @@ def test_the_driver_killed_during_finetune_resumes_to_the_figures_of_an_uninterr
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-# The fine-tuning alone (quality=False): this test compares the training's history and weights, not the measurement
-EGT_DRIVER = ("import sys; from aimfair_ray.config import load_config; from aimfair_ray.egt.run import train_generator; "
-              "train_generator(load_config('cmnist', overrides=sys.argv[1:]), 'image', quality=False)")
-
-
-@pytest.mark.faults
-def test_the_driver_killed_during_an_egt_run_resumes_to_the_figures_of_an_uninterrupted_run(egt_image, ray_cluster,
-                                                                                           tmp_path):
-    """A driver running EGT fine-tuning (what `aimfair egt image` runs after measuring the pretrained model)
-    killed after its first registered checkpoint; the same driver again resumes from it (not from step 0)
-    and ends with the history and group weights of the same run never stopped."""
-    from conftest import egt_image_sets
-
-    cfg0, whole = egt_image
-    args = [sys.executable, "-c", EGT_DRIVER, *egt_image_sets(cfg0.egt.image.pipeline, tmp_path)]
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
-
-    def driver():
-        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-
-    run_path = tmp_path / "cmnist" / "ray" / "cmnist-egt-image-minmax-seed0"
-    _kill_after(driver(), lambda: _registered(run_path), "EGT checkpoint")
-    proc = driver()
-    out, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out[-3000:]
-    assert "resuming the interrupted run" in out and "egt resuming from checkpoint after step" in out, out[-2000:]
-    assert int(out.split("egt resuming from checkpoint after step ")[1].split()[0]) in (2, 4)
-    again = json.loads((tmp_path / "cmnist" / "egt" / "image" / "minmax-seed0" / "result.json").read_text())
-    assert again["steps"] == 4 and [h["step"] for h in again["history"]] == [2, 4]
-    keys = ("step", "loss")
-    assert [{k: h[k] for k in keys} for h in again["history"]] == [{k: h[k] for k in keys} for h in whole["history"]]
-    assert again["group_weights"] == whole["group_weights"]
+# The driver killed during an EGT run, resumed to the figures of the run never stopped: tests/test_share_nothing.py.

@@ -2,8 +2,9 @@
 
 The head has no CPUs (the drivers run there, on this machine's disk); each worker node runs in its own mount
 namespace (``unshare -m``) with a private tmpfs over ``<tmp>/node``, where its Ray temp dir, its temporary
-files and its store cache live. The run itself is on ``s3://``: what one node writes to its own disk no
-other node can read, so a stage that relied on that fails here. The tests share the one cluster and run
+files and its store cache live (the bundled LLM bound read-only into that cache, as a node's image holds it).
+The run itself is on ``s3://``: what one node writes to its own disk no other node can read, so a stage that
+relied on that fails here. The tests share the one cluster and run
 in file order (the node-loss test last: it kills nodes)."""
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def test_aimfair_serve_answers_from_a_model_on_the_store_until_sigterm(cluster, 
 SELECTIVE_SPACE = """\
 kind: selective
 space:
-  finetune.lr: {grid: [0.001, 0.01]}
+  finetune.epochs: {grid: [1, 8]}                             # the 1-epoch trial ends first: the driver is killed then
+  finetune.synthetic: {grid: [balanced, balanced_filtered]}   # no filtered sets here: those 2 trials fail
 objective: {val_acc: 1.0, val_eo: -0.5}
 pareto: [val_acc, val_eo]
 max_concurrent_trials: 2
@@ -223,74 +225,163 @@ overrides: [train.num_workers=1]
 """
 
 
-def test_a_selective_sweep_of_two_trials_runs_on_the_store(cluster, store, tmp_path):
-    """`aimfair sweep selective` on the pipeline run's baseline and synthetic sets on S3: 2 trials at once, Tune's
-    experiment and each trial's fine-tuning on the store, ranked by val_acc - 0.5 val_eo; the best trial's model
-    audited from the store."""
-    from aimfair_ray.storage import read_bytes, read_json
+def _kill_when_a_trial_ends(args: list[str], env: dict, out: str, wait: float = 420) -> dict:
+    """Start a sweep; once a trial has ended (its result.json and its line in attempts.log on the store), SIGKILL
+    the driver's process group while the other trial still runs; return the finished trials' result.json bytes."""
+    import tempfile
+    import time
 
-    space = tmp_path / "selective.yaml"
-    space.write_text(SELECTIVE_SPACE)
-    res = _aimfair(["sweep", "selective", "--space", str(space), "--name", "s", *_sets(_pipeline_sets(store))],
-                   cluster["env"])
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
-    run = f"{store}/runs/cmnist"
-    out = f"{run}/sweep/s"
-    data = read_json(f"{out}/trials.json")
-    rows = data["trials"]
-    assert [r["status"] for r in rows] == ["DONE", "DONE"] and all(r["trainings"] == 1 for r in rows)
-    assert {r["params"]["finetune.lr"] for r in rows} == {0.001, 0.01}
-    for r in rows:
-        m = r["metrics"]
-        assert m["objective"] == pytest.approx(m["val_acc"] - 0.5 * m["val_eo"])
-        assert r["model_dir"].startswith(f"{out}/trials/") and r["checkpoint"].startswith(f"{run}/ray/")
-    assert data["best"]["metrics"]["objective"] == max(r["metrics"]["objective"] for r in rows)
-    assert {"acc", "wst", "eo"} <= set(data["best_test_audit"]) and any(r["pareto"] for r in rows)
-    assert read_bytes(f"{out}/pareto.png")[:4] == b"\x89PNG"
+    from aimfair_ray.storage import exists, read_bytes, subdirs
 
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall the driver, and Tune with it
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
-EGT_SPACE = """\
-kind: egt-image
-space:
-  egt.update: {grid: [soft, worst]}
-objective: {val_quality: 1.0, val_quality_gap: 2.0}
-mode: min
-pareto: [val_quality, val_quality_gap]
-max_concurrent_trials: 2
-asha: {enabled: false}
-overrides: [egt.objective=minmax, train.num_workers=1]
-"""
+    def ended() -> dict:
+        return {t.rsplit("/", 1)[1]: read_bytes(f"{t}/result.json") for t in subdirs(f"{out}/trials")
+                if exists(f"{t}/attempts.log") and exists(f"{t}/result.json")}
+
+    deadline = time.time() + wait
+    while time.time() < deadline and not (finished := ended()):
+        if proc.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"the sweep ended before a trial did: {log.read()[-3000:]}")
+        time.sleep(0.5)
+    assert finished, "no trial finished in time"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, while the other trial is still to finish
+    proc.wait()
+    time.sleep(2)  # let Ray notice the dead driver and free its trials' workers
+    return finished
 
 
-def test_an_egt_image_sweep_of_two_trials_runs_on_the_store(cluster, store, tmp_path):
-    """`aimfair sweep egt-image` with output_dir on S3: 2 tiny trials at once (soft and worst updates), Tune's
-    experiment and every trial's Train run on the store; both train once, are ranked by val_quality + 2 x gap,
-    and the best trial's FID, precision and recall are measured from its checkpoint on the store."""
-    from conftest import egt_image_sets
+@pytest.mark.faults
+def test_a_selective_sweep_killed_midway_on_the_store_resumes_only_the_rest(cluster, store, tmp_path):
+    """`aimfair sweep selective` on the pipeline run's baseline and synthetic sets on S3 (2 trials at once, Tune's
+    experiment and each trial's fine-tuning on the store), its driver killed once the first trial has ended; the
+    same command resumes the experiment from the store and runs only the rest. Failed trials (a set that does not
+    exist) are named; trials are ranked by val_acc - 0.5 val_eo; the best trial's model audited from the store."""
+    import re
 
     from aimfair_ray.storage import read_bytes, read_json, read_text
 
-    space = tmp_path / "egt.yaml"
-    space.write_text(EGT_SPACE)
-    out_dir = f"{store}/egt"
-    sets = egt_image_sets(f"{store}/models/t2i", out_dir)
-    res = _aimfair(["sweep", "egt-image", "--space", str(space), "--name", "e", *_sets(sets)], cluster["env"])
+    space = tmp_path / "selective.yaml"
+    space.write_text(SELECTIVE_SPACE)
+    args = [os.path.join(BIN, "aimfair"), "sweep", "selective", "--space", str(space), "--name", "s",
+            *_sets(_pipeline_sets(store))]
+    run = f"{store}/runs/cmnist"
+    out = f"{run}/sweep/s"
+    finished = _kill_when_a_trial_ends(args, cluster["env"], out)
+    res = subprocess.run(args, env=cluster["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
-    out = f"{out_dir}/cmnist/sweep/e"
+    line = [ln for ln in res.stdout.splitlines() if "sweep: resuming" in ln]
+    assert line, res.stdout[-3000:]
+    counts = [int(w) for w in re.findall(r"(\d+) (?:finished|failed|to run)", line[0])]
+    assert counts[0] == 1 and sum(counts) == 4, line[0]  # finished + failed + to run: every trial
+    for tid, result in finished.items():  # the finished trial was not trained again
+        assert read_bytes(f"{out}/trials/{tid}/result.json") == result
     data = read_json(f"{out}/trials.json")
     rows = data["trials"]
-    assert [r["status"] for r in rows] == ["DONE", "DONE"] and all(r["trainings"] == 1 for r in rows)
-    assert {r["params"]["egt.update"] for r in rows} == {"soft", "worst"}
-    for r in rows:
+    assert len(rows) == 4
+    errors = [r for r in rows if r["status"] == "ERROR"]
+    assert len(errors) == 2 and all(r["params"]["finetune.synthetic"] == "balanced_filtered" for r in errors)
+    assert all("no synthetic" in r["error"] and "aimfair generate all" in r["error"] for r in errors)
+    good = [r for r in rows if r["status"] != "ERROR"]
+    assert [r["status"] for r in good] == ["DONE", "DONE"] and all(r["trainings"] == 1 for r in good)
+    assert {r["params"]["finetune.epochs"] for r in good} == {1, 8}
+    for r in good:
         m = r["metrics"]
-        assert m["step"] == 4 and m["objective"] == pytest.approx(m["val_quality"] + 2 * m["val_quality_gap"])
-        assert r["model_dir"].startswith(f"{out}/trials/") and r["checkpoint"].startswith(f"{out_dir}/cmnist/ray/")
-    assert data["best"]["metrics"]["objective"] == min(r["metrics"]["objective"] for r in rows)
-    best_q = data["best_test_audit"]
-    assert set(best_q["fid"]) == {"red", "green"} and best_q["setting"] == "unconditional"
-    assert any(r["pareto"] for r in rows)
+        assert m["objective"] == pytest.approx(m["val_acc"] - 0.5 * m["val_eo"])
+        assert r["model_dir"].startswith(f"{out}/trials/") and r["checkpoint"].startswith(f"{run}/ray/")
+    assert data["best"]["metrics"]["objective"] == max(r["metrics"]["objective"] for r in good)
+    assert {"acc", "wst", "eo"} <= set(data["best_test_audit"])
+    assert any(r["pareto"] for r in good) and not any(r["pareto"] for r in errors)
+    import csv
+    import io
+
+    table = list(csv.DictReader(io.StringIO(read_text(f"{out}/trials.csv"))))
+    assert len(table) == 4 and {"finetune.epochs", "val_acc", "val_eo", "objective", "checkpoint"} <= set(table[0])
     assert read_bytes(f"{out}/pareto.png")[:4] == b"\x89PNG"
-    assert "Best trial's quality" in read_text(f"{out}/summary.md")
+    summary = read_text(f"{out}/summary.md")
+    assert "Best trial" in summary and "2 failed" in summary
+
+
+# The EGT fine-tuning alone (quality=False, what a sweep trial runs): the driver-kill part compares the training's
+# history and group weights, not the measurement.
+EGT_DRIVER = ("import sys; from aimfair_ray.config import load_config; from aimfair_ray.egt.run import train_generator; "
+              "train_generator(load_config('cmnist', overrides=sys.argv[1:]), 'image', quality=False)")
+
+
+@pytest.mark.faults
+def test_egt_image_on_the_store_and_its_killed_driver_resumes_to_the_same_figures(cluster, store):
+    """`aimfair egt image` with output_dir on S3 (tiny min–max EGT of the tiny pipeline on the store, 2 Train workers
+    on the worker nodes): the held-out loss per group at each checkpoint, FID, precision, recall, density and
+    coverage per group from samples sorted by the checker, group weights per noise bucket, and the fine-tuned
+    pipeline with its model card, all on S3; the same command again reuses it. Then a driver running the same
+    fine-tuning into another run, SIGKILLed after its first checkpoint registered on S3, run again: it resumes from
+    that checkpoint (not from step 0) and ends with the history and group weights of the run never stopped."""
+    import time
+
+    from conftest import egt_image_sets
+    from huggingface_hub import ModelCard
+
+    from aimfair_ray.generate.t2i import load_pipeline
+    from aimfair_ray.storage import exists, read_json, read_text
+
+    pipeline = f"{store}/models/t2i"
+    res = _aimfair(["egt", "image", *_sets(egt_image_sets(pipeline, f"{store}/egt"))], cluster["env"])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
+    stage = f"{store}/egt/cmnist/egt/image/minmax-seed0"
+    whole = read_json(f"{stage}/result.json")
+    assert whole["steps"] == 4 and [h["step"] for h in whole["history"]] == [2, 4]
+    assert whole["history"][0]["world_size"] == 2 and whole["model_dir"] == f"{stage}/model"
+    for h in whole["history"]:  # the held-out denoising loss per group at every checkpoint
+        per = json.loads(h["val_groups"])
+        assert set(per) == {"red", "green"} and h["val_quality"] == pytest.approx(sum(per.values()) / 2)
+        assert h["val_quality_gap"] == pytest.approx(abs(per["red"] - per["green"]))
+    q = whole["quality"]
+    for m in ("fid", "precision", "recall", "density", "coverage", "denoise"):
+        assert set(q[m]) == {"red", "green"}
+        assert q["gap"][m] == pytest.approx(max(q[m].values()) - min(q[m].values()))
+    assert all(0 <= q[m][g] <= 1 for m in ("precision", "recall", "coverage") for g in q[m])
+    # the unconditional setting: drawn without the colour, sorted by the checker up to 4 per group
+    assert q["setting"] == "unconditional" and q["generated"] == [4, 4] and q["n_per_group"] == 4
+    assert q["drawn"] >= 8 and sum(q["share"].values()) == pytest.approx(1.0)
+    levels = whole["group_weights"]["weights"]["levels"]  # one set of group weights per noise bucket
+    assert len(levels) == 3 and all(abs(sum(w["q"]) - 1) < 1e-9 for w in levels)
+    assert sum(w["q"] != [0.5, 0.5] for w in levels) >= 2
+    assert read_json(f"{stage}/quality.json") == q and exists(f"{stage}/config.yaml")
+    assert "pretrained" in res.stdout and "minmax" in res.stdout  # the table beside the pretrained model's
+    pipe = load_pipeline(whole["model_dir"])  # the fine-tuned generator: a diffusers pipeline folder on S3
+    assert pipe.unet.config.sample_size == 32
+    card = ModelCard(read_text(f"{whole['model_dir']}/README.md"))  # the per-group quality and the gap EGT equalises
+    assert card.data.egt["objective"] == "minmax" and card.data.egt_quality["fid"]["gap"] == round(q["gap"]["fid"], 4)
+    assert any(r.metric_type == "fid_gap" for r in card.data.eval_results) and not card.data.adapters
+    again = _aimfair(["egt", "image", *_sets(egt_image_sets(pipeline, f"{store}/egt"))], cluster["env"])
+    assert again.returncode == 0 and "egt: reusing" in again.stdout, again.stdout[-3000:]
+    assert read_json(f"{stage}/result.json") == whole
+
+    args = [sys.executable, "-c", EGT_DRIVER, *egt_image_sets(pipeline, f"{store}/egt-killed")]
+    snapshot = f"{store}/egt-killed/cmnist/ray/cmnist-egt-image-minmax-seed0/checkpoint_manager_snapshot.json"
+
+    def driver():
+        return subprocess.Popen(args, env=cluster["env"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+
+    proc = driver()
+    wait_for("EGT checkpoint", lambda: exists(snapshot) and read_json(snapshot)["checkpoint_results"], proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, mid-run
+    proc.wait()
+    time.sleep(2)  # let Ray reap the dead driver's actors
+    proc = driver()
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resuming the interrupted run" in out and "egt resuming from checkpoint after step" in out, out[-2000:]
+    assert int(out.split("egt resuming from checkpoint after step ")[1].split()[0]) in (2, 4)
+    again = read_json(f"{store}/egt-killed/cmnist/egt/image/minmax-seed0/result.json")
+    assert again["steps"] == 4 and [h["step"] for h in again["history"]] == [2, 4]
+    keys = ("step", "loss")
+    assert [{k: h[k] for k in keys} for h in again["history"]] == [{k: h[k] for k in keys} for h in whole["history"]]
+    assert again["group_weights"] == whole["group_weights"]
 
 
 def test_egt_text_runs_on_a_users_corpus_on_the_store(cluster, store):

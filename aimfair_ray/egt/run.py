@@ -32,7 +32,7 @@ import torch
 from aimfair_ray import manifest
 from aimfair_ray.config import Config
 from aimfair_ray.egt.tasks import check_task, get
-from aimfair_ray.storage import atomic_dir, made_with, write_json
+from aimfair_ray.storage import atomic_dir, made_with, on_store, write_json
 
 CHECKPOINT = "trained.safetensors"  # the trained tensors in a Ray Train checkpoint
 
@@ -129,7 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
         window, t0 = [], time.perf_counter()
         if rank == 0:
             val = f" val {metrics['val_quality']:.4f} gap {metrics['val_quality_gap']:.4f}" if val_set is not None else ""
-            worker_log.info(f"[aimfair] egt {task} {e.objective} step {step + 1}/{e.steps} loss {metrics['loss']:.4f}{val} "
+            worker_log.info(f"[aimfair] egt {task.name} {e.objective} step {step + 1}/{e.steps} loss {metrics['loss']:.4f}{val} "
                             f"{metrics['s_per_step']:.2f}s/step q {np.round(q, 3).tolist() if q else None}")
         report_checkpoint(metrics, {"step": step + 1, "history": history, "objective": objective.state_dict()},
                           lambda d: save_file(task.trained_state(), str(Path(d) / CHECKPOINT)), optimizer)
@@ -188,7 +188,7 @@ def train_generator(cfg: Config, task: str, force: bool = False, log=print, stag
         atomic_write_bytes(f"{stage}/{CHECKPOINT}", to_bytes(trained))
     out = {"task": task, "objective": cfg.egt.objective, "seed": cfg.egt.seed, "steps": state["step"],
            "train_s": round(train_s, 1), "history": state["history"], "group_weights": state["objective"],
-           "quality": q, "model_dir": f"{stage}/model"}
+           "quality": q, "model_dir": f"{stage}/model", "checkpoint": on_store(result.checkpoint.path, cfg.ray_storage)}
     if q is not None:
         write_json(f"{stage}/quality.json", q)
     write_json(f"{stage}/result.json", out)

@@ -25,6 +25,7 @@ from aimfair_ray.storage import (
     is_uri,
     local_copy,
     made_with,
+    on_store,
     parent,
     read_json,
     read_text,
@@ -87,21 +88,14 @@ def run_trial(params: dict, base: dict, spec: dict, sweep_stage: str, baseline_d
             if ended:
                 break
     res = ray.get(run)
-    if res.get("reused"):
-        tune.report(res["history"][-1])
+    if res.get("reused"):  # the run had ended before an interruption: its last report, with its checkpoint
+        tune.report(dict(res["history"][-1], **({"checkpoint_path": res["checkpoint"]} if res.get("checkpoint") else {})))
 
 
 # ---- results -----------------------------------------------------------------------------
 def _trial_id(result) -> str:
     found = re.search(r"_([0-9a-f]{5}_\d{5})", Path(result.path).name)
     return (result.metrics or {}).get("trial_id") or (found.group(1) if found else Path(result.path).name)
-
-
-def _uri(path: Optional[str], storage: str) -> Optional[str]:
-    """A checkpoint's path as a reader elsewhere can open it: Ray gives a path on an object store without its scheme."""
-    if path and is_uri(storage) and not is_uri(path):
-        return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}"
-    return path
 
 
 def collect(grid, spec: SweepSpec, cfg: Config, sweep_stage: str) -> list[dict]:
@@ -118,8 +112,8 @@ def collect(grid, spec: SweepSpec, cfg: Config, sweep_stage: str) -> list[dict]:
             "trial_id": tid, "status": status,
             "params": {k: (r.config or {}).get(k) for k in spec.space},
             "metrics": {k: m.get(k) for k in SWEEP_METRICS + ("objective", spec.time_attr) if k in m},
-            "checkpoint": _uri(m.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None),
-                               cfg.ray_storage),
+            "checkpoint": on_store(m.get("checkpoint_path") or (r.checkpoint.path if r.checkpoint else None),
+                                   cfg.ray_storage),
             "model_dir": f"{stage_dir}/model" if exists(f"{stage_dir}/model/_manifest.json")
             or exists(f"{stage_dir}/model/model.json") else None,
             "trainings": read_text(attempts).split().count("trained") if exists(attempts) else 0,
@@ -154,6 +148,10 @@ def _wandb_callback(cfg: Config, name: str, out_dir: str):
     from aimfair_ray.tracking import wandb_mode
 
     mode = wandb_mode()
+    if is_uri(out_dir):  # W&B writes its run files to a local folder; a run on a store keeps them on this node
+        import tempfile
+
+        out_dir = tempfile.mkdtemp(prefix="aimfair-wandb-")
     return WandbLoggerCallback(project=cfg.train.wandb_project, group=name, mode=mode, dir=out_dir, log_config=True)
 
 

@@ -34,7 +34,7 @@ from aimfair_ray.distributed import (
 )
 from aimfair_ray.metrics import fairness_report
 from aimfair_ray.models import META, WEIGHTS, build_model, load_weights, save_classifier, unwrap, write_classifier
-from aimfair_ray.storage import write_json
+from aimfair_ray.storage import on_store, write_json
 from aimfair_ray.train import loop
 
 
@@ -206,7 +206,8 @@ def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = Fa
     save_classifier(model, dict(best_meta, stage=spec.stage, provenance=spec.provenance, **spec.info), model_dir)
     with result.checkpoint.as_directory() as d:
         last = json.loads((Path(d) / "state.json").read_text())
-    out = {"model_dir": model_dir, "run_path": run_path, "history": last["history"], "best": best_meta["metrics"],
+    out = {"model_dir": model_dir, "run_path": run_path, "checkpoint": on_store(result.checkpoint.path, cfg.ray_storage),
+           "history": last["history"], "best": best_meta["metrics"],
            "best_epoch": state["epoch"], "select_metric": spec.train.select_metric,
            "group_weights": last.get("group_weights"), **spec.info}
     write_json(f"{stage}/result.json", out)
