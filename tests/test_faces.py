@@ -208,7 +208,7 @@ def faces_run(ray_cluster, tiny, tmp_path_factory):
     sets = [f"data.root={root / 'celeba'}", "data.n_train=120", "data.n_val=20", "data.image_size=24",
             f"output_dir={root / 'runs'}", f"generate.pipeline={tiny['sd']}", "generate.backend=template",
             "generate.prompts_per_cell=6", "generate.steps=3", "generate.image_size=32", "generate.batch_size=2",
-            "generate.n_balanced_per_cell=12", "generate.n_imbalanced=20", "generate.cpus_per_actor=1"]
+            "generate.n_balanced_per_cell=6", "generate.n_imbalanced=20", "generate.cpus_per_actor=1"]
     cfg = load_config("celeba", ["cpu"], sets)
     run_prepare(cfg, log=lambda *_: None)
     out = Path(cfg.paths.synthetic_set("balanced"))
@@ -237,7 +237,7 @@ def test_generate_all_under_celeba_with_a_tiny_sd_pipeline(faces_run):
 
     cfg, res = faces_run["cfg"], faces_run["rerun"]
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert 3 <= faces_run["before"] < 24 and "already written" in res.stdout
+    assert 3 <= faces_run["before"] < 12 and "already written" in res.stdout
     task = cfg.generate.task
     prompts = pd.read_parquet(f"{cfg.paths.synthetic}/prompts/prompts.parquet")
     assert len(prompts) == 24 and all(check_prompt(p, task, c, g) is None
@@ -272,9 +272,9 @@ def test_generate_all_under_celeba_with_a_tiny_sd_pipeline(faces_run):
     assert all(check_prompt(p, task, c, g) is None for p, c, g in zip(df["prompt"], df["target"], df["group"]))
     # the gender checker ran: a kept fraction per cell, and what it kept agrees with it
     rep = json.loads(Path(f"{cfg.paths.synthetic}/filter.json").read_text())["balanced"]
-    assert rep["checker"] == "GenderChecker" and rep["checked"] == ["group"] and rep["total"] == 48
+    assert rep["checker"] == "GenderChecker" and rep["checked"] == ["group"] and rep["total"] == 24
     assert set(rep["per_cell"]) == {"y0_s0", "y0_s1", "y1_s0", "y1_s1"}
-    assert all(0 <= v["kept_fraction"] <= 1 and v["total"] == 12 for v in rep["per_cell"].values())
+    assert all(0 <= v["kept_fraction"] <= 1 and v["total"] == 6 for v in rep["per_cell"].values())
     kept = read_split(cfg.paths.synthetic_set("balanced", filtered=True)).to_pandas()
     assert (Path(cfg.paths.synthetic_set("balanced", filtered=True)) / "samples.png").is_file()  # its sample grid
     assert len(kept) == rep["kept"]

@@ -1,6 +1,6 @@
 """The quickstart notebook (notebooks/quickstart.ipynb) runs top to bottom through the Python API, in a Jupyter
-kernel of its own joined to the session's cluster, on a copy of the session's tiny trained run (its data and
-baseline are reused; generation with the embedded model, fine-tuning and the audits run)."""
+kernel of its own joined to the session's cluster, on a copy of the session's tiny run (its data, baseline and
+synthetic sets, drawn by the tiny pipeline, are reused; the fine-tuning and the audits run)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ import json
 import shutil
 from pathlib import Path
 
-from conftest import TINY
+from conftest import TINY, tiny_gen
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_quickstart_notebook_runs_the_chain_through_the_api(trained, ray_cluster, tmp_path, monkeypatch):
+def test_the_quickstart_notebook_runs_the_chain_through_the_api(synth, ray_cluster, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
     from aimfair_ray.config import load_config
 
-    cfg0, _, _ = trained
-    settings = TINY + [f"output_dir={tmp_path}", "train.num_workers=2"]  # the trained fixture's, in a copy
+    cfg0, _ = synth
+    settings = TINY + tiny_gen(cfg0.generate.pipeline) + [f"output_dir={tmp_path}", "train.num_workers=2"]  # synth's
     shutil.copytree(cfg0.run_dir, tmp_path / "cmnist", ignore=shutil.ignore_patterns("ray", "finetune", "wg", "logs",
-                                                                                       "synthetic"))
+                                                                                       "dscheck", "sweep"))
     cfg = load_config("cmnist", overrides=settings)
     monkeypatch.setenv("AIMFAIR_NOTEBOOK_SETTINGS", json.dumps(settings))
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
@@ -38,3 +38,4 @@ def test_the_quickstart_notebook_runs_the_chain_through_the_api(trained, ray_clu
     assert float(row[4]) == round(audit["group_acc"]["y1_s1"], 2)
     assert (Path(cfg.stage_dir("finetune/selective")) / "model" / "README.md").is_file()  # the audit wrote its card
     assert "train: reusing" in text[5]  # the copied baseline, not trained again
+    assert "0 to generate" in "".join(text.values()), text  # nor the copied synthetic sets drawn again

@@ -316,7 +316,7 @@ def test_egt_image_on_the_store_and_its_killed_driver_resumes_to_the_same_figure
     """`aimfair egt image` with output_dir on S3 (tiny min–max EGT of the tiny pipeline on the store, 2 Train workers
     on the worker nodes): the held-out loss per group at each checkpoint, FID, precision, recall, density and
     coverage per group from samples sorted by the checker, group weights per noise bucket, and the fine-tuned
-    pipeline with its model card, all on S3; the same command again reuses it. Then a driver running the same
+    pipeline with its model card, all on S3. Then a driver running the same
     fine-tuning into another run, SIGKILLed after its first checkpoint registered on S3, run again: it resumes from
     that checkpoint (not from step 0) and ends with the history and group weights of the run never stopped."""
     import time
@@ -356,9 +356,6 @@ def test_egt_image_on_the_store_and_its_killed_driver_resumes_to_the_same_figure
     card = ModelCard(read_text(f"{whole['model_dir']}/README.md"))  # the per-group quality and the gap EGT equalises
     assert card.data.egt["objective"] == "minmax" and card.data.egt_quality["fid"]["gap"] == round(q["gap"]["fid"], 4)
     assert any(r.metric_type == "fid_gap" for r in card.data.eval_results) and not card.data.adapters
-    again = _aimfair(["egt", "image", *_sets(egt_image_sets(pipeline, f"{store}/egt"))], cluster["env"])
-    assert again.returncode == 0 and "egt: reusing" in again.stdout, again.stdout[-3000:]
-    assert read_json(f"{stage}/result.json") == whole
 
     args = [sys.executable, "-c", EGT_DRIVER, *egt_image_sets(pipeline, f"{store}/egt-killed")]
     snapshot = f"{store}/egt-killed/cmnist/ray/cmnist-egt-image-minmax-seed0/checkpoint_manager_snapshot.json"
@@ -420,43 +417,29 @@ EPOCHS = 4
 
 
 @pytest.mark.faults
-def test_a_worker_node_lost_mid_generation_and_mid_training_resumes_from_the_store(cluster, store):
-    """A worker node killed while `generate images` runs (an actor on it), then one killed while `train baseline`
-    runs (a Train worker on it): both finish on the nodes left, with exactly the planned ids, and the Train run
-    resumes on another node from the checkpoint on S3 (no node could have read it from the lost one's disk); each
-    epoch after that checkpoint runs once."""
-    from aimfair_ray.generate.images import written_ids
+def test_a_worker_node_lost_mid_training_resumes_from_the_store_on_another_node(cluster, store):
+    """A new node joins; then a worker node is killed while `train baseline` runs (a Train worker on it): the run
+    finishes on the nodes left and resumes on another node from the checkpoint on S3 (no node could have read it
+    from the lost one's disk); each epoch after that checkpoint runs once. (A driver killed mid-generation, whose
+    rerun draws only the missing shards: tests/test_faces.py.)"""
     from aimfair_ray.storage import exists, read_json, read_text
 
     out_dir = f"{store}/loss"
-    sets = TINY + [f"output_dir={out_dir}", f"generate.pipeline={store}/models/t2i", "generate.n_balanced_per_cell=30",
-                   "generate.n_imbalanced=8", "generate.steps=4", "generate.actors=2", f"train.epochs={EPOCHS}",
+    sets = TINY + [f"output_dir={out_dir}", f"train.epochs={EPOCHS}",
                    # epochs of seconds (TINY's took 0.1 s, and the run once ended before the node was lost)
                    "data.n_train=2400", "model.width=32",
                    "train.num_workers=2", "train.max_failures=1", "train.cpus_per_worker=2"]  # a Train worker a node
     env = cluster["env"]
     prep = _aimfair(["data", "prepare", *_sets(sets)], env, timeout=300)
     assert prep.returncode == 0, prep.stdout[-3000:]
-    proc = cli(["generate", "images", *_sets(sets)], env)
-    bal = f"{out_dir}/cmnist/synthetic/balanced"
-    wait_for("first shard", lambda: len(written_ids(bal)) and _node_running(cluster, "DiffusionActor"), proc)
-    _lose(cluster, _node_running(cluster, "DiffusionActor"))
-    assert len(written_ids(bal)) < 120 and proc.poll() is None  # mid-generation
-    out, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out[-3000:]
-    assert "120/120 written" in out, [line for line in out.splitlines() if "written" in line or "images" in line]
-    for balance, n in (("balanced", 120), ("imbalanced", 8)):
-        ids = written_ids(f"{out_dir}/cmnist/synthetic/{balance}").to_pylist()
-        assert len(ids) == len(set(ids)) == n, balance  # every planned id once
-    cluster["add"]("node_c")  # a new node joins (2 live nodes + 1); then a node with a Train worker is lost
-    cluster["alive"](3)
+    cluster["add"]("node_c")  # a new node joins (3 live nodes + 1); then a node with a Train worker is lost
+    cluster["alive"](4)
     proc = cli(["train", "baseline", *_sets(sets)], env)
     snapshot = f"{out_dir}/cmnist/ray/cmnist-baseline/checkpoint_manager_snapshot.json"
     wait_for("registered checkpoint", lambda: exists(snapshot) and read_json(snapshot)["checkpoint_results"], proc)
-    hosting = _node_running(cluster, "RayTrainWorker")  # each worker node holds one of the 2 workers
+    hosting = _node_running(cluster, "RayTrainWorker")  # 2 of the 3 worker nodes hold one of the 2 workers each
     assert hosting and not exists(f"{out_dir}/cmnist/baseline/result.json"), "the run ended before a node was lost"
     _lose(cluster, hosting)
-    cluster["add"]("node_d")  # the replacement worker's node: it resumes there from the checkpoint on S3
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
     log = read_text(f"{out_dir}/cmnist/logs/workers.log")

@@ -107,15 +107,23 @@ def test_reuse_or_resume_reuses_a_finished_run_and_starts_a_changed_one_fresh(tm
 
 
 def test_a_classifier_runs_key_holds_what_it_reads():
-    """A classifier run's key is its config less resources and the EGT section, which it never reads: an EGT
-    setting (or a field EGT gains) does not redo a trained baseline; a training setting does."""
+    """A classifier run's key is its config less resources and the sections it never reads: an EGT setting (or a
+    field EGT gains) does not redo a trained baseline, nor does a generation or fine-tuning setting; a training
+    setting does. A fine-tuning (it starts from the baseline's weights) keeps the generation and fine-tuning."""
+    import numpy as np
+
     from aimfair_ray.train.raytrain import RunSpec, _fingerprint
 
     base = load_config("cmnist")
     spec = RunSpec(stage="baseline", train=base.train)
     key = _fingerprint(base, spec)
-    assert "egt" not in key["config"] and key == _fingerprint(load_config("cmnist", overrides=["egt.steps=7"]), spec)
+    assert not {"egt", "generate", "finetune"} & set(key["config"])
+    for unread in ("egt.steps=7", "generate.steps=9", "finetune.lr=0.5"):
+        assert key == _fingerprint(load_config("cmnist", overrides=[unread]), spec), unread
     assert key != _fingerprint(load_config("cmnist", overrides=["train.lr=0.5"]), spec)
+    tuned = RunSpec(stage="finetune/selective", train=base.train, init={"w": np.zeros(2)})
+    assert _fingerprint(base, tuned) != _fingerprint(load_config("cmnist", overrides=["finetune.lr=0.5"]), tuned)
+    assert "egt" not in _fingerprint(base, tuned)["config"]
 
 
 def test_run_paths_name_every_artefact_a_stage_hands_on(tmp_path):

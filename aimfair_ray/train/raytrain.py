@@ -151,15 +151,21 @@ def train_loop_per_worker(config: dict) -> None:
         report_checkpoint(metrics, state, lambda d, meta=meta: write_classifier(unwrap(model), meta, d), optimizer)
 
 
+# The config sections a classifier run never reads: EGT's; and for a run from fresh weights on the real data (the
+# baseline, Group DRO, JTT) also the synthetic sets' and the fine-tuning's (a fine-tuning pins its inputs by content).
+UNREAD = ("egt",)
+UNREAD_FROM_SCRATCH = UNREAD + ("generate", "finetune")
+
+
 def _fingerprint(cfg: Config, spec: RunSpec) -> dict:
-    """What decides a run's outcome: the config (less its resources, and EGT's section, which no classifier run
-    reads) and the spec."""
+    """What decides a run's outcome: the config (less its resources and the sections the run never reads) and
+    the spec."""
     s = asdict(spec)
     s["train"] = spec.train.model_dump(mode="json", exclude=Config.RESOURCE_FIELDS["train"])
     s.pop("init")
     s.pop("provenance")
     s["masks"] = {k: int(np.asarray(v).sum()) for k, v in (spec.masks or {}).items()}
-    return {"config": cfg.outcome(unread=("egt",)), "spec": s}
+    return {"config": cfg.outcome(unread=UNREAD if spec.init is not None else UNREAD_FROM_SCRATCH), "spec": s}
 
 
 def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = False, log=print,
