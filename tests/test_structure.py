@@ -124,6 +124,8 @@ def test_a_classifier_runs_key_holds_what_it_reads():
     tuned = RunSpec(stage="finetune/selective", train=base.train, init={"w": np.zeros(2)})
     assert _fingerprint(base, tuned) != _fingerprint(load_config("cmnist", overrides=["finetune.lr=0.5"]), tuned)
     assert "egt" not in _fingerprint(base, tuned)["config"]
+    on_synthetic = RunSpec(stage="oracle", train=base.train, provenance={"synthetic_share": 1.0})  # from scratch
+    assert "generate" in _fingerprint(base, on_synthetic)["config"]
 
 
 def test_run_paths_name_every_artefact_a_stage_hands_on(tmp_path):

@@ -151,8 +151,8 @@ def train_loop_per_worker(config: dict) -> None:
         report_checkpoint(metrics, state, lambda d, meta=meta: write_classifier(unwrap(model), meta, d), optimizer)
 
 
-# The config sections a classifier run never reads: EGT's; and for a run from fresh weights on the real data (the
-# baseline, Group DRO, JTT) also the synthetic sets' and the fine-tuning's (a fine-tuning pins its inputs by content).
+# The config sections a classifier run never reads: EGT's; and for a run from fresh weights on real data alone (the
+# baseline, Group DRO, JTT) also the synthetic sets' and the fine-tuning's (a fine-tuning keeps both).
 UNREAD = ("egt",)
 UNREAD_FROM_SCRATCH = UNREAD + ("generate", "finetune")
 
@@ -165,7 +165,8 @@ def _fingerprint(cfg: Config, spec: RunSpec) -> dict:
     s.pop("init")
     s.pop("provenance")
     s["masks"] = {k: int(np.asarray(v).sum()) for k, v in (spec.masks or {}).items()}
-    return {"config": cfg.outcome(unread=UNREAD if spec.init is not None else UNREAD_FROM_SCRATCH), "spec": s}
+    scratch_on_real = spec.init is None and not spec.provenance.get("synthetic_share")
+    return {"config": cfg.outcome(unread=UNREAD_FROM_SCRATCH if scratch_on_real else UNREAD), "spec": s}
 
 
 def fit(cfg: Config, spec: RunSpec, datasets, model_meta: dict, force: bool = False, log=print,
