@@ -15,12 +15,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AIMFAIR_CACHE") or Path.home() / ".cache" / "aimfair")
 
 
+def cached_llm_dir() -> Path:
+    """The bundled SmolLM2 as an HF folder in the cache (written by `make setup`; see cache_bundled_llm)."""
+    return cache_dir() / "smollm2-135m-instruct"
+
+
 def _bundled() -> tuple[Path, Path, dict]:
     """(the bundled GGUF, its HF-folder copy in the cache, the stamp that ties them)."""
     from aimfair_ray.assets import asset_path
 
     gguf = asset_path("smollm2")
-    return gguf, cache_dir() / "smollm2-135m-instruct", _identity(gguf)
+    return gguf, cached_llm_dir(), _identity(gguf)
 
 
 def _identity(path: Path) -> dict:

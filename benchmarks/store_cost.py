@@ -87,9 +87,9 @@ def share_nothing(env: dict | None = None):
         subprocess.run([os.path.join(BIN, "ray"), "get-auth-token", "--generate"], check=True, capture_output=True)
         env["RAY_AUTH_MODE"] = "token"
     procs: dict[str, subprocess.Popen] = {}
-    from aimfair_ray.llm import cache_dir
+    from aimfair_ray.llm import cached_llm_dir
 
-    llm = cache_dir() / "smollm2-135m-instruct"
+    llm = cached_llm_dir()
 
     def start(name, cmd, node_env):
         log = open(f"{tmp}/{name}.log", "w")

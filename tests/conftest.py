@@ -143,6 +143,15 @@ def wait_for(what, cond, proc, timeout=240):
         time.sleep(0.1)
 
 
+def kill_after(proc, ready, what, timeout=300) -> None:
+    """Once ``ready()``, SIGKILL the process group of ``proc`` (a driver, hard, mid-run), and give Ray a moment to
+    reap the dead driver's actors."""
+    wait_for(what, ready, proc, timeout=timeout)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+
+
 def tiny_gen(pipeline_dir) -> list[str]:
     """Overrides that point generation at a tiny random pipeline (fast; not the shipped model)."""
     return [f"generate.pipeline={pipeline_dir}"]

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY, cli, tiny_gen, wait_for
+from conftest import TINY, cli, kill_after, tiny_gen
 
 from aimfair_ray import AimfairError
 
@@ -325,11 +323,6 @@ def _registered(run_path):
 
 
 # ---- the driver killed, then the same command again ---------------------------------------------
-def _kill_after(proc, ready, what) -> None:
-    wait_for(what, ready, proc, timeout=300)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, mid-run
-    proc.wait()
-    time.sleep(2)  # let Ray reap the dead driver's actors
 
 
 @pytest.mark.faults
@@ -351,7 +344,7 @@ def test_the_driver_killed_during_finetune_resumes_to_the_figures_of_an_uninterr
     args = ["finetune", *[x for s in runs["killed"] for x in ("--set", s)]]
     env = dict(os.environ, RAY_ADDRESS=ray_cluster)
     jobs = tmp_path / "killed" / "cmnist" / "ray" / "cmnist-finetune-selective" / "job"
-    _kill_after(cli(args, env), lambda: jobs.is_dir() and list(jobs.glob("checkpoint_*")), "fine-tuning checkpoint")
+    kill_after(cli(args, env), lambda: jobs.is_dir() and list(jobs.glob("checkpoint_*")), "fine-tuning checkpoint")
     assert not (tmp_path / "killed" / "cmnist" / "finetune" / "selective" / "result.json").exists()
     proc = cli(args, env)
     out, _ = proc.communicate(timeout=400)

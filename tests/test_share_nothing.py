@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, _cmdlines, _free_ports, bench_script, cli, wait_for
+from conftest import TINY, _cmdlines, _free_ports, bench_script, cli, kill_after, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = os.path.dirname(sys.executable)
@@ -319,7 +319,6 @@ def test_egt_image_on_the_store_and_its_killed_driver_resumes_to_the_same_figure
     pipeline with its model card, all on S3. Then a driver running the same
     fine-tuning into another run, SIGKILLed after its first checkpoint registered on S3, run again: it resumes from
     that checkpoint (not from step 0) and ends with the history and group weights of the run never stopped."""
-    import time
 
     from conftest import egt_image_sets
     from huggingface_hub import ModelCard
@@ -364,11 +363,7 @@ def test_egt_image_on_the_store_and_its_killed_driver_resumes_to_the_same_figure
         return subprocess.Popen(args, env=cluster["env"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
 
-    proc = driver()
-    wait_for("EGT checkpoint", lambda: exists(snapshot) and read_json(snapshot)["checkpoint_results"], proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, hard, mid-run
-    proc.wait()
-    time.sleep(2)  # let Ray reap the dead driver's actors
+    kill_after(driver(), lambda: exists(snapshot) and read_json(snapshot)["checkpoint_results"], "EGT checkpoint")
     proc = driver()
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
