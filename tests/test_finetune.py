@@ -47,15 +47,6 @@ def test_jobs_on_one_worker_group_train_what_runs_of_their_own_train(synth):
     a, b = (load_file(f"{r['model_dir']}/model.safetensors") for r in (jobs[0], own[0]))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert jobs[1]["counts"] == own[1]["counts"] and jobs[1]["domain"] == own[1]["domain"] and jobs[1]["bias"] == own[1]["bias"]
-    # a job interrupted after its last checkpoint resumes from it: no epoch again, no new checkpoint
-    ckpts = sorted(p.name for p in Path(jobs[0]["run_path"], "job").glob("checkpoint_*"))
-    Path(cfg.stage_dir("wg/job"), "result.json").unlink()
-    msgs = []
-    with shared_workers(cfg.train, cfg.ray_storage, "wg2"):
-        again = train_baseline(cfg, stage="wg/job", log=msgs.append)
-    assert any("resuming the interrupted run" in m for m in msgs), msgs
-    assert again["history"] == jobs[0]["history"]
-    assert sorted(p.name for p in Path(again["run_path"], "job").glob("checkpoint_*")) == ckpts
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +59,25 @@ def one_group(synth):
     cfg, _ = synth
     with shared_workers(cfg.train, cfg.ray_storage, "tests-finetune") as group:
         yield group
+
+
+def test_a_job_interrupted_after_its_last_checkpoint_resumes_from_it(synth, one_group):
+    """The first test's job, its result removed as if its driver died after the last checkpoint, run again as a
+    job on another group (the module's): it resumes from that checkpoint, trains no epoch and writes no new
+    checkpoint."""
+    from aimfair_ray.train.baseline import train_baseline
+
+    cfg, _ = synth
+    run = Path(cfg.stage_dir("wg/job"))
+    first = train_baseline(cfg, stage="wg/job", **QUIET)  # the first test's job, reused (trained here if run alone)
+    ckpts = sorted(p.name for p in Path(first["run_path"], "job").glob("checkpoint_*"))
+    assert ckpts
+    (run / "result.json").unlink()
+    msgs = []
+    again = train_baseline(cfg, stage="wg/job", log=msgs.append)
+    assert any("resuming the interrupted run" in m for m in msgs), msgs
+    assert again["history"] == first["history"]
+    assert sorted(p.name for p in Path(again["run_path"], "job").glob("checkpoint_*")) == ckpts
 
 
 def test_deepspeed_and_ddp_give_the_same_result(synth, one_group):

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY, cli, kill_after, tiny_gen
+from conftest import TINY, tiny_gen
 
 from aimfair_ray import AimfairError
 
@@ -230,7 +230,8 @@ def _rows(directory) -> int:
 @pytest.mark.faults
 def test_a_stage_rebuilt_on_s3_never_mixes_and_force_starts_fresh_on_s3(ray_cluster, s3, tmp_path):
     """A run on S3 (output_dir=s3://): a data stage rebuilt at another size has exactly its own rows (Ray Data's
-    write tasks wrote the shards there); `--force` with Train storage on S3 trains from scratch."""
+    write tasks wrote the shards there); a trained model there is reused by the same config, and `--force` with
+    Train storage on S3 trains from scratch."""
     from aimfair_ray.config import load_config
     from aimfair_ray.data.prepare import prepare_data
     from aimfair_ray.train.baseline import train_baseline
@@ -247,6 +248,9 @@ def test_a_stage_rebuilt_on_s3_never_mixes_and_force_starts_fresh_on_s3(ray_clus
     assert _rows(f"{cfg.data_dir}/val") == meta["splits"]["val"]["n"]
     first = train_baseline(cfg, **quiet)
     assert first["run_path"].startswith("s3://")
+    said = []  # the same config again: its key on the store matches, so the model there is reused
+    assert train_baseline(cfg, log=said.append)["history"] == first["history"]
+    assert any("train: reusing" in m for m in said), said
     said = []
     again = train_baseline(cfg, force=True, log=said.append)
     assert any(f"starting fresh (removing {first['run_path']})" in m for m in said), said
@@ -313,52 +317,7 @@ def test_a_lower_count_and_other_settings_on_generated_sets(synth, tmp_path):
     assert json.loads(first_row(str(bal), ["generator"])["generator"])["steps"] == 3  # the rows say what made them
 
 
-def _registered(run_path):
-    """The checkpoints Ray Train's controller has registered (what a restarted or resumed run restores)."""
-    snap = run_path / "checkpoint_manager_snapshot.json"
-    return snap.is_file() and json.loads(snap.read_text())["checkpoint_results"]
-
-
 # A Train worker lost mid-epoch (its node killed) and resumed from its checkpoint: tests/test_share_nothing.py.
-
-
-# ---- the driver killed, then the same command again ---------------------------------------------
-
-
-@pytest.mark.faults
-def test_the_driver_killed_during_finetune_resumes_to_the_figures_of_an_uninterrupted_run(synth, ray_cluster, tmp_path):
-    """`aimfair finetune` killed after a checkpoint of its fine-tuning job; the same command resumes from
-    it (no epoch before it again) and ends with the weights and history of a run that was never stopped."""
-    from safetensors.torch import load_file
-
-    from aimfair_ray.config import load_config
-    from aimfair_ray.train.finetune import finetune
-
-    cfg0, _ = synth
-    runs = {}
-    for name in ("killed", "whole"):
-        shutil.copytree(cfg0.run_dir, tmp_path / name / "cmnist", ignore=shutil.ignore_patterns("ray", "finetune", "wg", "logs"))
-        runs[name] = TINY + tiny_gen(cfg0.generate.pipeline) + [f"output_dir={tmp_path / name}", "train.num_workers=2",
-                                                               "finetune.epochs=12", "finetune.batch_size=8"]
-    whole = finetune(load_config("cmnist", overrides=runs["whole"]), log=lambda *_: None)
-    args = ["finetune", *[x for s in runs["killed"] for x in ("--set", s)]]
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
-    jobs = tmp_path / "killed" / "cmnist" / "ray" / "cmnist-finetune-selective" / "job"
-    kill_after(cli(args, env), lambda: jobs.is_dir() and list(jobs.glob("checkpoint_*")), "fine-tuning checkpoint")
-    assert not (tmp_path / "killed" / "cmnist" / "finetune" / "selective" / "result.json").exists()
-    proc = cli(args, env)
-    out, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out[-3000:]
-    log = (tmp_path / "killed" / "cmnist" / "logs" / "workers.log").read_text()
-    assert "resuming the interrupted run" in out and "resuming from checkpoint after epoch" in log, out[-2000:]
-    resumed_at = int(log.split("resuming from checkpoint after epoch ")[-1].split()[0])
-    assert resumed_at < 12, "the run ended before the driver was killed (its epochs take tenths of a second)"
-    assert resumed_at >= 1
-    again = json.loads((tmp_path / "killed" / "cmnist" / "finetune" / "selective" / "result.json").read_text())
-    keys = ("epoch", "train_loss", "val_acc", "val_wst")
-    assert [{k: h[k] for k in keys} for h in again["history"]] == [{k: h[k] for k in keys} for h in whole["history"]]
-    a, b = (load_file(f"{r}/model.safetensors") for r in (again["model_dir"], whole["model_dir"]))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-
-
-# The driver killed during an EGT run, resumed to the figures of the run never stopped: tests/test_share_nothing.py.
+# The driver killed mid-run, resumed to the figures of the run never stopped: tests/test_share_nothing.py, on EGT's
+# loop, which restores through the same distributed.restore_checkpoint/report_checkpoint as the classifier's (whose
+# resume after a lost node, each epoch once, is tested there too).

@@ -83,11 +83,11 @@ def test_an_unreachable_store_is_one_line_before_any_work(cluster):
     assert "data:" not in out.replace("data.", "")  # no stage started
 
 
-def test_the_pipeline_job_runs_on_nodes_that_share_only_s3_and_a_rerun_reuses_it(cluster, store):
+def test_the_pipeline_job_runs_on_nodes_that_share_only_s3(cluster, store):
     """`aimfair submit pipeline` (the demo chain) with output_dir on S3: data splits by Ray Data's write tasks,
     shards by the diffusion actors, checkpoints and models by Ray Train workers, all on worker nodes that can't
-    see each other's disk; then `aimfair report` reads the run from the store, and the same chain again reuses
-    every stage from there."""
+    see each other's disk; then `aimfair report` reads the run from the store. (A stage reused, rebuilt or
+    refused by its key on the store: tests/test_integrity.py.)"""
     from aimfair_ray.storage import exists, read_json, read_text
 
     out_dir = f"{store}/runs"
@@ -131,11 +131,6 @@ def test_the_pipeline_job_runs_on_nodes_that_share_only_s3_and_a_rerun_reuses_it
                 "accuracy per cell"):  # the sample grids read from the shards on S3, the audits' chart
         assert f'<img alt="{alt}" src="data:image/png;base64,' in html, alt
 
-    # the same chain again, from a driver on the head (not a job: its submission costs ~15 s here): every stage reused
-    again = _aimfair(["demo", *_sets(sets)], cluster["env"], timeout=600)
-    assert again.returncode == 0, again.stdout[-4000:]
-    assert "data: reusing" in again.stdout and "0 to generate" in again.stdout
-    assert again.stdout.count("train: reusing") == 2
     listed = _aimfair(["jobs", "list", "--address", cluster["dashboard"]], env, timeout=120)
     assert listed.returncode == 0 and "SUCCEEDED" in listed.stdout and "pipeline" in listed.stdout
 
