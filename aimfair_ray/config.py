@@ -54,6 +54,9 @@ class DataConfig(_Strict):
     n_train: Optional[int] = Field(2500, ge=4, description="size of the biased train set; null: the largest the pool allows")
     n_val: int = Field(500, ge=4)
     n_test_per_cell: int = Field(250, ge=1, description="Colored MNIST: test images per (target, group) cell")
+    paired_test: bool = Field(False, description="Colored MNIST: each test digit drawn once in every colour, so the "
+                              "cells of a class hold the same digits and differ in colour alone (n_test_per_cell "
+                              "digits per class); false: other digits in each cell")
     n_generator: int = Field(1000, ge=0, description="Colored MNIST: generator split with uniform colours")
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     age_bins: list[int] = Field([20, 40, 60], description="UTKFace age_bin edges")

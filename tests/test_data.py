@@ -59,6 +59,26 @@ def test_colored_mnist_splits(tiny_cfg):
     assert again["tables"]["train"]["id"].to_pylist() == t["train"]["id"].to_pylist()
 
 
+def test_a_paired_test_split_holds_each_digit_in_every_colour(tiny_cfg):
+    """data.paired_test: a class's cells hold the same digits, coloured each way, so a gap between them is the
+    colour's alone; the other splits' digits stay disjoint from them."""
+    cfg = tiny_cfg.data.model_copy(update={"paired_test": True, "n_test_per_cell": 60})
+    t = cmnist.build(cfg)["tables"]
+    test = t["test"].to_pandas()
+    assert len(test) == 240 and test.groupby(["target", "group"]).size().eq(60).all()
+    test["digit"] = test["id"].str.rsplit("-", n=1).str[0]
+    for y in (0, 1):
+        cells = [set(test[(test.target == y) & (test.group == s)]["digit"]) for s in (0, 1)]
+        assert cells[0] == cells[1] and len(cells[0]) == 60
+    # the same strokes: one digit's two images differ in colour alone
+    a, b = (decode_png(test[(test.digit == test.digit[0]) & (test.group == s)]["image"].iloc[0]).astype(float)
+            for s in (0, 1))
+    assert ((a.max(2) > 0) == (b.max(2) > 0)).all() and (a.argmax(2)[a.max(2) > 60] == 0).all()
+    others = set().union(*(set(t[s]["id"].to_pylist()) for s in ("train", "val", "generator")))
+    assert not others & set(test["digit"])  # no test digit in another split
+    assert test["id"].is_unique
+
+
 # ---- real-format readers ----------------------------------------------------------------------
 def _img(path, color=(120, 60, 30), size=(20, 24)):
     Image.new("RGB", size, color).save(path)

