@@ -226,10 +226,9 @@ def test_your_own_celeba_and_synthetic_images_end_to_end(own_data):
     files, Ray Data's tasks the images); then the manifests on this disk given directly to another run: the same
     rows as the imported sets."""
     root, balanced, imbalanced, store = own_data
-    common = ["--preset", "celeba", "--config", "cpu"] + [a for s in TINY_FACES + [
-        f"data.root={store}/celeba", "data.n_train=300", "data.n_val=40", f"output_dir={root / 'runs'}"]
-        for a in ("--set", s)]
-    run1 = common + ["--set", "name=first"]
+    base = TINY_FACES + [f"data.root={store}/celeba", "data.n_train=300", "data.n_val=40", f"output_dir={root / 'runs'}"]
+    sets = base + ["name=first"]
+    run1 = ["--preset", "celeba", "--config", "cpu"] + [a for s in sets for a in ("--set", s)]
     out = _cli(["data", "prepare", *run1])
     meta = json.loads((root / "runs/first/data/dataset.json").read_text())
     assert meta["majority"] == [0, 1] and meta["splits"]["train"]["cell_counts"] == \
@@ -257,8 +256,6 @@ def test_your_own_celeba_and_synthetic_images_end_to_end(own_data):
     from aimfair_ray.pipeline import ensure_synthetic
 
     msgs = []
-    sets = TINY_FACES + [f"data.root={store}/celeba", "data.n_train=300", "data.n_val=40",
-                         f"output_dir={root / 'runs'}", "name=first"]
     ensure_synthetic(load_config("celeba", ["cpu"], sets), log=msgs.append)
     assert msgs and "using the synthetic sets that exist" in msgs[0], msgs
     # a manifest whose group names are not the data's: one line, exit 2
@@ -275,7 +272,7 @@ def test_your_own_celeba_and_synthetic_images_end_to_end(own_data):
 
     second = root / "runs/second"
     shutil.copytree(first / "data", second / "data")
-    run2 = sets[:-1] + ["name=second", f"finetune.synthetic={balanced}", f"finetune.synthetic_imbalanced={imbalanced}"]
+    run2 = base + ["name=second", f"finetune.synthetic={balanced}", f"finetune.synthetic_imbalanced={imbalanced}"]
     cfg2 = load_config("celeba", ["cpu"], run2)
     cols = ["id", "image", "target", "group", "prompt"]
     for balance in ("balanced", "imbalanced"):
